@@ -1,0 +1,13 @@
+"""fused_lstm: drop-in replacements for torch.nn.LSTM / nn.LSTMCell on fused kernels.
+
+Each layer runs the ``torch.ops.fused_lstm`` ops (native C++ on the CPU, CUDA on the GPU) with a
+handwritten backward, or the pure-PyTorch reference in :mod:`fused_lstm.reference` on devices
+this install has no kernel for.
+"""
+
+from ._backend import native_backends
+from .function import LSTMLayerFunction
+from .modules import FusedLSTM, FusedLSTMCell
+
+__all__ = ["FusedLSTM", "FusedLSTMCell", "LSTMLayerFunction", "native_backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,40 @@
+"""Which devices have native kernels in this install.
+
+The extension ``fused_lstm._C`` registers the ops ``torch.ops.fused_lstm.*`` with the dispatcher
+when it is imported; the dispatcher, not Python, then knows which device types have a kernel.
+Without the extension (a source tree that was never built) everything runs on the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing it registers the ops)
+except ImportError as exc:  # pragma: no cover - exercised only on installs without a build
+    _C = None
+    _IMPORT_ERROR: ImportError | None = exc
+else:
+    _IMPORT_ERROR = None
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@functools.cache
+def _compiled_for(device_type: str) -> bool:
+    if _C is None or device_type not in _DISPATCH_KEYS:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fused_lstm::layer_forward", _DISPATCH_KEYS[device_type])
+
+
+def has_native(device_type: str) -> bool:
+    return _compiled_for(device_type) and (device_type != "cuda" or torch.cuda.is_available())
+
+
+def native_backends() -> set[str]:
+    """The device types (``"cpu"``, ``"cuda"``) that have native kernels in this install and can
+    run them here: ``"cuda"`` needs both the compiled CUDA kernels and a visible GPU."""
+    return {d for d in _DISPATCH_KEYS if has_native(d)}

@@ -1,0 +1,88 @@
+"""The autograd boundary: one LSTM layer, both directions, with the handwritten backward.
+
+The forward saves only the workspace the kernels write (gate activations and cell states), not
+autograd's per-op tape. Each direction runs through ``torch.ops.fused_lstm`` when this install
+has a native kernel for the tensors' device, and through :mod:`fused_lstm.reference` otherwise;
+the two have the same signatures, so the choice is one lookup.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+
+
+def _layer_ops(device: torch.device):
+    if _backend.has_native(device.type):
+        return torch.ops.fused_lstm.layer_forward, torch.ops.fused_lstm.layer_backward
+    return reference.layer_forward, reference.layer_backward
+
+
+def split_direction_weights(weights: tuple[Tensor, ...], has_bias: bool, has_proj: bool):
+    """nn.LSTM's per-direction order [w_ih, w_hh, (b_ih, b_hh), (w_hr)] -> (w_ih, w_hh, b_ih, b_hh, w_hr)."""
+    w_ih, w_hh = weights[0], weights[1]
+    b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
+    w_hr = weights[-1] if has_proj else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+class LSTMLayerFunction(torch.autograd.Function):
+    """One layer. ``h0 (D, B, Hr)``, ``c0 (D, B, H)``; ``weights`` is nn.LSTM's flat list for
+    this layer's D directions. Returns ``output (…, D*Hr)``, ``h_n (D, B, Hr)``, ``c_n (D, B, H)``."""
+
+    @staticmethod
+    def forward(ctx, input, batch_sizes, h0, c0, num_directions, has_bias, has_proj, *weights):
+        fwd, _ = _layer_ops(input.device)
+        per_dir = len(weights) // num_directions
+        outs, h_n, c_n, saved = [], [], [], []
+        for d in range(num_directions):
+            w_ih, w_hh, b_ih, b_hh, w_hr = split_direction_weights(
+                weights[d * per_dir:(d + 1) * per_dir], has_bias, has_proj)
+            y, h, c, gates, cells = fwd(
+                input, batch_sizes, h0[d], c0[d], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1)
+            outs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+            saved += [y, gates, cells]
+        # An unused output (only h_n taken, say) reaches backward as None, not a zero tensor.
+        ctx.set_materialize_grads(False)
+        ctx.num_directions, ctx.has_bias, ctx.has_proj = num_directions, has_bias, has_proj
+        ctx.batch_sizes = batch_sizes
+        ctx.save_for_backward(input, h0, c0, *weights, *saved)
+        output = outs[0] if num_directions == 1 else torch.cat(outs, dim=-1)
+        return output, torch.stack(h_n), torch.stack(c_n)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        D = ctx.num_directions
+        input, h0, c0, *rest = ctx.saved_tensors
+        weights, saved = rest[:len(rest) - 3 * D], rest[len(rest) - 3 * D:]
+        per_dir = len(weights) // D
+        _, bwd = _layer_ops(input.device)
+        Hr = h0.shape[-1]
+
+        grad_input = None
+        grad_h0, grad_c0, grad_weights = [], [], []
+        for d in range(D):
+            w_ih, w_hh, _, _, w_hr = split_direction_weights(
+                weights[d * per_dir:(d + 1) * per_dir], ctx.has_bias, ctx.has_proj)
+            y, gates, cells = saved[3 * d:3 * d + 3]
+            dy = None
+            if grad_output is not None:
+                dy = grad_output if D == 1 else grad_output[..., d * Hr:(d + 1) * Hr]
+            dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = bwd(
+                dy, None if grad_h_n is None else grad_h_n[d],
+                None if grad_c_n is None else grad_c_n[d],
+                input, ctx.batch_sizes, h0[d], c0[d], w_ih, w_hh, w_hr, y, gates, cells, d == 1)
+            grad_input = dx if grad_input is None else grad_input + dx
+            grad_h0.append(dh0)
+            grad_c0.append(dc0)
+            grad_weights += [dw_ih, dw_hh]
+            if ctx.has_bias:
+                grad_weights += [db, db]
+            if ctx.has_proj:
+                grad_weights.append(dw_hr)
+        return (grad_input, None, torch.stack(grad_h0), torch.stack(grad_c0), None, None, None,
+                *grad_weights)

@@ -1,0 +1,162 @@
+"""Pure-PyTorch LSTM layer with a handwritten backward: the oracle and the fallback.
+
+Both functions have exactly the signature of the native ops ``fused_lstm::layer_forward`` and
+``fused_lstm::layer_backward`` (declared in ``csrc/ops.cpp``), so the autograd glue can call
+either one. One call handles one layer in one direction.
+
+Layouts (PyTorch's): ``w_ih (4H, I)``, ``w_hh (4H, Hr)``, ``b_ih, b_hh (4H)``, ``w_hr (P, H)``,
+gate rows in the order i, f, g, o, and ``Hr = P`` with a projection, else ``H``.
+
+``input`` is either time-major padded ``(T, B, I)`` with ``batch_sizes=None``, or the data of a
+PackedSequence ``(N, I)`` with its ``batch_sizes`` (a CPU int64 tensor, sorted descending).
+Either way step ``t`` owns a contiguous block of rows, of which the first ``batch_sizes[t]``
+batch rows are active. ``h0 (B, Hr)`` and ``c0 (B, H)`` are the initial states.
+
+The forward returns ``output (…, Hr)``, ``h_n (B, Hr)``, ``c_n (B, H)`` and the workspace the
+backward needs: ``gates (…, 4H)`` (the activations i, f, g, o) and ``cells (…, H)`` (c_t).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def step_rows(input: Tensor, batch_sizes: Tensor | None, reverse: bool) -> list[tuple[int, int]]:
+    """(first row, active batch rows) of every step, in the order the recurrence visits them."""
+    if batch_sizes is None:
+        T, B = input.shape[0], input.shape[1]
+        sizes = [B] * T
+    else:
+        sizes = batch_sizes.tolist()
+    starts, row = [], 0
+    for bs in sizes:
+        starts.append(row)
+        row += bs
+    steps = list(zip(starts, sizes))
+    return steps[::-1] if reverse else steps
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def layer_forward(
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    H = w_hh.shape[0] // 4
+    x = _flat(input)
+    # Gx for every step at once; the recurrence below only adds h_{t-1} @ W_hh^T.
+    gates = x @ w_ih.t()
+    if b_ih is not None:
+        gates = gates + (b_ih + b_hh)
+    cells = x.new_empty(x.shape[0], H)
+    output = x.new_empty(x.shape[0], w_hh.shape[1])
+    h, c = h0.clone(), c0.clone()
+    for start, bs in step_rows(input, batch_sizes, reverse):
+        rows = slice(start, start + bs)
+        z = gates[rows] + h[:bs] @ w_hh.t()
+        i, f, g, o = z.chunk(4, dim=1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c_new = f * c[:bs] + i * g
+        h_new = o * c_new.tanh()
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        gates[rows] = torch.cat([i, f, g, o], dim=1)
+        cells[rows] = c_new
+        output[rows] = h_new
+        h[:bs] = h_new
+        c[:bs] = c_new
+    lead = input.shape[:-1]
+    return (
+        output.reshape(*lead, -1),
+        h,
+        c,
+        gates.reshape(*lead, 4 * H),
+        cells.reshape(*lead, H),
+    )
+
+
+def previous_states(
+    input: Tensor, batch_sizes: Tensor | None, h0: Tensor, c0: Tensor,
+    output: Tensor, cells: Tensor, reverse: bool,
+) -> tuple[Tensor, Tensor]:
+    """h_{t-1} and c_{t-1} of every row, rebuilt from the saved outputs instead of being saved."""
+    y, cs = _flat(output), _flat(cells)
+    h_prev, c_prev = torch.empty_like(y), torch.empty_like(cs)
+    h, c = h0.clone(), c0.clone()
+    for start, bs in step_rows(input, batch_sizes, reverse):
+        rows = slice(start, start + bs)
+        h_prev[rows] = h[:bs]
+        c_prev[rows] = c[:bs]
+        h[:bs] = y[rows]
+        c[:bs] = cs[rows]
+    return h_prev, c_prev
+
+
+def layer_backward(
+    grad_output: Tensor | None,
+    grad_h_n: Tensor | None,
+    grad_c_n: Tensor | None,
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    output: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    H = w_hh.shape[0] // 4
+    x, acts, cs = _flat(input), _flat(gates), _flat(cells)
+    h_prev, c_prev = previous_states(input, batch_sizes, h0, c0, output, cells, reverse)
+    dy = None if grad_output is None else _flat(grad_output)
+
+    dh = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.clone()
+    dc = torch.zeros_like(c0) if grad_c_n is None else grad_c_n.clone()
+    dz_all = torch.empty_like(acts)
+    # With a projection, dW_hr needs the total gradient reaching each h_t.
+    dh_all = torch.empty_like(h_prev) if w_hr is not None else None
+
+    for start, bs in reversed(step_rows(input, batch_sizes, reverse)):
+        rows = slice(start, start + bs)
+        dh_t = dh[:bs] if dy is None else dh[:bs] + dy[rows]
+        if dh_all is not None:
+            dh_all[rows] = dh_t
+            dm = dh_t @ w_hr
+        else:
+            dm = dh_t
+        i, f, g, o = acts[rows].chunk(4, dim=1)
+        tc = cs[rows].tanh()
+        d_o = dm * tc
+        dc_t = dc[:bs] + dm * o * (1 - tc * tc)
+        di, dg, df = dc_t * g, dc_t * i, dc_t * c_prev[rows]
+        dc[:bs] = dc_t * f
+        dz = torch.cat(
+            [di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), d_o * o * (1 - o)], dim=1
+        )
+        dz_all[rows] = dz
+        dh[:bs] = dz @ w_hh
+
+    grad_input = (dz_all @ w_ih).reshape(input.shape)
+    grad_w_ih = dz_all.t() @ x
+    grad_w_hh = dz_all.t() @ h_prev
+    grad_bias = dz_all.sum(0)
+    if w_hr is not None:
+        m = acts[:, 3 * H:] * cs.tanh()
+        grad_w_hr = dh_all.t() @ m
+    else:
+        grad_w_hr = x.new_empty(0)
+    return grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
