@@ -1,0 +1,141 @@
+// Host-side pieces shared by the CPU and CUDA implementations of the ops declared in ops.cpp:
+// argument checks (naming the argument and what is required) and the step layout.
+//
+// Buffers of one layer, one direction (N rows: T*B padded, or sum(batch_sizes) packed):
+//   input  (T, B, I) or (N, I)      w_ih (4H, I)   w_hh (4H, Hr)   b_ih, b_hh (4H)   w_hr (Hr, H)
+//   h0     (B, Hr)   c0 (B, H)      output (…, Hr) gates (…, 4H): i, f, g, o activations
+//   cells  (…, H): c_t              Hr = proj_size if w_hr is given, else H
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fused_lstm {
+
+#define FL_CHECK_SHAPE(x, ...)                                                        \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "fused_lstm: " #x        \
+              " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+
+struct LayerDims {
+  int64_t I, H, Hr, B;
+  bool proj;
+};
+
+// Rows of every step in the order the recurrence visits them (reversed for the backward
+// direction). Step s owns rows [start[s], start[s] + size[s]), the first size[s] batch rows.
+struct StepLayout {
+  std::vector<int64_t> start, size;
+  int64_t rows = 0;
+};
+
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fused_lstm: ", name,
+              " must have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fused_lstm: ", name,
+              " must be on the device of input (", input.device(), "), got ", t.device());
+}
+
+inline LayerDims check_layer_args(const at::Tensor& input,
+                                  const std::optional<at::Tensor>& batch_sizes,
+                                  const at::Tensor& h0, const at::Tensor& c0,
+                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                  const std::optional<at::Tensor>& b_ih,
+                                  const std::optional<at::Tensor>& b_hh,
+                                  const std::optional<at::Tensor>& w_hr) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fused_lstm: input must be a floating-point tensor, got ", input.scalar_type());
+  TORCH_CHECK(input.dim() == (batch_sizes ? 2 : 3), "fused_lstm: input must be ",
+              batch_sizes ? "(N, I) packed data with batch_sizes" : "(T, B, I) without batch_sizes",
+              ", got ", input.dim(), "-D");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0 && w_hh.size(0) > 0,
+              "fused_lstm: w_hh must be (4*hidden_size, Hr), got ", w_hh.sizes());
+  LayerDims d;
+  d.I = input.size(-1);
+  d.H = w_hh.size(0) / 4;
+  d.Hr = w_hh.size(1);
+  d.proj = w_hr.has_value();
+  d.B = h0.dim() == 2 ? h0.size(0) : -1;
+  FL_CHECK_SHAPE(w_ih, 4 * d.H, d.I);
+  FL_CHECK_SHAPE(h0, d.B, d.Hr);
+  FL_CHECK_SHAPE(c0, d.B, d.H);
+  for (const auto& [t, name] : {std::pair{&w_ih, "w_ih"}, {&w_hh, "w_hh"}, {&h0, "h0"},
+                                {&c0, "c0"}}) {
+    check_same(*t, name, input);
+  }
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "fused_lstm: b_ih and b_hh must be given together or not at all");
+  if (b_ih) {
+    FL_CHECK_SHAPE(*b_ih, 4 * d.H);
+    FL_CHECK_SHAPE(*b_hh, 4 * d.H);
+    check_same(*b_ih, "b_ih", input);
+    check_same(*b_hh, "b_hh", input);
+  }
+  if (d.proj) {
+    FL_CHECK_SHAPE(*w_hr, d.Hr, d.H);
+    check_same(*w_hr, "w_hr", input);
+  } else {
+    TORCH_CHECK(d.Hr == d.H, "fused_lstm: without w_hr, w_hh must be (4H, H), got ", w_hh.sizes());
+  }
+  if (batch_sizes) {
+    const auto& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+                "fused_lstm: batch_sizes must be a 1-D int64 CPU tensor, got ", bs.dim(),
+                "-D ", bs.scalar_type(), " on ", bs.device());
+  } else {
+    TORCH_CHECK(input.size(1) == d.B, "fused_lstm: h0 must have input.size(1) = ", input.size(1),
+                " rows, got ", d.B);
+  }
+  return d;
+}
+
+inline StepLayout make_steps(const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                             int64_t B, bool reverse) {
+  StepLayout L;
+  if (batch_sizes) {
+    const auto bs = batch_sizes->contiguous();
+    const int64_t* p = bs.data_ptr<int64_t>();
+    const int64_t T = bs.numel();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(p[t] > 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]) && (t > 0 || p[0] == B),
+                  "fused_lstm: batch_sizes must be positive, non-increasing and start at h0.size(0) = ",
+                  B, "; got ", p[t], " at step ", t);
+      L.start.push_back(L.rows);
+      L.size.push_back(p[t]);
+      L.rows += p[t];
+    }
+    TORCH_CHECK(L.rows == input.size(0), "fused_lstm: input has ", input.size(0),
+                " rows but batch_sizes sum to ", L.rows);
+  } else {
+    const int64_t T = input.size(0);
+    for (int64_t t = 0; t < T; ++t) {
+      L.start.push_back(t * B);
+      L.size.push_back(B);
+    }
+    L.rows = T * B;
+  }
+  if (reverse) {
+    std::reverse(L.start.begin(), L.start.end());
+    std::reverse(L.size.begin(), L.size.end());
+  }
+  return L;
+}
+
+// Checks the incoming gradients of layer_backward; each may be undefined (None).
+inline void check_grads(const std::optional<at::Tensor>& grad_output,
+                        const std::optional<at::Tensor>& grad_h_n,
+                        const std::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
+                        const at::Tensor& h0, const at::Tensor& c0) {
+  const auto check = [&](const std::optional<at::Tensor>& g, const char* name,
+                         const at::Tensor& like) {
+    if (!g) return;
+    TORCH_CHECK(g->sizes() == like.sizes(), "fused_lstm: ", name, " must have shape ",
+                like.sizes(), ", got ", g->sizes());
+    check_same(*g, name, output);
+  };
+  check(grad_output, "grad_output", output);
+  check(grad_h_n, "grad_h_n", h0);
+  check(grad_c_n, "grad_c_n", c0);
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,27 @@
+// The op schemas, declared once. Each device registers its implementation for them with
+// TORCH_LIBRARY_IMPL (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu); the dispatcher picks by device.
+// Shapes and layouts: see lstm_common.h and fused_lstm/reference.py, which implements the same
+// signatures in PyTorch ops.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_lstm, m) {
+  // One layer, one direction. Returns (output, h_n, c_n, gates, cells); gates and cells are the
+  // workspace layer_backward needs.
+  m.def(
+      "layer_forward(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Handwritten backward of layer_forward. Any incoming gradient may be None (unused output).
+  // Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias
+  // is the gradient of b_ih and of b_hh alike, grad_w_hr is empty without a projection.
+  m.def(
+      "layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "Tensor output, Tensor gates, Tensor cells, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_lstm native kernels; importing this module registers torch.ops.fused_lstm";
+}

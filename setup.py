@@ -1,0 +1,61 @@
+"""Builds fused_lstm._C: the C++ (CPU) kernels always, the CUDA kernels when torch has CUDA and
+a CUDA toolkit is found, or when FORCE_CUDA=1 (e.g. CI without a GPU). USE_CUDA=0 opts out.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures; without it and without a visible GPU we build
+for sm_80 and sm_90 (A100, H100)."""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_toolkit_ok() -> bool:
+    home = cpp_extension.CUDA_HOME
+    return home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _build_cuda() -> bool:
+    if os.environ.get("USE_CUDA", "1") == "0":
+        return False
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if not _cuda_toolkit_ok():
+            raise RuntimeError(
+                f"FORCE_CUDA=1 but no CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME!r}: "
+                "set CUDA_HOME to the toolkit's root (the folder holding bin/nvcc and include/)")
+        return True
+    if torch.version.cuda is None:
+        return False
+    if not _cuda_toolkit_ok():
+        print(f"fused_lstm: no CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME!r}; building the "
+              "CPU kernels only (set CUDA_HOME, or FORCE_CUDA=1, to build the CUDA ones)")
+        return False
+    return True
+
+
+def _extension():
+    with_cuda = _build_cuda()
+    sources = [os.path.relpath(p, ROOT) for p in
+               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+               + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    cxx = ["-O3", "-fno-math-errno"]
+    if not with_cuda:
+        return CppExtension("fused_lstm._C", sources, extra_compile_args={"cxx": cxx})
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    sources += [os.path.relpath(p, ROOT) for p in
+                sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+    nvcc = ["-O3", "-lineinfo"]
+    return CUDAExtension("fused_lstm._C", sources,
+                         extra_compile_args={"cxx": cxx + ["-DFUSED_LSTM_CUDA"], "nvcc": nvcc})
+
+
+setup(
+    packages=find_packages(include=["fused_lstm", "fused_lstm.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
