@@ -42,7 +42,7 @@ def _extension():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fno-math-errno"]
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
     if not with_cuda:
         return CppExtension("fused_lstm._C", sources, extra_compile_args={"cxx": cxx})
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

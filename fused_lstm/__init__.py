@@ -5,9 +5,9 @@ handwritten backward, or the pure-PyTorch reference in :mod:`fused_lstm.referenc
 this install has no kernel for.
 """
 
-from ._backend import native_backends
+from ._backend import native_backends, reference_only
 from .function import LSTMLayerFunction
 from .modules import FusedLSTM, FusedLSTMCell
 
-__all__ = ["FusedLSTM", "FusedLSTMCell", "LSTMLayerFunction", "native_backends"]
+__all__ = ["FusedLSTM", "FusedLSTMCell", "LSTMLayerFunction", "native_backends", "reference_only"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ Without the extension (a source tree that was never built) everything runs on th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -18,6 +19,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
     _IMPORT_ERROR: ImportError | None = exc
 else:
     _IMPORT_ERROR = None
+    from . import _library
+
+    _library.register()
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -30,8 +34,25 @@ def _compiled_for(device_type: str) -> bool:
         "fused_lstm::layer_forward", _DISPATCH_KEYS[device_type])
 
 
+_reference_only = False
+
+
 def has_native(device_type: str) -> bool:
+    if _reference_only:
+        return False
     return _compiled_for(device_type) and (device_type != "cuda" or torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run every layer on the pure-PyTorch reference inside this block (for tests and for
+    benchmarking the reference against the native kernels). Not thread-safe."""
+    global _reference_only
+    saved, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = saved
 
 
 def native_backends() -> set[str]:

@@ -20,20 +20,62 @@
 namespace fused_lstm {
 namespace {
 
-// Multiply-adds of one step's recurrent product above which ATen's GEMM beats the loops below.
+// Multiply-adds of one step's product above which ATen's GEMM (MKL/oneDNN) beats the loops.
 constexpr int64_t kGemmWork = 1 << 16;
 // Multiply-adds (or unit updates x 32) of one step above which rows are split across threads.
 constexpr int64_t kParallelWork = 1 << 17;
 
-// out[0:N] += a[0:K] . M (K x N, row-major). Written as K axpys over M's contiguous rows so the
-// inner loop vectorises for any N; the small-size replacement for a per-step GEMM.
+// The row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked once at load time
+// (GCC function multiversioning), so one build runs everywhere at the machine's best width.
+// Only these functions and what they inline get the wider ISA: ATen's inline code is untouched.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FL_CPU_CLONES
+#endif
+
+// One block of V output columns of out[0:N] (+)= a[0:K] . M, M (K x ldm) row-major with ldm a
+// multiple of V and zero padding past N. The accumulators stay in registers across the K loop,
+// four independent sets of them so the FMA latency chain is K/4 long, not K: at the seeds'
+// sizes a step is latency-bound, not throughput-bound.
+template <typename T, int64_t V>
+inline __attribute__((always_inline)) void vec_mat_block(const T* __restrict a,
+                                                         const T* __restrict M, int64_t K,
+                                                         int64_t ldm, int64_t N, int64_t n0,
+                                                         T* __restrict o, bool accumulate) {
+  T acc0[V] = {}, acc1[V] = {}, acc2[V] = {}, acc3[V] = {};
+  const T* row = M + n0;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4, row += 4 * ldm) {
+    for (int64_t n = 0; n < V; ++n) acc0[n] += a[k] * row[n];
+    for (int64_t n = 0; n < V; ++n) acc1[n] += a[k + 1] * row[ldm + n];
+    for (int64_t n = 0; n < V; ++n) acc2[n] += a[k + 2] * row[2 * ldm + n];
+    for (int64_t n = 0; n < V; ++n) acc3[n] += a[k + 3] * row[3 * ldm + n];
+  }
+  for (; k < K; ++k, row += ldm) {
+    for (int64_t n = 0; n < V; ++n) acc0[n] += a[k] * row[n];
+  }
+  const int64_t width = N - n0 < V ? N - n0 : V;
+  for (int64_t n = 0; n < width; ++n) {
+    const T sum = (acc0[n] + acc1[n]) + (acc2[n] + acc3[n]);
+    o[n0 + n] = accumulate ? o[n0 + n] + sum : sum;
+  }
+}
+
+// out[0:N] (+)= a[0:K] . M for rows b0..b1 of a (ld K) and out (ld N): the small-size
+// replacement for a per-step GEMM, written as axpys over M's contiguous rows so it vectorises
+// for any N. M is padded to ldm columns (see StepProduct), so no scalar tail is left.
 template <typename T>
-inline void vec_mat(const T* __restrict a, const T* __restrict M, int64_t K, int64_t N,
-                    T* __restrict out) {
-  for (int64_t k = 0; k < K; ++k) {
-    const T ak = a[k];
-    const T* __restrict row = M + k * N;
-    for (int64_t n = 0; n < N; ++n) out[n] += ak * row[n];
+FL_CPU_CLONES void vec_mat_rows(const T* __restrict a, const T* __restrict M, int64_t K,
+                                int64_t ldm, int64_t N, T* __restrict out, int64_t b0,
+                                int64_t b1, bool accumulate) {
+  constexpr int64_t V = 64 / sizeof(T);  // one 512-bit register
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* ar = a + b * K;
+    T* o = out + b * N;
+    int64_t n0 = 0;
+    for (; n0 + 4 * V <= ldm; n0 += 4 * V) vec_mat_block<T, 4 * V>(ar, M, K, ldm, N, n0, o, accumulate);
+    for (; n0 < ldm; n0 += V) vec_mat_block<T, V>(ar, M, K, ldm, N, n0, o, accumulate);
   }
 }
 
@@ -46,44 +88,121 @@ inline void for_rows(int64_t rows, int64_t work, const F& f) {
   }
 }
 
-// out rows [0, bs) = a rows [0, bs) @ M^T or += when accumulate; M is (N, K). Picks the loop or
-// an ATen GEMM by size. Mt is M transposed and contiguous (K, N), used by the loop.
+// A per-step product out[r0 : r0+bs] (+)= a[a0 : a0+bs] @ W^T with W (N, K), on whole
+// contiguous (rows, K) / (rows, N) buffers. Small steps loop over raw pointers taken once per
+// sequence (a tensor view or data_ptr() per step would cost more than the arithmetic); large
+// ones are one ATen GEMM on views.
 template <typename T>
-void rows_times(const at::Tensor& a, const at::Tensor& M, const T* Mt, int64_t bs, at::Tensor& out,
-                bool accumulate) {
-  const int64_t K = M.size(1), N = M.size(0);
-  if (bs * K * N >= kGemmWork) {
-    auto o = out.narrow(0, 0, bs);
-    if (accumulate) {
-      o.addmm_(a.narrow(0, 0, bs), M.t());
-    } else {
-      at::mm_out(o, a.narrow(0, 0, bs), M.t());
-    }
-    return;
+struct StepProduct {
+  static constexpr int64_t kPad = 64 / sizeof(T);
+  at::Tensor W, Wt;  // W (N, K) as given; Wt = W^T (K, ldt), zero-padded to whole registers
+  int64_t K, N, ldt;
+  const T* pwt;
+  const at::Tensor *a, *out;
+  const T* pa;
+  T* pout;
+
+  StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf)
+      : W(w), K(w.size(1)), N(w.size(0)), ldt((w.size(0) + kPad - 1) / kPad * kPad),
+        a(&a_buf), out(&out_buf), pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
+    Wt = at::zeros({K, ldt}, w.options());
+    Wt.narrow(1, 0, N).copy_(w.t());
+    pwt = Wt.const_data_ptr<T>();
   }
-  const T* pa = a.const_data_ptr<T>();
-  T* po = out.data_ptr<T>();
-  for_rows(bs, bs * K * N, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      if (!accumulate) std::fill_n(po + b * N, N, T(0));
-      vec_mat(pa + b * K, Mt, K, N, po + b * N);
+
+  void operator()(int64_t a0, int64_t r0, int64_t bs, bool accumulate) const {
+    if (bs * K * N >= kGemmWork) {
+      auto o = out->narrow(0, r0, bs);
+      const auto x = a->narrow(0, a0, bs);
+      if (accumulate) {
+        o.addmm_(x, W.t());
+      } else {
+        at::mm_out(o, x, W.t());
+      }
+      return;
     }
-  });
+    for_rows(bs, bs * K * N, [&](int64_t b0, int64_t b1) {
+      vec_mat_rows<T>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, b0, b1, accumulate);
+    });
+  }
+};
+
+// Gate math of rows b0..b1 of one step: z (bs, 4H) holds the pre-activations and receives the
+// activations; c (bs, H) is c_{t-1} in, c_t out; cell (bs, H) saves c_t; m (bs, H) gets m_t.
+// In the AVX-512 clone GCC covers H % 16 with 8- and 4-wide epilogues, so even the seeds'
+// H = 4..20 run vectorised.
+template <typename T>
+FL_CPU_CLONES void forward_pointwise_rows(T* __restrict z, T* __restrict c, T* __restrict cell,
+                                          T* __restrict m, int64_t H, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict zi = z + b * 4 * H;
+    T* __restrict zf = zi + H;
+    T* __restrict zg = zi + 2 * H;
+    T* __restrict zo = zi + 3 * H;
+    T* __restrict cr = c + b * H;
+    T* __restrict cellr = cell + b * H;
+    T* __restrict mr = m + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const auto u = unit_forward<T>(zi[j], zf[j], zg[j], zo[j], cr[j]);
+      zi[j] = u.i;
+      zf[j] = u.f;
+      zg[j] = u.g;
+      zo[j] = u.o;
+      cr[j] = u.c;
+      cellr[j] = u.c;
+      mr[j] = u.m;
+    }
+  }
 }
 
-// The rows of a (rows, N) buffer from `first_row` on, as a view whose data_ptr is that row.
-at::Tensor rows_view(const at::Tensor& buf, int64_t first_row) {
-  return buf.narrow(0, first_row, buf.size(0) - first_row);
+// Backward gate math of rows b0..b1 of one step. act (bs, 4H) and cell (bs, H) are the saved
+// activations and c_t; row b takes c_{t-1} from prev_cell (the previously visited step) when
+// b < prev_size, else from c0. dm (bs, H) is dL/dm_t; dc (bs, H) is dL/dc_t in, dL/dc_{t-1}
+// out; dz (bs, 4H) receives dL/dz; m, when not null, receives m_t (for dW_hr).
+template <typename T>
+FL_CPU_CLONES void backward_pointwise_rows(const T* __restrict act, const T* __restrict cell,
+                                           const T* __restrict prev_cell, int64_t prev_size,
+                                           const T* __restrict c0, const T* __restrict dm,
+                                           T* __restrict dc, T* __restrict dz, T* __restrict m,
+                                           int64_t H, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict i = act + b * 4 * H;
+    const T* __restrict f = i + H;
+    const T* __restrict g = i + 2 * H;
+    const T* __restrict o = i + 3 * H;
+    const T* __restrict cr = cell + b * H;
+    const T* __restrict cp = b < prev_size ? prev_cell + b * H : c0 + b * H;
+    const T* __restrict dmr = dm + b * H;
+    T* __restrict dcr = dc + b * H;
+    T* __restrict di = dz + b * 4 * H;
+    T* __restrict df = di + H;
+    T* __restrict dg = di + 2 * H;
+    T* __restrict d_o = di + 3 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const auto u = unit_backward<T>(dmr[j], dcr[j], i[j], f[j], g[j], o[j], cr[j], cp[j]);
+      di[j] = u.di;
+      df[j] = u.df;
+      dg[j] = u.dg;
+      d_o[j] = u.do_;
+      dcr[j] = u.dc_prev;
+    }
+    if (m) {
+      T* __restrict mr = m + b * H;
+      for (int64_t j = 0; j < H; ++j) mr[j] = unit_m<T>(o[j], cr[j]);
+    }
+  }
 }
 
 template <typename T>
 void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at::Tensor& cells,
                   at::Tensor& output, at::Tensor& h, at::Tensor& c, const at::Tensor& w_hh,
                   const std::optional<at::Tensor>& w_hr) {
-  const int64_t H = d.H, G = 4 * H, Hr = d.Hr;
-  const at::Tensor w_hh_t = w_hh.t().contiguous();
-  const at::Tensor w_hr_t = d.proj ? w_hr->t().contiguous() : at::Tensor();
+  const int64_t H = d.H, Hr = d.Hr;
   at::Tensor m = d.proj ? at::empty({d.B, H}, h.options()) : at::Tensor();
+  // gates already holds x W_ih^T + b; this adds h_{t-1} W_hh^T.
+  const StepProduct<T> recurrent(w_hh, h, gates);
+  const std::optional<StepProduct<T>> projection =
+      d.proj ? std::optional<StepProduct<T>>(std::in_place, *w_hr, m, output) : std::nullopt;
   T* pz = gates.data_ptr<T>();
   T* pcell = cells.data_ptr<T>();
   T* py = output.data_ptr<T>();
@@ -93,31 +212,12 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
 
   for (size_t s = 0; s < L.start.size(); ++s) {
     const int64_t start = L.start[s], bs = L.size[s];
-    at::Tensor z = rows_view(gates, start);
-    // z already holds x W_ih^T + b; add h_{t-1} W_hh^T.
-    rows_times<T>(h, w_hh, w_hh_t.const_data_ptr<T>(), bs, z, /*accumulate=*/true);
+    recurrent(0, start, bs, /*accumulate=*/true);
+    T* m_out = d.proj ? pm : py + start * Hr;
     for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        T* zr = pz + (start + b) * G;
-        T* cr = pc + b * H;
-        T* cell = pcell + (start + b) * H;
-        T* mr = d.proj ? pm + b * H : py + (start + b) * Hr;
-        for (int64_t j = 0; j < H; ++j) {
-          const auto u = unit_forward<T>(zr[j], zr[H + j], zr[2 * H + j], zr[3 * H + j], cr[j]);
-          zr[j] = u.i;
-          zr[H + j] = u.f;
-          zr[2 * H + j] = u.g;
-          zr[3 * H + j] = u.o;
-          cr[j] = u.c;
-          cell[j] = u.c;
-          mr[j] = u.m;
-        }
-      }
+      forward_pointwise_rows<T>(pz + start * 4 * H, pc, pcell + start * H, m_out, H, b0, b1);
     });
-    if (d.proj) {
-      at::Tensor y = rows_view(output, start);
-      rows_times<T>(m, *w_hr, w_hr_t.const_data_ptr<T>(), bs, y, /*accumulate=*/false);
-    }
+    if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
     std::memcpy(ph, py + start * Hr, sizeof(T) * bs * Hr);
   }
 }
@@ -171,59 +271,40 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
                    const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, at::Tensor& dz_all, at::Tensor& dh,
                    at::Tensor& dc, at::Tensor& dh_all, at::Tensor& m_all) {
-  const int64_t H = d.H, G = 4 * H, Hr = d.Hr;
-  const at::Tensor w_hr_c = d.proj ? w_hr->contiguous() : at::Tensor();
-  at::Tensor dm = d.proj ? at::empty({d.B, H}, dh.options()) : at::Tensor();
+  const int64_t H = d.H, Hr = d.Hr;
+  at::Tensor dm = d.proj ? at::empty({d.B, H}, dh.options()) : dh;
+  // dh_{t-1} = dz W_hh and dm = dh W_hr: products with the transposed weights.
+  const StepProduct<T> recurrent(w_hh.t(), dz_all, dh);
+  const std::optional<StepProduct<T>> projection =
+      d.proj ? std::optional<StepProduct<T>>(std::in_place, w_hr->t(), dh, dm) : std::nullopt;
   const T* pact = gates.const_data_ptr<T>();
   const T* pcell = cells.const_data_ptr<T>();
   const T* pc0 = c0.const_data_ptr<T>();
+  const T* pdm = dm.const_data_ptr<T>();
   T* pdz = dz_all.data_ptr<T>();
   T* pdh = dh.data_ptr<T>();
   T* pdc = dc.data_ptr<T>();
-  T* pdm = d.proj ? dm.data_ptr<T>() : nullptr;
   T* pdh_all = d.proj ? dh_all.data_ptr<T>() : nullptr;
   T* pm_all = d.proj ? m_all.data_ptr<T>() : nullptr;
 
   for (int64_t s = static_cast<int64_t>(L.start.size()) - 1; s >= 0; --s) {
     const int64_t start = L.start[s], bs = L.size[s];
-    // Rows still active in the previously visited step take c_{t-1} from it, the others from c0.
     const int64_t prev_start = s > 0 ? L.start[s - 1] : 0, prev_size = s > 0 ? L.size[s - 1] : 0;
     if (dy) {
       const T* dyr = dy + start * Hr;
       for (int64_t k = 0; k < bs * Hr; ++k) pdh[k] += dyr[k];
     }
-    if (d.proj) {
+    if (projection) {
       std::memcpy(pdh_all + start * Hr, pdh, sizeof(T) * bs * Hr);
-      rows_times<T>(dh, w_hr_c.t(), w_hr_c.const_data_ptr<T>(), bs, dm, /*accumulate=*/false);
+      (*projection)(0, 0, bs, /*accumulate=*/false);
     }
-    const T* pdm_in = d.proj ? pdm : pdh;
     for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t row = start + b;
-        const T* a = pact + row * G;
-        const T* cell = pcell + row * H;
-        const T* c_prev = b < prev_size ? pcell + (prev_start + b) * H : pc0 + b * H;
-        const T* dmr = pdm_in + b * H;  // without a projection Hr == H
-        T* dcr = pdc + b * H;
-        T* dzr = pdz + row * G;
-        for (int64_t j = 0; j < H; ++j) {
-          const auto u = unit_backward<T>(dmr[j], dcr[j], a[j], a[H + j], a[2 * H + j],
-                                          a[3 * H + j], cell[j], c_prev[j]);
-          dzr[j] = u.di;
-          dzr[H + j] = u.df;
-          dzr[2 * H + j] = u.dg;
-          dzr[3 * H + j] = u.do_;
-          dcr[j] = u.dc_prev;
-        }
-        if (pm_all) {
-          T* mr = pm_all + row * H;
-          for (int64_t j = 0; j < H; ++j) mr[j] = unit_m<T>(a[3 * H + j], cell[j]);
-        }
-      }
+      backward_pointwise_rows<T>(pact + start * 4 * H, pcell + start * H,
+                                 pcell + prev_start * H, prev_size, pc0, pdm, pdc,
+                                 pdz + start * 4 * H, pm_all ? pm_all + start * H : nullptr, H,
+                                 b0, b1);
     });
-    // dh_{t-1} = dz W_hh, i.e. rows of dz times w_hh^T^T: w_hh itself is the loop's (4H, Hr).
-    rows_times<T>(rows_view(dz_all, start), w_hh.t(), w_hh.const_data_ptr<T>(), bs, dh,
-                  /*accumulate=*/false);
+    recurrent(start, 0, bs, /*accumulate=*/false);
   }
 }
 

@@ -1,0 +1,47 @@
+"""Python-side registrations for the native ops declared in csrc/ops.cpp.
+
+Fake (meta) implementations, so torch.compile and FakeTensor can trace the ops without running a
+kernel, and autograd for ``layer_forward`` (its backward is ``layer_backward``), so the op is
+differentiable on its own too, not only through :class:`fused_lstm.LSTMLayerFunction`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def register() -> None:
+    @torch.library.register_fake("fused_lstm::layer_forward")
+    def _(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+        H, Hr = w_hh.shape[0] // 4, w_hh.shape[1]
+        lead = input.shape[:-1]
+        return (input.new_empty(*lead, Hr), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+                input.new_empty(*lead, 4 * H), input.new_empty(*lead, H))
+
+    @torch.library.register_fake("fused_lstm::layer_backward")
+    def _(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
+          output, gates, cells, reverse):
+        grad_w_hr: Tensor = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty(0)
+        return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+                w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+                w_hh.new_empty(w_hh.shape[0]), grad_w_hr)
+
+    def setup_context(ctx, inputs, output):
+        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, _, w_hr, reverse = inputs
+        y, _, _, gates, cells = output
+        ctx.set_materialize_grads(False)
+        # The workspace is saved state for the backward, not a differentiable result.
+        ctx.mark_non_differentiable(gates, cells)
+        ctx.batch_sizes, ctx.reverse, ctx.has_bias = batch_sizes, reverse, b_ih is not None
+        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, y, gates, cells)
+
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+        input, h0, c0, w_ih, w_hh, w_hr, y, gates, cells = ctx.saved_tensors
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fused_lstm.layer_backward(
+            grad_y, grad_h_n, grad_c_n, input, ctx.batch_sizes, h0, c0, w_ih, w_hh, w_hr, y,
+            gates, cells, ctx.reverse)
+        bias = (db, db) if ctx.has_bias else (None, None)
+        return dx, None, dh0, dc0, dw_ih, dw_hh, *bias, dw_hr if w_hr is not None else None, None
+
+    torch.library.register_autograd("fused_lstm::layer_forward", backward,
+                                    setup_context=setup_context)

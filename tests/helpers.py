@@ -1,0 +1,26 @@
+"""Shared by the parity tests: run nn.LSTM and FusedLSTM on the same input, compare everything."""
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+
+def outputs_and_grads(module, inp, hx, leaves):
+    out, (h, c) = module(inp, hx)
+    data = out.data if isinstance(out, PackedSequence) else out
+    # A loss that weights every output differently, so a mix-up of rows or units shows.
+    loss = (data * torch.linspace(-1, 1, data.numel(), dtype=data.dtype).view_as(data)).sum()
+    loss = loss + (h * h).sum() + c.sin().sum()
+    params = list(module.parameters())
+    grads = torch.autograd.grad(loss, [*leaves, *params], allow_unused=True)
+    return [data, h, c, *grads]
+
+
+def assert_same(ref_vals, got_vals, atol, rtol=0.0):
+    assert len(ref_vals) == len(got_vals)
+    for k, (a, b) in enumerate(zip(ref_vals, got_vals)):
+        assert (a is None) == (b is None), k
+        if a is None:
+            continue
+        assert a.shape == b.shape, (k, a.shape, b.shape)
+        assert a.dtype == b.dtype, (k, a.dtype, b.dtype)
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m: f"item {k}: {m}")
