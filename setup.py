@@ -37,6 +37,18 @@ def _build_cuda() -> bool:
     return True
 
 
+def _pip_cuda_includes() -> list[str]:
+    """torch's CUDA headers include cuBLAS/cuSPARSE/cuSOLVER headers. A minimal toolkit (nvcc and
+    cudart only, as on CI) lacks them; torch's own nvidia-* wheels ship them. Searched after the
+    toolkit's headers (-isystem), so a full toolkit always wins."""
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "include", "cusparse.h")):
+        return []
+    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    dirs = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return [f for d in dirs for f in ("-isystem", d)]
+
+
 def _extension():
     with_cuda = _build_cuda()
     sources = [os.path.relpath(p, ROOT) for p in
@@ -50,8 +62,10 @@ def _extension():
     sources += [os.path.relpath(p, ROOT) for p in
                 sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
     nvcc = ["-O3", "-lineinfo"]
+    extra = _pip_cuda_includes()
     return CUDAExtension("fused_lstm._C", sources,
-                         extra_compile_args={"cxx": cxx + ["-DFUSED_LSTM_CUDA"], "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx + ["-DFUSED_LSTM_CUDA"] + extra,
+                                             "nvcc": nvcc + extra})
 
 
 setup(

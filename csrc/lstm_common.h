@@ -121,6 +121,31 @@ inline StepLayout make_steps(const at::Tensor& input, const std::optional<at::Te
   return L;
 }
 
+// Where each row's h_{t-1} comes from, for rebuilding H_prev with one gather instead of saving
+// it: src[r] >= 0 is a row of the layer's output (the previously visited step, where that batch
+// row was active), src[r] < 0 is row -1 - src[r] of h0 (the row's first visited step).
+inline std::vector<int64_t> h_prev_sources(const StepLayout& L) {
+  std::vector<int64_t> src(static_cast<size_t>(L.rows));
+  for (size_t s = 0; s < L.start.size(); ++s) {
+    const int64_t prev_size = s > 0 ? L.size[s - 1] : 0, prev_start = s > 0 ? L.start[s - 1] : 0;
+    for (int64_t b = 0; b < L.size[s]; ++b) {
+      src[L.start[s] + b] = b < prev_size ? prev_start + b : -1 - b;
+    }
+  }
+  return src;
+}
+
+// The row of each batch row's last visited step, i.e. where its h_n / c_n were produced.
+// Every row is active at some step (batch_sizes starts at B), so all B entries are set when
+// there is at least one step.
+inline std::vector<int64_t> last_rows(const StepLayout& L, int64_t B) {
+  std::vector<int64_t> last(static_cast<size_t>(B), 0);
+  for (size_t s = 0; s < L.start.size(); ++s) {
+    for (int64_t b = 0; b < L.size[s]; ++b) last[b] = L.start[s] + b;
+  }
+  return last;
+}
+
 // Checks the incoming gradients of layer_backward; each may be undefined (None).
 inline void check_grads(const std::optional<at::Tensor>& grad_output,
                         const std::optional<at::Tensor>& grad_h_n,

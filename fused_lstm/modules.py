@@ -31,6 +31,23 @@ def _check_size_arg(name: str, value) -> None:
         raise ValueError(f"{name} must be greater than zero")
 
 
+def _autocast_dtype(x: Tensor, via_cudnn: bool) -> torch.dtype | None:
+    """The dtype nn.LSTM / nn.LSTMCell compute in under CUDA autocast, or None without it.
+    nn.LSTM on cuDNN goes through cuDNN's autocast wrapper, which casts to float16 whatever the
+    autocast dtype (aten/src/ATen/cudnn/AutocastRNN.cpp); off cuDNN, and for the cell, ATen's
+    autocast dtype applies. float64 stays float64, as autocast leaves it."""
+    if x.device.type != "cuda" or x.dtype == torch.float64 or not torch.is_autocast_enabled("cuda"):
+        return None
+    if via_cudnn and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available():
+        return torch.float16
+    return torch.get_autocast_dtype("cuda")
+
+
+def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> list[Tensor]:
+    # Tensor.to is differentiable: float32 weights get float32 gradients back.
+    return [t if dtype is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors]
+
+
 class FusedLSTM(nn.Module):
     r"""Drop-in replacement for :class:`torch.nn.LSTM` running on fused kernels.
 
@@ -255,9 +272,12 @@ class FusedLSTM(nn.Module):
     def _run_layers(self, x: Tensor, batch_sizes: Tensor | None, hx: tuple[Tensor, Tensor],
                     num_directions: int) -> tuple[Tensor, Tensor, Tensor]:
         h_n, c_n = [], []
+        dtype = _autocast_dtype(x, via_cudnn=True)
+        x, *hx = _cast(dtype, x, *hx)
         for layer in range(self.num_layers):
             lo, hi = layer * num_directions, (layer + 1) * num_directions
-            weights = [getattr(self, n) for names in self._all_weights[lo:hi] for n in names]
+            weights = _cast(dtype, *(getattr(self, n) for names in self._all_weights[lo:hi]
+                                     for n in names))
             x, h, c = LSTMLayerFunction.apply(
                 x, batch_sizes, hx[0][lo:hi], hx[1][lo:hi], num_directions, self.bias,
                 self.proj_size > 0, *weights)
@@ -337,11 +357,14 @@ class FusedLSTMCell(nn.Module):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        self._check(input, hx)
-
         weights = [self.weight_ih, self.weight_hh]
         if self.bias:
             weights += [self.bias_ih, self.bias_hh]
+        dtype = _autocast_dtype(input, via_cudnn=False)
+        input, h0, c0, *weights = _cast(dtype, input, *hx, *weights)
+        hx = (h0, c0)
+        self._check(input, hx, weights[0])
+
         _, h, c = LSTMLayerFunction.apply(
             input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), 1, self.bias,
             False, *weights)
@@ -350,7 +373,7 @@ class FusedLSTMCell(nn.Module):
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
 
-    def _check(self, input: Tensor, hx: tuple[Tensor, Tensor]) -> None:
+    def _check(self, input: Tensor, hx: tuple[Tensor, Tensor], weight_ih: Tensor) -> None:
         # The messages of ATen's check_rnn_cell_forward_input / _hidden, which nn.LSTMCell raises.
         if input.size(1) != self.input_size:
             raise RuntimeError(
@@ -365,7 +388,7 @@ class FusedLSTMCell(nn.Module):
                 raise RuntimeError(
                     f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, "
                     f"expected {self.hidden_size}")
-            if state.dtype != input.dtype or self.weight_ih.dtype != input.dtype:
+            if state.dtype != input.dtype or weight_ih.dtype != input.dtype:
                 raise RuntimeError(
                     f"expected scalar type {_type_name(input)} but found "
-                    f"{_type_name(state if state.dtype != input.dtype else self.weight_ih)}")
+                    f"{_type_name(state if state.dtype != input.dtype else weight_ih)}")

@@ -1,0 +1,463 @@
+// CUDA implementation of fused_lstm::layer_forward / layer_backward (same semantics as
+// cpu/lstm_cpu.cpp; design in DESIGN.md §3 and §5).
+//
+// Forward: the input projection of all steps is one cuBLAS GEMM into `gates`; then one launch
+// per step fuses h_{t-1} W_hh^T with the gate math. Backward: one launch per step fuses
+// dh_t = dz_{next} W_hh (+ dy_t, + grad_h_n) with the gate backward, reading the complete dz of
+// the step processed before it from global memory (the previous launch), so no per-step GEMM
+// launch is needed; weight and input gradients are large GEMMs after the loop.
+//
+// Steps are sequential, so a kernel only ever reads rows of the previously visited step and
+// writes rows of its own: no block can overwrite what another block of the same launch reads.
+//
+// With a projection (w_hr) the recurrence is through y = m W_hr^T, which needs all of m first,
+// so each step adds launches: forward one at::mm (y = m W_hr^T); backward one at::mm
+// (dm = dh W_hr) and one pointwise launch for the gate backward (the fused kernel then only
+// produces dh). Acceptable for now; a grid-wide barrier (persistent kernel) would remove them.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../lstm_common.h"
+#include "../lstm_gates.h"
+#include "lstm_cuda_thread.h"
+
+namespace fused_lstm {
+namespace {
+
+using namespace cuda_work;
+
+// ---- device-only pieces: warp reductions and shared-memory staging -------------------------
+
+template <int NG, int BT, typename acc_t>
+__device__ __forceinline__ void warp_allreduce(acc_t (&acc)[NG][BT]) {
+#pragma unroll
+  for (int g = 0; g < NG; ++g) {
+#pragma unroll
+    for (int r = 0; r < BT; ++r) {
+#pragma unroll
+      for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+        acc[g][r] += __shfl_xor_sync(0xffffffffu, acc[g][r], off);
+      }
+    }
+  }
+}
+
+// acc[r] with a runtime r, without spilling the array to local memory.
+template <int BT, typename acc_t>
+__device__ __forceinline__ acc_t pick(const acc_t (&a)[BT], int r) {
+  acc_t v = a[0];
+#pragma unroll
+  for (int i = 1; i < BT; ++i) v = i == r ? a[i] : v;
+  return v;
+}
+
+// ---- forward step ---------------------------------------------------------------------------
+
+template <typename T, typename acc_t>
+struct ForwardStep {
+  const T* w_hh;  // (4H, Hr)
+  const T* h0;    // (B, Hr)
+  T* gates;       // (rows, 4H)
+  T* cells;       // (rows, H)
+  T* out;         // (rows, Hr): h_{t-1} is read from the previous step's rows
+  T* m;           // (B, H) with projection, else nullptr
+  T* h_n;         // (B, Hr), written without projection
+  acc_t* c_run;   // (B, H)
+  int64_t H, Hr, start, bs, prev_start, prev_size;
+};
+
+// grid (ceil(H / kWarps), ceil(bs / BT)), block kThreads. Warp w of block (x, y) owns hidden
+// unit j = x * kWarps + w (rows j, H+j, 2H+j, 3H+j of W_hh) for batch rows [y*BT, y*BT + BT);
+// the block stages those rows of h_{t-1} in shared memory, kChunk columns at a time, and each
+// lane accumulates every kWarpSize-th column. Lane r then applies the gate math for row y*BT+r.
+template <typename T, typename acc_t, int BT>
+__global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T, acc_t> p) {
+  __shared__ acc_t sx[BT * kChunk];
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * BT;
+  acc_t acc[4][BT];
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+#pragma unroll
+    for (int r = 0; r < BT; ++r) acc[g][r] = acc_t(0);
+  }
+  for (int64_t k0 = 0; k0 < p.Hr; k0 += kChunk) {
+    const int kc = static_cast<int>(p.Hr - k0 < kChunk ? p.Hr - k0 : kChunk);
+    __syncthreads();  // every warp is done with the previous tile
+    for (int i = threadIdx.x; i < BT * kChunk; i += kThreads) {
+      const int r = i / kChunk, k = i % kChunk;
+      const int64_t b = b0 + r;
+      sx[i] = (b < p.bs && k < kc)
+                  ? load_h_prev<T, acc_t>(b, k0 + k, p.Hr, p.prev_start, p.prev_size, p.out, p.h0)
+                  : acc_t(0);
+    }
+    __syncthreads();
+    if (j < p.H) lane_dot<4, BT>(p.w_hh + j * p.Hr + k0, p.H * p.Hr, sx, kChunk, kc, lane,
+                                 kWarpSize, acc);
+  }
+  warp_allreduce<4, BT>(acc);
+  const int64_t b = b0 + lane;
+  if (j < p.H && lane < BT && b < p.bs) {
+    const acc_t rec[4] = {pick<BT>(acc[0], lane), pick<BT>(acc[1], lane),
+                          pick<BT>(acc[2], lane), pick<BT>(acc[3], lane)};
+    forward_unit<T, acc_t>(p.start + b, b, j, p.H, rec, p.gates, p.cells, p.c_run, p.m, p.out,
+                           p.h_n);
+  }
+}
+
+// ---- backward step --------------------------------------------------------------------------
+
+template <typename T, typename acc_t>
+struct BackwardStep {
+  const T* w_hh_t;  // (Hr, 4H)
+  const T* dy;      // (rows, Hr) or nullptr
+  const T* ghn;     // (B, Hr) or nullptr
+  const T* acts;    // (rows, 4H)
+  const T* cells;   // (rows, H)
+  const T* c0;      // (B, H)
+  const T* dm;      // (B, H) with projection: dh_t W_hr of this step
+  T* dz;            // (rows, 4H): rows of the next visited step read, this step's written
+  T* dh_all;        // (rows, Hr) with projection
+  T* m_all;         // (rows, H) with projection
+  T* grad_h0;       // (B, Hr)
+  acc_t* dc_run;    // (B, H)
+  int64_t H, Hr, start, bs, next_start, next_size, prev_start, prev_size;
+};
+
+// grid (ceil(Hr / kWarps), ceil(max(bs, next_size) / BT)), block kThreads. Warp w owns column
+// u = x * kWarps + w of dh (row u of W_hh^T) for batch rows [y*BT, y*BT + BT); the block stages
+// those rows of the next visited step's dz. Lane r then finishes row b = y*BT + r:
+//   b < bs:              dh_t = dot + dy + grad_h_n (step_dh); kFuseUnit: the gate backward of
+//                        unit u (Hr == H), else dh_all for the host's dm = dh W_hr
+//   bs <= b < next_size: the next step was b's first visited one, so dot is grad_h0[b].
+// The call after the loop (bs = 0, next = the first visited step) produces the rest of grad_h0.
+template <typename T, typename acc_t, int BT, bool kFuseUnit>
+__global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T, acc_t> p) {
+  __shared__ acc_t sx[BT * kChunk];
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * BT;
+  const int64_t G = 4 * p.H;
+  acc_t acc[1][BT];
+#pragma unroll
+  for (int r = 0; r < BT; ++r) acc[0][r] = acc_t(0);
+  if (b0 < p.next_size) {  // uniform over the block, so the barriers below stay uniform
+    for (int64_t k0 = 0; k0 < G; k0 += kChunk) {
+      const int kc = static_cast<int>(G - k0 < kChunk ? G - k0 : kChunk);
+      __syncthreads();
+      for (int i = threadIdx.x; i < BT * kChunk; i += kThreads) {
+        const int r = i / kChunk, k = i % kChunk;
+        const int64_t b = b0 + r;
+        sx[i] = (b < p.next_size && k < kc)
+                    ? static_cast<acc_t>(p.dz[(p.next_start + b) * G + k0 + k])
+                    : acc_t(0);
+      }
+      __syncthreads();
+      if (u < p.Hr) lane_dot<1, BT>(p.w_hh_t + u * G + k0, 0, sx, kChunk, kc, lane, kWarpSize,
+                                    acc);
+    }
+  }
+  warp_allreduce<1, BT>(acc);
+  const int64_t b = b0 + lane;
+  if (u >= p.Hr || lane >= BT) return;
+  const acc_t dot = pick<BT>(acc[0], lane);
+  if (b < p.bs) {
+    const int64_t row = p.start + b;
+    const acc_t dh = step_dh<T, acc_t>(dot, row, b, u, p.Hr, p.next_size, p.dy, p.ghn);
+    if constexpr (kFuseUnit) {
+      backward_unit<T, acc_t>(row, prev_row(b, p.prev_start, p.prev_size), b, u, p.H, dh, p.acts,
+                              p.cells, p.c0, p.dc_run, p.dz, nullptr);
+    } else {
+      p.dh_all[row * p.Hr + u] = static_cast<T>(dh);
+    }
+  } else if (b < p.next_size) {
+    p.grad_h0[b * p.Hr + u] = static_cast<T>(dot);
+  }
+}
+
+// Projection only: the gate backward of this step, one thread per (b, j), from dm = dh W_hr.
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads) backward_unit_kernel(const BackwardStep<T, acc_t> p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= p.bs * p.H) return;
+  const int64_t b = i / p.H, j = i - b * p.H;
+  backward_unit<T, acc_t>(p.start + b, prev_row(b, p.prev_start, p.prev_size), b, j, p.H,
+                          static_cast<acc_t>(p.dm[b * p.H + j]), p.acts, p.cells, p.c0, p.dc_run,
+                          p.dz, p.m_all);
+}
+
+// out (n, width) = rows of a or b chosen by src (gather_offset).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gather_rows_kernel(const T* a, const T* b,
+                                                               const int64_t* src, int64_t n,
+                                                               int64_t width, T* out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n * width;
+       i += stride) {
+    bool from_a;
+    const int64_t off = gather_offset(i, width, src, &from_a);
+    out[i] = from_a ? a[off] : b[off];
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+unsigned blocks_for(int64_t n, int64_t per_block) {
+  return static_cast<unsigned>((n + per_block - 1) / per_block);
+}
+
+// Batch rows per block, a compile-time constant so the accumulators stay in registers: small
+// batches waste no lanes on empty rows, larger ones reuse each weight load for 8 rows.
+template <typename F>
+void with_batch_tile(int64_t B, const F& f) {
+  if (B <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (B <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (B <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
+// A host index table on the device; pinned so the copy is asynchronous on the current stream
+// (the caching host allocator keeps the buffer alive until the copy has run).
+at::Tensor index_to_device(const std::vector<int64_t>& v, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(v.size())},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(v.begin(), v.end(), host.data_ptr<int64_t>());
+  return host.to(device, at::kLong, /*non_blocking=*/true);
+}
+
+// out (n, width) = rows of a (src >= 0) or b (src < 0) as in gather_offset; a, b contiguous.
+at::Tensor gather_rows(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& src,
+                       int64_t width) {
+  const int64_t n = static_cast<int64_t>(src.size());
+  at::Tensor out = at::empty({n, width}, a.options());
+  if (n == 0 || width == 0) return out;
+  const at::Tensor idx = index_to_device(src, a.device());
+  const unsigned grid = std::min<unsigned>(blocks_for(n * width, kThreads), 4096u);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "fused_lstm_gather",
+                                  [&] {
+    gather_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
+        n, width, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// The ops compute in their inputs' dtype (the module casts for autocast); without this, an
+// enclosing autocast region would recast the ATen GEMMs below (e.g. a float16 input's addmm to
+// bfloat16) and the kernels would read buffers of another dtype.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, bool reverse) {
+  const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  TORCH_CHECK(input.is_cuda(), "fused_lstm: input must be a CUDA tensor, got ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const NoAutocast no_autocast;
+  const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
+  const auto opts = input.options();
+  const at::Tensor x = input.reshape({-1, d.I});
+  // One GEMM for every step's input projection; the step kernels add the recurrent part and
+  // overwrite it with the activations.
+  at::Tensor gates = b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t());
+  gates = gates.contiguous();
+  at::Tensor cells = at::empty({L.rows, d.H}, opts);
+  at::Tensor output = at::empty({L.rows, d.Hr}, opts);
+  const at::Tensor h0c = h0.contiguous();
+  const at::Tensor whh = w_hh.contiguous();
+  // Rows never visited keep h0 (only possible with no steps at all).
+  at::Tensor h_n = h0c.clone();
+  // The running cell state stays in the accumulation type across steps.
+  at::Tensor c_run = at::empty({d.B, d.H}, opts.dtype(acc_type_of(input.scalar_type())));
+  c_run.copy_(c0);
+  at::Tensor m = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor();
+  const at::Tensor whr_t = d.proj ? w_hr->t() : at::Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "fused_lstm_layer_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardStep<scalar_t, acc_t> p{};
+    p.w_hh = whh.const_data_ptr<scalar_t>();
+    p.h0 = h0c.const_data_ptr<scalar_t>();
+    p.gates = gates.data_ptr<scalar_t>();
+    p.cells = cells.data_ptr<scalar_t>();
+    p.out = output.data_ptr<scalar_t>();
+    p.m = d.proj ? m.data_ptr<scalar_t>() : nullptr;
+    p.h_n = h_n.data_ptr<scalar_t>();
+    p.c_run = c_run.data_ptr<acc_t>();
+    p.H = d.H;
+    p.Hr = d.Hr;
+    with_batch_tile(d.B, [&](auto bt) {
+      constexpr int BT = decltype(bt)::value;
+      for (size_t s = 0; s < L.start.size(); ++s) {
+        p.start = L.start[s];
+        p.bs = L.size[s];
+        p.prev_start = s > 0 ? L.start[s - 1] : 0;
+        p.prev_size = s > 0 ? L.size[s - 1] : 0;
+        const dim3 grid(blocks_for(d.H, kWarps), blocks_for(p.bs, BT));
+        forward_step_kernel<scalar_t, acc_t, BT><<<grid, kThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (d.proj) {
+          // Extra launch per step: y = m W_hr^T needs all of m (see the top of the file).
+          at::Tensor y = output.narrow(0, p.start, p.bs);
+          at::mm_out(y, m.narrow(0, 0, p.bs), whr_t);
+        }
+      }
+    });
+  });
+
+  if (d.proj && !L.start.empty()) {
+    h_n = gather_rows(output, output, last_rows(L, d.B), d.Hr);
+  }
+  const at::Tensor c_n = c_run.to(input.scalar_type());
+  auto lead = input.sizes().vec();
+  lead.pop_back();
+  auto shaped = [&](const at::Tensor& t) {
+    auto s = lead;
+    s.push_back(t.size(1));
+    return t.view(s);
+  };
+  return {shaped(output), h_n, c_n, shaped(gates), shaped(cells)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
+                    const std::optional<at::Tensor>& grad_h_n,
+                    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
+                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                    const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
+                    const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
+  const LayerDims d =
+      check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
+  TORCH_CHECK(input.is_cuda(), "fused_lstm: input must be a CUDA tensor, got ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const NoAutocast no_autocast;
+  const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
+  const int64_t S = static_cast<int64_t>(L.start.size());
+  const auto opts = input.options();
+  const at::Tensor x = input.reshape({-1, d.I});
+  const at::Tensor acts = gates.reshape({-1, 4 * d.H}).contiguous();
+  const at::Tensor cs = cells.reshape({-1, d.H}).contiguous();
+  const at::Tensor y = output.reshape({-1, d.Hr}).contiguous();
+  const at::Tensor dy = grad_output ? grad_output->reshape({-1, d.Hr}).contiguous() : at::Tensor();
+  const at::Tensor ghn = grad_h_n ? grad_h_n->contiguous() : at::Tensor();
+  const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+  const at::Tensor whh_t = w_hh.t().contiguous();
+  // The running dc stays in the accumulation type across steps (grad_c0 at the end).
+  at::Tensor dc_run = at::zeros({d.B, d.H}, opts.dtype(acc_type_of(input.scalar_type())));
+  if (grad_c_n) dc_run.copy_(*grad_c_n);
+  // With steps every row of grad_h0 is written by exactly one launch (see backward_step_kernel);
+  // without any, dL/dh0 is grad_h_n itself.
+  at::Tensor grad_h0 = S > 0 ? at::empty({d.B, d.Hr}, opts)
+                             : (grad_h_n ? ghn.clone() : at::zeros({d.B, d.Hr}, opts));
+  at::Tensor dz = at::empty({L.rows, 4 * d.H}, opts);
+  at::Tensor dh_all = d.proj ? at::empty({L.rows, d.Hr}, opts) : at::Tensor();
+  at::Tensor m_all = d.proj ? at::empty({L.rows, d.H}, opts) : at::Tensor();
+  at::Tensor dm = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor();
+  const at::Tensor whr = d.proj ? w_hr->contiguous() : at::Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "fused_lstm_layer_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardStep<scalar_t, acc_t> p{};
+    p.w_hh_t = whh_t.const_data_ptr<scalar_t>();
+    p.dy = dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr;
+    p.ghn = ghn.defined() ? ghn.const_data_ptr<scalar_t>() : nullptr;
+    p.acts = acts.const_data_ptr<scalar_t>();
+    p.cells = cs.const_data_ptr<scalar_t>();
+    p.c0 = c0c.const_data_ptr<scalar_t>();
+    p.dm = d.proj ? dm.const_data_ptr<scalar_t>() : nullptr;
+    p.dz = dz.data_ptr<scalar_t>();
+    p.dh_all = d.proj ? dh_all.data_ptr<scalar_t>() : nullptr;
+    p.m_all = d.proj ? m_all.data_ptr<scalar_t>() : nullptr;
+    p.grad_h0 = grad_h0.data_ptr<scalar_t>();
+    p.dc_run = dc_run.data_ptr<acc_t>();
+    p.H = d.H;
+    p.Hr = d.Hr;
+    with_batch_tile(d.B, [&](auto bt) {
+      constexpr int BT = decltype(bt)::value;
+      const auto launch_step = [&]() {
+        const dim3 grid(blocks_for(d.Hr, kWarps),
+                        blocks_for(std::max(p.bs, p.next_size), BT));
+        if (d.proj) {
+          backward_step_kernel<scalar_t, acc_t, BT, false><<<grid, kThreads, 0, stream>>>(p);
+        } else {
+          backward_step_kernel<scalar_t, acc_t, BT, true><<<grid, kThreads, 0, stream>>>(p);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      for (int64_t s = S - 1; s >= 0; --s) {
+        p.start = L.start[s];
+        p.bs = L.size[s];
+        p.next_start = s + 1 < S ? L.start[s + 1] : 0;
+        p.next_size = s + 1 < S ? L.size[s + 1] : 0;
+        p.prev_start = s > 0 ? L.start[s - 1] : 0;
+        p.prev_size = s > 0 ? L.size[s - 1] : 0;
+        launch_step();
+        if (d.proj) {
+          // Extra launches per step: dm = dh W_hr needs all of dh_t (see the top of the file).
+          at::Tensor dm_rows = dm.narrow(0, 0, p.bs);
+          at::mm_out(dm_rows, dh_all.narrow(0, p.start, p.bs), whr);
+          backward_unit_kernel<scalar_t, acc_t>
+              <<<blocks_for(p.bs * d.H, kThreads), kThreads, 0, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+      if (S > 0) {
+        // dL/dh0 of the rows the first visited step holds: its dz times W_hh, no gate math.
+        p.start = 0;
+        p.bs = 0;
+        p.next_start = L.start[0];
+        p.next_size = L.size[0];
+        p.prev_start = p.prev_size = 0;
+        launch_step();
+      }
+    });
+  });
+
+  const at::Tensor h_prev = gather_rows(y, h0c, h_prev_sources(L), d.Hr);
+  at::Tensor grad_input = at::mm(dz, w_ih).view(input.sizes());
+  at::Tensor grad_w_ih = at::mm(dz.t(), x);
+  at::Tensor grad_w_hh = at::mm(dz.t(), h_prev);
+  at::Tensor grad_bias = dz.sum(0);
+  at::Tensor grad_w_hr = d.proj ? at::mm(dh_all.t(), m_all) : at::empty({0}, opts);
+  return {grad_input, grad_h0, dc_run.to(input.scalar_type()), grad_w_ih, grad_w_hh, grad_bias,
+          grad_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
+  m.impl("layer_forward", &layer_forward_cuda);
+  m.impl("layer_backward", &layer_backward_cuda);
+}
+
+}  // namespace fused_lstm

@@ -1,0 +1,142 @@
+// The per-thread work of the CUDA kernels in lstm_cuda.cu, as __host__ __device__ functions of
+// raw pointers: index arithmetic, a lane's slice of the recurrent dot products, and the per-unit
+// epilogues that wrap the gate math of lstm_gates.h. Kept out of the .cu file so that a host
+// C++ test can call them for every (block, lane) of a small launch and compare with the
+// reference; only the launch configuration, shared-memory staging and warp shuffles stay
+// device-only.
+//
+// Buffers (one layer, one direction; rows = T*B padded or sum(batch_sizes) packed; G = 4H):
+//   w_hh   (G, Hr)    PyTorch layout, gate rows i, f, g, o
+//   w_hh_t (Hr, G)    w_hh transposed once per backward call, so the reduction over G that
+//                     produces dh reads contiguous memory across a warp's lanes
+//   gates  (rows, G)  forward: x W_ih^T + b on entry, activations i, f, g, o on exit
+//   cells  (rows, H)  c_t            out (rows, Hr) y_t (h_t, or m_t W_hr^T with projection)
+//   h0, h_n (B, Hr)   c0 (B, H)      c_run, dc_run (B, H) in acc_t: running (d)c state
+//   m      (B, H)     m_t of the current step (projection only)
+//   dz     (rows, G)  dL/dz          dh_all (rows, Hr)  dL/dh_t (projection only)
+//   m_all  (rows, H)  m_t recomputed in the backward (projection only)
+#pragma once
+
+#include <cstdint>
+
+#include "../lstm_gates.h"
+
+namespace fused_lstm {
+namespace cuda_work {
+
+constexpr int kWarpSize = 32;
+// A block is kWarps warps; warp w owns one output column (hidden unit j in the forward, dh
+// component u in the backward) and its lanes split the reduction dimension, so every lane's
+// weight loads are contiguous across the warp.
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpSize;
+// Reduction-dimension elements of the batch rows staged in shared memory per tile:
+// BT * kChunk * sizeof(acc_t) <= 8 * 256 * 8 = 16 KiB, under the 48 KiB static limit.
+constexpr int kChunk = 256;
+
+// The row that holds batch row b's state before the current step: the previously visited
+// step's row when b was active there, else -1 (take row b of h0 / c0).
+FL_HD int64_t prev_row(int64_t b, int64_t prev_start, int64_t prev_size) {
+  return b < prev_size ? prev_start + b : -1;
+}
+
+// Component k of h_{t-1} for batch row b; `out` is the layer output (rows, Hr).
+template <typename T, typename acc_t>
+FL_HD acc_t load_h_prev(int64_t b, int64_t k, int64_t Hr, int64_t prev_start, int64_t prev_size,
+                        const T* out, const T* h0) {
+  const int64_t r = prev_row(b, prev_start, prev_size);
+  return static_cast<acc_t>(r >= 0 ? out[r * Hr + k] : h0[b * Hr + k]);
+}
+
+// A lane's slice of NG x BT dot products over one staged tile of kc elements:
+//   acc[g][r] += sum_{k = lane, lane + nlanes, ... < kc} w[g * group_stride + k] * x[r * ldx + k]
+// w points at column k0 of the first weight row, x at the staged tile (BT rows, ldx apart).
+// With lane = 0, nlanes = 1 it is the whole dot product (for host tests).
+template <int NG, int BT, typename T, typename acc_t>
+FL_HD void lane_dot(const T* w, int64_t group_stride, const acc_t* x, int ldx, int kc, int lane,
+                    int nlanes, acc_t (&acc)[NG][BT]) {
+  for (int k = lane; k < kc; k += nlanes) {
+    acc_t xv[BT];
+#pragma unroll
+    for (int r = 0; r < BT; ++r) xv[r] = x[r * ldx + k];
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      const acc_t wv = static_cast<acc_t>(w[g * group_stride + k]);
+#pragma unroll
+      for (int r = 0; r < BT; ++r) acc[g][r] += wv * xv[r];
+    }
+  }
+}
+
+// Forward epilogue of unit j of batch row b at a step (row = its row in gates/cells/out):
+// rec holds h_{t-1} W_hh^T for the four gates. Without projection (m == nullptr) h_t goes to
+// out and h_n; with it m_t goes to m and the host multiplies by W_hr afterwards.
+// c_run is read and written only by this (b, j), so updating it in place is race-free.
+template <typename T, typename acc_t>
+FL_HD void forward_unit(int64_t row, int64_t b, int64_t j, int64_t H, const acc_t (&rec)[4],
+                        T* gates, T* cells, acc_t* c_run, T* m, T* out, T* h_n) {
+  T* z = gates + row * 4 * H;
+  const UnitForward<acc_t> u = unit_forward<acc_t>(
+      static_cast<acc_t>(z[j]) + rec[0], static_cast<acc_t>(z[H + j]) + rec[1],
+      static_cast<acc_t>(z[2 * H + j]) + rec[2], static_cast<acc_t>(z[3 * H + j]) + rec[3],
+      c_run[b * H + j]);
+  z[j] = static_cast<T>(u.i);
+  z[H + j] = static_cast<T>(u.f);
+  z[2 * H + j] = static_cast<T>(u.g);
+  z[3 * H + j] = static_cast<T>(u.o);
+  cells[row * H + j] = static_cast<T>(u.c);
+  c_run[b * H + j] = u.c;
+  if (m != nullptr) {
+    m[b * H + j] = static_cast<T>(u.m);
+  } else {
+    out[row * H + j] = static_cast<T>(u.m);
+    h_n[b * H + j] = static_cast<T>(u.m);
+  }
+}
+
+// dL/dh_t of batch row b, component u (row = its row at this step): the recurrent part `dot`
+// (the next visited step's dz times W_hh; only rows active there have one), the output's
+// gradient, and grad_h_n where this is the row's last visited step (not active in the next).
+template <typename T, typename acc_t>
+FL_HD acc_t step_dh(acc_t dot, int64_t row, int64_t b, int64_t u, int64_t Hr, int64_t next_size,
+                    const T* dy, const T* ghn) {
+  acc_t dh = b < next_size ? dot : acc_t(0);
+  if (dy != nullptr) dh += static_cast<acc_t>(dy[row * Hr + u]);
+  if (b >= next_size && ghn != nullptr) dh += static_cast<acc_t>(ghn[b * Hr + u]);
+  return dh;
+}
+
+// Backward epilogue of unit j of batch row b: dm = dL/dm_t; prow is prev_row() of b (its
+// c_{t-1} is cells[prow] or c0[b]). Writes the four dz of the unit and dc_{t-1} into dc_run
+// (read and written only by this (b, j)); with projection also m_t into m_all for dW_hr.
+template <typename T, typename acc_t>
+FL_HD void backward_unit(int64_t row, int64_t prow, int64_t b, int64_t j, int64_t H, acc_t dm,
+                         const T* acts, const T* cells, const T* c0, acc_t* dc_run, T* dz,
+                         T* m_all) {
+  const T* a = acts + row * 4 * H;
+  const acc_t o = static_cast<acc_t>(a[3 * H + j]);
+  const acc_t c = static_cast<acc_t>(cells[row * H + j]);
+  const acc_t c_prev = static_cast<acc_t>(prow >= 0 ? cells[prow * H + j] : c0[b * H + j]);
+  const UnitBackward<acc_t> u = unit_backward<acc_t>(
+      dm, dc_run[b * H + j], static_cast<acc_t>(a[j]), static_cast<acc_t>(a[H + j]),
+      static_cast<acc_t>(a[2 * H + j]), o, c, c_prev);
+  T* d = dz + row * 4 * H;
+  d[j] = static_cast<T>(u.di);
+  d[H + j] = static_cast<T>(u.df);
+  d[2 * H + j] = static_cast<T>(u.dg);
+  d[3 * H + j] = static_cast<T>(u.do_);
+  dc_run[b * H + j] = u.dc_prev;
+  if (m_all != nullptr) m_all[row * H + j] = static_cast<T>(unit_m<acc_t>(o, c));
+}
+
+// Source of element i of a row gather: out[i] = src[r] >= 0 ? a[src[r]] : b[-1 - src[r]],
+// r = i / width (see h_prev_sources in lstm_common.h). Returns the flat source offset and
+// whether it is in `a`.
+FL_HD int64_t gather_offset(int64_t i, int64_t width, const int64_t* src, bool* from_a) {
+  const int64_t r = i / width, k = i - r * width, s = src[r];
+  *from_a = s >= 0;
+  return (s >= 0 ? s : -1 - s) * width + k;
+}
+
+}  // namespace cuda_work
+}  // namespace fused_lstm

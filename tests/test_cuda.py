@@ -1,0 +1,282 @@
+"""The CUDA kernels against torch.nn.LSTM (cuDNN) and the pure-PyTorch reference.
+
+Every GPU test is skipped without a GPU, never removed: CI compiles the CUDA kernels on machines
+without one (FORCE_CUDA=1) and only checks that they were registered
+(test_cuda_kernels_registered, with FUSED_LSTM_EXPECT_CUDA=1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_lstm
+from fused_lstm import FusedLSTM, FusedLSTMCell, reference
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+T, B, I, H, P = 5, 3, 4, 6, 3
+LENGTHS = [5, 3, 2]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """cuDNN may run float32 RNNs in TF32 (allow_tf32 defaults to True), which would put ~1e-3
+    errors into the float32 baseline."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.skipif(os.environ.get("FUSED_LSTM_EXPECT_CUDA") != "1",
+                    reason="set FUSED_LSTM_EXPECT_CUDA=1 where the build must include CUDA kernels")
+def test_cuda_kernels_registered():
+    for op in ("fused_lstm::layer_forward", "fused_lstm::layer_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _make_lstm(num_layers=1, bias=True, batch_first=False, bidirectional=False, proj_size=0,
+               dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.LSTM(I, H, num_layers, bias=bias, batch_first=batch_first,
+                   bidirectional=bidirectional, proj_size=proj_size).to("cuda", dtype)
+
+
+def _make_inputs(lstm: nn.LSTM, dtype, seed=1, with_hx=True):
+    g = torch.Generator().manual_seed(seed)
+    D = 2 if lstm.bidirectional else 1
+    Hr = lstm.proj_size or lstm.hidden_size
+    shape = (B, T, I) if lstm.batch_first else (T, B, I)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    hx = None
+    if with_hx:
+        hx = (torch.randn(lstm.num_layers * D, B, Hr, generator=g, dtype=torch.float64),
+              torch.randn(lstm.num_layers * D, B, H, generator=g, dtype=torch.float64))
+        hx = tuple(t.to("cuda", dtype).requires_grad_() for t in hx)
+    return x.to("cuda", dtype).requires_grad_(), hx
+
+
+def _run(module, x, hx, packed=None, seed=2):
+    """Output, h_n, c_n and the gradients of a fixed random loss w.r.t. x, h0, c0 and every
+    parameter. packed: None, "sorted" or "unsorted" (x is then padded, lengths LENGTHS)."""
+    inp = x
+    if packed is not None:
+        lengths = LENGTHS if packed == "sorted" else [LENGTHS[1], LENGTHS[0], LENGTHS[2]]
+        inp = pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first,
+                                   enforce_sorted=packed == "sorted")
+    out, (h, c) = module(inp, hx)
+    data = out.data if packed is not None else out
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device))
+               .sum() for t in (data, h, c))
+    wrt = [x] + ([] if hx is None else list(hx)) + list(module.parameters())
+    grads = torch.autograd.grad(loss, wrt)
+    return [data.detach(), h.detach(), c.detach(), *grads]
+
+
+def _names(module, with_hx):
+    return (["output", "h_n", "c_n", "grad_input"] + (["grad_h0", "grad_c0"] if with_hx else [])
+            + [f"grad_{n}" for n, _ in module.named_parameters()])
+
+
+def _compare(got, want, names, atol, rtol):
+    for a, b, name in zip(got, want, names, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+GRID = list(itertools.product([1, 2], [True, False], [False, True], [False, True], [0, P],
+                              [True, False]))
+
+
+def _grid_id(p):
+    layers, bias, bf, bidir, proj, with_hx = p
+    return f"L{layers}-bias{int(bias)}-bf{int(bf)}-bi{int(bidir)}-proj{proj}-hx{int(with_hx)}"
+
+
+# ---- parity with nn.LSTM --------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("params", GRID, ids=_grid_id)
+def test_float32_matches_cudnn(params):
+    layers, bias, bf, bidir, proj, with_hx = params
+    lstm = _make_lstm(layers, bias, bf, bidir, proj)
+    fused = FusedLSTM.from_lstm(lstm)
+    x, hx = _make_inputs(lstm, torch.float32, with_hx=with_hx)
+    want = _run(lstm, x, hx)
+    got = _run(fused, x, hx)
+    _compare(got, want, _names(lstm, with_hx), atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("params", GRID, ids=_grid_id)
+def test_float64_matches_native_lstm(params):
+    layers, bias, bf, bidir, proj, with_hx = params
+    lstm = _make_lstm(layers, bias, bf, bidir, proj, dtype=torch.float64)
+    fused = FusedLSTM.from_lstm(lstm)
+    x, hx = _make_inputs(lstm, torch.float64, with_hx=with_hx)
+    with torch.backends.cudnn.flags(enabled=False):
+        want = _run(lstm, x, hx)
+    got = _run(fused, x, hx)
+    _compare(got, want, _names(lstm, with_hx), atol=1e-9, rtol=1e-7)
+
+
+PACKED = list(itertools.product(["sorted", "unsorted"], [1, 2], [False, True], [0, P],
+                                [False, True]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("packed,layers,bidir,proj,bf", PACKED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_sequence(packed, layers, bidir, proj, bf, dtype):
+    lstm = _make_lstm(layers, True, bf, bidir, proj, dtype=dtype)
+    fused = FusedLSTM.from_lstm(lstm)
+    x, hx = _make_inputs(lstm, dtype)
+    with torch.backends.cudnn.flags(enabled=dtype == torch.float32):
+        want = _run(lstm, x, hx, packed)
+    got = _run(fused, x, hx, packed)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-9, rtol=1e-7)
+    _compare(got, want, _names(lstm, True), **tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bidir,proj,packed", [(False, 0, None), (True, P, None),
+                                               (True, 0, "unsorted"), (False, P, "sorted")])
+def test_low_precision_error_within_nn_lstm_error(dtype, bidir, proj, packed):
+    """Errors against a float64 reference within 3x nn.LSTM's own error at this precision
+    (cuDNN for float16, ATen's native path for bfloat16), plus one ulp of absolute slack."""
+    lstm64 = _make_lstm(2, True, False, bidir, proj, dtype=torch.float64)
+    x64, hx64 = _make_inputs(lstm64, torch.float64)
+    with torch.backends.cudnn.flags(enabled=False):
+        ref = _run(lstm64, x64, hx64, packed)
+    lstm_lp = _make_lstm(2, True, False, bidir, proj, dtype=torch.float64).to(dtype)
+    lstm_lp.load_state_dict(lstm64.state_dict())
+    fused_lp = FusedLSTM.from_lstm(lstm_lp)
+    x, hx = _make_inputs(lstm_lp, dtype)
+    theirs = _run(lstm_lp, x, hx, packed)
+    ours = _run(fused_lp, x, hx, packed)
+    floor = torch.finfo(dtype).eps
+    for name, r, t, o in zip(_names(lstm64, True), ref, theirs, ours, strict=True):
+        err_t = (t.double() - r).abs().max().item()
+        err_o = (o.double() - r).abs().max().item()
+        assert err_o <= 3 * err_t + floor, f"{name}: ours {err_o:.3g}, nn.LSTM {err_t:.3g}"
+
+
+# ---- gradcheck, streams, autocast, the op itself -------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("bidir,proj,packed", [(False, 0, False), (True, 2, False),
+                                               (True, 0, True), (False, 2, True)])
+def test_gradcheck_float64(bidir, proj, packed):
+    torch.manual_seed(0)
+    fused = FusedLSTM(3, 4, bidirectional=bidir, proj_size=proj, device="cuda",
+                      dtype=torch.float64)
+    D, Hr = (2 if bidir else 1), (proj or 4)
+    names = [n for n, _ in fused.named_parameters()]
+    x = torch.randn(3, 2, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(D, 2, Hr, device="cuda", dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(D, 2, 4, device="cuda", dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
+
+    def f(x, h0, c0, *params):
+        inp = pack_padded_sequence(x, torch.tensor([3, 2])) if packed else x
+        out, (h, c) = functional_call(fused, dict(zip(names, params)), (inp, (h0, c0)))
+        return (out.data if packed else out), h, c
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
+
+
+@needs_cuda
+def test_non_default_stream_matches_default():
+    lstm = _make_lstm(2, True, False, True, P)
+    fused = FusedLSTM.from_lstm(lstm)
+    x, hx = _make_inputs(lstm, torch.float32)
+    want = _run(fused, x, hx)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = _run(fused, x, hx)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_matches_nn_lstm(dtype):
+    lstm = _make_lstm(2, True, False, True, 0)
+    fused = FusedLSTM.from_lstm(lstm)
+    x, hx = _make_inputs(lstm, torch.float32)
+    with torch.autocast("cuda", dtype=dtype):
+        out_t, (h_t, c_t) = lstm(x, hx)
+        out_f, (h_f, c_f) = fused(x, hx)
+    for name, a, b in [("output", out_f, out_t), ("h_n", h_f, h_t), ("c_n", c_f, c_t)]:
+        assert a.dtype == b.dtype, f"{name}: {a.dtype} vs nn.LSTM's {b.dtype}"
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    (out_f.float().sum() + h_f.float().sum()).backward()
+    for p in fused.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_cell_matches_nn_lstm_cell(dtype):
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(I, H).cuda()
+    fused = FusedLSTMCell.from_lstm_cell(cell)
+    x = torch.randn(B, I, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        h_t, c_t = cell(x)
+        h_f, c_f = fused(x)
+    for a, b in [(h_f, h_t), (c_f, c_t)]:
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_native_cuda_op_runs_and_matches_reference():
+    assert "cuda" in fused_lstm.native_backends()
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.float64
+    x = torch.randn(T, B, I, device=dev, dtype=dt)
+    h0, c0 = torch.randn(B, P, device=dev, dtype=dt), torch.randn(B, H, device=dev, dtype=dt)
+    w_ih, w_hh = torch.randn(4 * H, I, device=dev, dtype=dt), torch.randn(4 * H, P, device=dev,
+                                                                          dtype=dt)
+    b_ih, b_hh = torch.randn(4 * H, device=dev, dtype=dt), torch.randn(4 * H, device=dev, dtype=dt)
+    w_hr = torch.randn(P, H, device=dev, dtype=dt)
+    for reverse, proj in itertools.product([False, True], [False, True]):
+        whh = w_hh if proj else torch.randn(4 * H, H, device=dev, dtype=dt)
+        h = h0 if proj else torch.randn(B, H, device=dev, dtype=dt)
+        args = (x, None, h, c0, w_ih, whh, b_ih, b_hh, w_hr if proj else None, reverse)
+        got = torch.ops.fused_lstm.layer_forward(*args)
+        want = reference.layer_forward(*args)
+        for a, b in zip(got, want, strict=True):
+            assert a.device.type == "cuda" and a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+        y, _, _, gates, cells = want
+        # Unused outputs arrive as None: only h_n, then only c_n, then everything.
+        for gy, gh, gc in [(None, torch.randn_like(h), None), (None, None, torch.randn_like(c0)),
+                           (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c0))]:
+            bargs = (gy, gh, gc, x, None, h, c0, w_ih, whh, w_hr if proj else None, y, gates,
+                     cells, reverse)
+            got_b = torch.ops.fused_lstm.layer_backward(*bargs)
+            want_b = reference.layer_backward(*bargs)
+            for a, b in zip(got_b, want_b, strict=True):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
