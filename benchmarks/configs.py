@@ -1,0 +1,31 @@
+"""Benchmark configurations of DESIGN.md §7. B=None means unbatched input."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    T: int
+    B: int | None
+    I: int
+    H: int
+    layers: int = 1
+
+
+CPU = [
+    Config("seed-tiny", 2000, None, 4, 20),
+    Config("seed-chars", 799, None, 5, 4),
+    Config("small-batch", 200, 8, 64, 64, 2),
+    Config("medium", 100, 64, 256, 256),
+    Config("wide-B1", 200, 1, 512, 512),
+]
+
+GPU = [
+    Config("fastrnns", 100, 64, 512, 512),
+    Config("fastrnns-4L", 100, 64, 512, 512, 4),
+    Config("flashrnn", 1024, 16, 768, 768),
+    Config("gpu-small-batch-B1", 50, 1, 1024, 1024),
+    Config("gpu-small-batch-B4", 50, 4, 1024, 1024),
+    Config("gpu-small-batch-B8", 50, 8, 1024, 1024),
+]
