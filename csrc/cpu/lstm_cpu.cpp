@@ -21,7 +21,7 @@ namespace fused_lstm {
 namespace {
 
 // Multiply-adds of one step's product above which ATen's GEMM (MKL/oneDNN) beats the loops.
-constexpr int64_t kGemmWork = 1 << 16;
+constexpr int64_t kGemmWork = 1 << 20;
 // Multiply-adds (or unit updates x 32) of one step above which rows are split across threads.
 constexpr int64_t kParallelWork = 1 << 17;
 
