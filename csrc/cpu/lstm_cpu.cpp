@@ -308,15 +308,14 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
   }
 }
 
-// h_{t-1} of every row, rebuilt from output and h0 rather than saved by the forward.
+// h_{t-1} of every row, rebuilt from output and h0 rather than saved by the forward; which row
+// each one comes from is lstm_common.h's h_prev_sources, shared with the CUDA backend.
 template <typename T>
 void gather_h_prev(const StepLayout& L, int64_t Hr, const T* py, const T* ph0, T* out) {
-  for (size_t s = 0; s < L.start.size(); ++s) {
-    const int64_t prev_size = s > 0 ? L.size[s - 1] : 0, prev_start = s > 0 ? L.start[s - 1] : 0;
-    for (int64_t b = 0; b < L.size[s]; ++b) {
-      const T* src = b < prev_size ? py + (prev_start + b) * Hr : ph0 + b * Hr;
-      std::memcpy(out + (L.start[s] + b) * Hr, src, sizeof(T) * Hr);
-    }
+  const std::vector<int64_t> src = h_prev_sources(L);
+  for (int64_t r = 0; r < L.rows; ++r) {
+    const T* from = src[r] >= 0 ? py + src[r] * Hr : ph0 + (-1 - src[r]) * Hr;
+    std::memcpy(out + r * Hr, from, sizeof(T) * Hr);
   }
 }
 
