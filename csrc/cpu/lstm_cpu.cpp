@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "../lstm_common.h"
 #include "../lstm_gates.h"
@@ -36,34 +37,11 @@ constexpr int64_t kParallelWork = 1 << 19;
 #else
 #define FL_CPU_CLONES
 #endif
-
-// One block of V output columns of out[0:N] (+)= a[0:K] . M, M (K x ldm) row-major with ldm a
-// multiple of V and zero padding past N. The accumulators stay in registers across the K loop,
-// four independent sets of them so the FMA latency chain is K/4 long, not K: at the seeds'
-// sizes a step is latency-bound, not throughput-bound.
-template <typename T, int64_t V>
-inline __attribute__((always_inline)) void vec_mat_block(const T* __restrict a,
-                                                         const T* __restrict M, int64_t K,
-                                                         int64_t ldm, int64_t N, int64_t n0,
-                                                         T* __restrict o, bool accumulate) {
-  T acc0[V] = {}, acc1[V] = {}, acc2[V] = {}, acc3[V] = {};
-  const T* row = M + n0;
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4, row += 4 * ldm) {
-    for (int64_t n = 0; n < V; ++n) acc0[n] += a[k] * row[n];
-    for (int64_t n = 0; n < V; ++n) acc1[n] += a[k + 1] * row[ldm + n];
-    for (int64_t n = 0; n < V; ++n) acc2[n] += a[k + 2] * row[2 * ldm + n];
-    for (int64_t n = 0; n < V; ++n) acc3[n] += a[k + 3] * row[3 * ldm + n];
-  }
-  for (; k < K; ++k, row += ldm) {
-    for (int64_t n = 0; n < V; ++n) acc0[n] += a[k] * row[n];
-  }
-  const int64_t width = N - n0 < V ? N - n0 : V;
-  for (int64_t n = 0; n < width; ++n) {
-    const T sum = (acc0[n] + acc1[n]) + (acc2[n] + acc3[n]);
-    o[n0 + n] = accumulate ? o[n0 + n] + sum : sum;
-  }
-}
+#if defined(__clang__)
+#define FL_UNROLL _Pragma("unroll")
+#else
+#define FL_UNROLL _Pragma("GCC unroll 16")
+#endif
 
 // o[0:n] (+)= a[0:K] . M[:, 0:n] for one row, M's rows read in order, four at a time so o
 // (in L1) is loaded and stored once per four rows of M.
@@ -91,10 +69,40 @@ inline __attribute__((always_inline)) void vec_mat_sweep(const T* __restrict a,
 
 // GCC vector of Bytes / sizeof(T) lanes: the row tiles below name their registers explicitly,
 // which GCC's loop vectoriser does not manage for a two-dimensional accumulator array.
+// Their loops over registers (bounds NV, S, R) must be unrolled before GCC decides where the
+// accumulator arrays live: left as loops they are kept in memory, and every FMA goes through
+// the stack.
 template <typename T, int64_t Bytes>
 struct VecOf {
   typedef T type __attribute__((vector_size(Bytes)));
 };
+
+// o[0:n] (+)= the first n lanes of NV registers of accumulators. A block at the end of a row
+// runs into M's zero padding and stores part of its lanes, through a buffer: indexing a lane
+// with a variable would make the compiler keep the whole accumulator array in memory, in the
+// hot loop too.
+template <typename T, int64_t NV, int64_t Bytes>
+inline __attribute__((always_inline)) void store_block(typename VecOf<T, Bytes>::type* acc,
+                                                       T* __restrict o, int64_t n,
+                                                       bool accumulate) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int64_t L = Bytes / sizeof(T);
+  if (n >= NV * L) {
+    FL_UNROLL
+    for (int64_t j = 0; j < NV; ++j) {
+      if (accumulate) {
+        V prev;
+        std::memcpy(&prev, o + j * L, Bytes);
+        acc[j] += prev;
+      }
+      std::memcpy(o + j * L, &acc[j], Bytes);
+    }
+    return;
+  }
+  T lanes[NV * L];
+  std::memcpy(lanes, acc, NV * Bytes);
+  for (int64_t i = 0; i < n; ++i) o[i] = accumulate ? o[i] + lanes[i] : lanes[i];
+}
 
 // R rows x NV registers of columns of out (+)= a . M at once: every load of M feeds R rows, so
 // a batch step is bound by the FMA units, not by reading M once per row; the R x NV
@@ -106,42 +114,78 @@ inline __attribute__((always_inline)) void vec_mat_tile(const T* __restrict a,
                                                         T* __restrict o, bool accumulate) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int64_t L = Bytes / sizeof(T);
-  V acc[R][NV] = {};
+  V acc[R][NV];
+  FL_UNROLL
+  for (int64_t r = 0; r < R; ++r) {
+    FL_UNROLL
+    for (int64_t j = 0; j < NV; ++j) acc[r][j] = V{};
+  }
   const T* row = M + n0;
   for (int64_t k = 0; k < K; ++k, row += ldm) {
     V w[NV];
+    FL_UNROLL
     for (int64_t j = 0; j < NV; ++j) std::memcpy(&w[j], row + j * L, Bytes);
+    FL_UNROLL
     for (int64_t r = 0; r < R; ++r) {
       const T ar = a[r * K + k];
+      FL_UNROLL
       for (int64_t j = 0; j < NV; ++j) acc[r][j] += ar * w[j];
     }
   }
-  if (N - n0 >= NV * L) {
-    for (int64_t r = 0; r < R; ++r) {
+  FL_UNROLL
+  for (int64_t r = 0; r < R; ++r) {
+    store_block<T, NV, Bytes>(acc[r], o + r * N + n0, N - n0, accumulate);
+  }
+}
+
+// NV registers of columns of one row's out (+)= a . M, with K split over S interleaved sums: a
+// row alone has no other rows to hide the FMA latency behind (the seeds' unbatched steps are
+// one long chain of these), so the S x NV accumulators make S x NV independent chains of K / S.
+template <typename T, int64_t NV, int64_t S, int64_t Bytes>
+inline __attribute__((always_inline)) void vec_row(const T* __restrict a, const T* __restrict M,
+                                                   int64_t K, int64_t ldm, int64_t N, int64_t n0,
+                                                   T* __restrict o, bool accumulate) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int64_t L = Bytes / sizeof(T);
+  V acc[S][NV];
+  FL_UNROLL
+  for (int64_t r = 0; r < S; ++r) {
+    FL_UNROLL
+    for (int64_t j = 0; j < NV; ++j) acc[r][j] = V{};
+  }
+  const T* row = M + n0;
+  int64_t k = 0;
+  for (; k + S <= K; k += S, row += S * ldm) {
+    FL_UNROLL
+    for (int64_t s = 0; s < S; ++s) {
+      const T as = a[k + s];
+      FL_UNROLL
       for (int64_t j = 0; j < NV; ++j) {
-        T* dst = o + r * N + n0 + j * L;
-        if (accumulate) {
-          V prev;
-          std::memcpy(&prev, dst, Bytes);
-          acc[r][j] += prev;
-        }
-        std::memcpy(dst, &acc[r][j], Bytes);
+        V w;
+        std::memcpy(&w, row + s * ldm + j * L, Bytes);
+        acc[s][j] += as * w;
       }
     }
-    return;
   }
-  for (int64_t r = 0; r < R; ++r) {  // the last block, partly over M's zero padding
-    for (int64_t n = 0; n < N - n0; ++n) {
-      T& out = o[r * N + n0 + n];
-      out = accumulate ? out + acc[r][n / L][n % L] : acc[r][n / L][n % L];
+  for (; k < K; ++k, row += ldm) {
+    FL_UNROLL
+    for (int64_t j = 0; j < NV; ++j) {
+      V w;
+      std::memcpy(&w, row + j * L, Bytes);
+      acc[0][j] += a[k] * w;
     }
   }
+  FL_UNROLL
+  for (int64_t s = 1; s < S; ++s) {
+    FL_UNROLL
+    for (int64_t j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
+  }
+  store_block<T, NV, Bytes>(acc[0], o + n0, N - n0, accumulate);
 }
 
 // Columns [c0, c1) of out[0:N] (+)= a[0:K] . M for rows b0..b1 of a (ld K) and out (ld N) with
 // Bytes-wide registers: four rows at a time while there are four (vec_mat_tile), the rest one
-// at a time (vec_mat_block, or vec_mat_sweep against a large M); blocks of NV registers, then
-// of one.
+// at a time (vec_row, or vec_mat_sweep against a large M).
 template <typename T, int64_t Bytes, int64_t NV>
 inline __attribute__((always_inline)) void vec_mat_cols(const T* __restrict a,
                                                         const T* __restrict M, int64_t K,
@@ -170,17 +214,22 @@ inline __attribute__((always_inline)) void vec_mat_cols(const T* __restrict a,
       vec_mat_sweep(ar, M + c0, K, ldm, std::min(c1, N) - c0, o + c0, accumulate);
       continue;
     }
+    // Four registers of columns with as many K splits as leave registers for the loads (two
+    // of AVX2's 16, four of AVX-512's 32), then single registers with four splits.
+    constexpr int64_t RowNV = 4, RowS = Bytes == 64 ? 4 : 2;
     int64_t n0 = c0;
-    for (; n0 + Wide <= c1; n0 += Wide) vec_mat_block<T, Wide>(ar, M, K, ldm, N, n0, o, accumulate);
-    for (; n0 < c1; n0 += L) vec_mat_block<T, L>(ar, M, K, ldm, N, n0, o, accumulate);
+    for (; n0 + RowNV * L <= c1; n0 += RowNV * L) {
+      vec_row<T, RowNV, RowS, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
+    }
+    for (; n0 < c1; n0 += L) vec_row<T, 1, 4, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
   }
 }
 
 // The small-size replacement for a per-step GEMM, written as axpys over M's contiguous rows so
 // it vectorises for any N. M is padded to ldm columns (see StepProduct) and c0, c1 are
-// multiples of 64 bytes or ldm, so no scalar tail is left. The block width follows the
-// machine's registers: four accumulator sets of a block must leave room for the loads, which
-// 4 x 4 registers do of AVX-512's 32 but 4 x 4 of AVX2's 16 do not (they spill to the stack).
+// multiples of 64 bytes or ldm, so no scalar tail is left. The register width is the machine's
+// and the tiles' accumulator counts follow its register file (4 x 2 of AVX2's 16 registers,
+// 4 x 4 of AVX-512's 32): more would spill to the stack.
 template <typename T>
 FL_CPU_CLONES void vec_mat_rows(const T* __restrict a, const T* __restrict M, int64_t K,
                                 int64_t ldm, int64_t N, T* __restrict out, int64_t b0,
@@ -266,25 +315,25 @@ struct StepProduct {
 
 // Gate math of rows b0..b1 of one step: z (bs, 4H) holds the pre-activations and receives the
 // activations; c (bs, H) is c_{t-1} in, c_t out; cell (bs, H) saves c_t; m (bs, H) gets m_t.
-// In the AVX-512 clone GCC covers H % 16 with 8- and 4-wide epilogues, so even the seeds'
-// H = 4..20 run vectorised.
+// slope (4H) is gate_slope of each column. The four gates are one pass over the row's 4H
+// contiguous values, which is whole registers for any even H and independent work throughout;
+// a pass per gate would leave a partial register at the end of each of the seeds' H = 4..20.
 template <typename T>
 FL_CPU_CLONES void forward_pointwise_rows(T* __restrict z, T* __restrict c, T* __restrict cell,
-                                          T* __restrict m, int64_t H, int64_t b0, int64_t b1) {
+                                          T* __restrict m, const T* __restrict slope, int64_t H,
+                                          int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    T* __restrict zi = z + b * 4 * H;
-    T* __restrict zf = zi + H;
-    T* __restrict zg = zi + 2 * H;
-    T* __restrict zo = zi + 3 * H;
+    T* __restrict zr = z + b * 4 * H;
+    for (int64_t k = 0; k < 4 * H; ++k) zr[k] = gate_act<T>(zr[k], slope[k]);
+    const T* __restrict i = zr;
+    const T* __restrict f = zr + H;
+    const T* __restrict g = zr + 2 * H;
+    const T* __restrict o = zr + 3 * H;
     T* __restrict cr = c + b * H;
     T* __restrict cellr = cell + b * H;
     T* __restrict mr = m + b * H;
     for (int64_t j = 0; j < H; ++j) {
-      const auto u = unit_forward<T>(zi[j], zf[j], zg[j], zo[j], cr[j]);
-      zi[j] = u.i;
-      zf[j] = u.f;
-      zg[j] = u.g;
-      zo[j] = u.o;
+      const CellUpdate<T> u = cell_update<T>(i[j], f[j], g[j], o[j], cr[j]);
       cr[j] = u.c;
       cellr[j] = u.c;
       mr[j] = u.m;
@@ -346,13 +395,16 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
   T* ph = h.data_ptr<T>();
   T* pc = c.data_ptr<T>();
   T* pm = d.proj ? m.data_ptr<T>() : nullptr;
+  std::vector<T> slope(static_cast<size_t>(4 * H));
+  for (int64_t k = 0; k < 4 * H; ++k) slope[k] = gate_slope<T>(k, H);
 
   for (size_t s = 0; s < L.start.size(); ++s) {
     const int64_t start = L.start[s], bs = L.size[s];
     recurrent(0, start, bs, /*accumulate=*/true);
     T* m_out = d.proj ? pm : py + start * Hr;
     for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
-      forward_pointwise_rows<T>(pz + start * 4 * H, pc, pcell + start * H, m_out, H, b0, b1);
+      forward_pointwise_rows<T>(pz + start * 4 * H, pc, pcell + start * H, m_out, slope.data(), H,
+                                b0, b1);
     });
     if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
     std::memcpy(ph, py + start * Hr, sizeof(T) * bs * Hr);
