@@ -147,6 +147,12 @@ inline std::vector<int64_t> last_rows(const StepLayout& L, int64_t B) {
   return last;
 }
 
+// Held for the whole of a kernel: the ATen calls inside it (GEMMs, allocations, views) then
+// skip the autograd and view-tracking layers of the dispatcher, which the kernel's results never
+// need (the op's own autograd registration handles them) and which at a few steps cost more than
+// the arithmetic.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // Checks the incoming gradients of layer_backward; each may be undefined (None).
 inline void check_grads(const std::optional<at::Tensor>& grad_output,
                         const std::optional<at::Tensor>& grad_h_n,

@@ -274,9 +274,22 @@ struct StepProduct {
   StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf)
       : W(w), K(w.size(1)), N(w.size(0)), ldt((w.size(0) + kPad - 1) / kPad * kPad),
         a(&a_buf), out(&out_buf), pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
-    Wt = at::zeros({K, ldt}, w.options());
-    Wt.narrow(1, 0, N).copy_(w.t());
-    pwt = Wt.const_data_ptr<T>();
+    // A raw loop, not zeros + copy_: two ATen calls cost more than a small layer's whole step.
+    Wt = at::empty({K, ldt}, w.options());
+    T* pt = Wt.data_ptr<T>();
+    const T* pw = w.const_data_ptr<T>();
+    const int64_t sn = w.stride(0), sk = w.stride(1);
+    std::fill(pt, pt + K * ldt, T(0));
+    if (sk == 1) {  // read along W's rows
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t k = 0; k < K; ++k) pt[k * ldt + n] = pw[n * sn + k];
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t n = 0; n < N; ++n) pt[k * ldt + n] = pw[n * sn + k * sk];
+      }
+    }
+    pwt = pt;
   }
 
   // Columns [c0, c1) (c1 <= ldt) of the product, on the calling thread.
@@ -424,6 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
+  const BelowAutograd below_autograd;
   const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   if (is_reduced(input)) {
     auto r = layer_forward_cpu(input.to(at::kFloat), batch_sizes, h0.to(at::kFloat),
@@ -510,6 +524,7 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
                    const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
+  const BelowAutograd below_autograd;
   const LayerDims d =
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);

@@ -281,6 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_hr, bool reverse) {
+  const BelowAutograd below_autograd;
   const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   TORCH_CHECK(input.is_cuda(), "fused_lstm: input must be a CUDA tensor, got ", input.device());
   check_batch_fits_grid(d.B);
@@ -356,6 +357,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
                     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
                     const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
+  const BelowAutograd below_autograd;
   const LayerDims d =
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
