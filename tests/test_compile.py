@@ -18,6 +18,7 @@ from helpers import DEVICES, assert_same, cell_outputs_and_grads, outputs_and_gr
 
 F64 = torch.float64
 FORWARD_OP, BACKWARD_OP = "fused_lstm.layer_forward", "fused_lstm.layer_backward"
+CELL_FORWARD_OP, CELL_BACKWARD_OP = "fused_lstm.cell_forward", "fused_lstm.cell_backward"
 
 
 class RecordingBackend:
@@ -80,15 +81,18 @@ def test_compiled_lstm_matches_eager_and_nn_lstm(device, form):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_cell_matches_nn_lstm_cell(device):
-    ref = nn.LSTMCell(3, 4, dtype=F64, device=device)
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_cell_matches_nn_lstm_cell(device, bias):
+    ref = nn.LSTMCell(3, 4, bias=bias, dtype=F64, device=device)
     backend = RecordingBackend()
     compiled = torch.compile(FusedLSTMCell.from_lstm_cell(ref), fullgraph=True, backend=backend)
     like = dict(dtype=F64, device=device, requires_grad=True)
     x, hx = torch.randn(2, 3, **like), (torch.randn(2, 4, **like), torch.randn(2, 4, **like))
     assert_same(cell_outputs_and_grads(ref, x, hx, [x, *hx]),
                 cell_outputs_and_grads(compiled, x, hx, [x, *hx]), atol=1e-9)
-    assert FORWARD_OP in backend.forward_code[0] and BACKWARD_OP in backend.backward_code[0]
+    assert CELL_FORWARD_OP in backend.forward_code[0]
+    assert CELL_BACKWARD_OP in backend.backward_code[0]
+    assert FORWARD_OP not in backend.forward_code[0] + backend.backward_code[0]
 
 
 def test_no_recompile_per_sequence_length():
