@@ -45,6 +45,17 @@ def test_non_contiguous_and_expanded_inputs_and_states(backend, layout):
                 atol=ATOL)
 
 
+def test_cell_non_contiguous_and_expanded_inputs_and_states(backend):
+    ref = nn.LSTMCell(3, 4, dtype=F64)
+    fused = FusedLSTMCell.from_lstm_cell(ref)
+    x = leaf(torch.randn(3, 6, dtype=F64)[:, ::2])
+    hx = (leaf(torch.randn(1, 4, dtype=F64).expand(3, 4)), leaf(torch.randn(4, 3, dtype=F64).t()))
+    assert not x.is_contiguous() and not any(h.is_contiguous() for h in hx)
+    leaves = [x, *hx]
+    assert_same(cell_outputs_and_grads(ref, x, hx, leaves),
+                cell_outputs_and_grads(fused, x, hx, leaves), atol=ATOL)
+
+
 def odd_layout(w):
     """w's values, with matrices stored column-major and vectors as a stride-0 expand of
     their first value."""
