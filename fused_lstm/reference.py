@@ -166,15 +166,8 @@ def layer_backward(
 # The cell is a layer run on a sequence of one step, as in the native ops (csrc/lstm_common.h).
 
 
-def cell_forward(
-    input: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def cell_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                 b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """One step of nn.LSTMCell: ``input (B, I)``, ``h0``, ``c0 (B, H)``. Returns ``h``, ``c``
     and ``gates (B, 4H)``, the activations cell_backward needs."""
     _, h, c, gates, _ = layer_forward(input.unsqueeze(0), None, h0, c0, w_ih, w_hh, b_ih, b_hh,
@@ -182,17 +175,9 @@ def cell_forward(
     return h, c, gates[0]
 
 
-def cell_backward(
-    grad_h: Tensor | None,
-    grad_c: Tensor | None,
-    input: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    gates: Tensor,
-    c: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def cell_backward(grad_h: Tensor | None, grad_c: Tensor | None, input: Tensor, h0: Tensor,
+                  c0: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor,
+                  c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of input, h0, c0, w_ih, w_hh and of either bias; ``c`` is cell_forward's."""
     # With one step every h_{t-1} is h0, so layer_backward uses only the shape of the output it
     # is given, which h0 has.
