@@ -219,37 +219,38 @@ inline void check_cell_args(const at::Tensor& input, const at::Tensor& h0, const
 }
 
 template <auto LayerForward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh) {
   check_cell_args(input, h0, c0);
   auto [output, h, c, gates, cells] = LayerForward(input.unsqueeze(0), std::nullopt, h0, c0, w_ih,
                                                    w_hh, b_ih, b_hh, std::nullopt, false);
-  return {h, c, gates.squeeze(0)};
+  return {h, c, gates.squeeze(0), cells.squeeze(0)};
 }
 
 template <auto LayerBackward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward(
     const std::optional<at::Tensor>& grad_h, const std::optional<at::Tensor>& grad_c,
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& c) {
+    const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& cells) {
   check_cell_args(input, h0, c0);
-  // layer_backward takes the saved workspace on trust; the cell's comes from its caller.
+  // layer_backward does not check the workspace it is given (layer_forward's own); the cell's is
+  // checked here, against the layer's dimensions.
   const LayerDims d = check_layer_args(input.unsqueeze(0), std::nullopt, h0, c0, w_ih, w_hh,
                                        std::nullopt, std::nullopt, std::nullopt);
   FL_CHECK_SHAPE(gates, d.B, 4 * d.H);
-  FL_CHECK_SHAPE(c, d.B, d.H);
+  FL_CHECK_SHAPE(cells, d.B, d.H);
   check_same(gates, "gates", input);
-  check_same(c, "c", input);
+  check_same(cells, "cells", input);
   check_grad(grad_h, "grad_h", h0, input);
   check_grad(grad_c, "grad_c", c0, input);
   // With one step every h_{t-1} is h0, so layer_backward reads nothing of its output argument
   // but the shape, which h0 has: the cell need not save h.
   auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
       LayerBackward(std::nullopt, grad_h, grad_c, input.unsqueeze(0), std::nullopt, h0, c0, w_ih,
-                    w_hh, std::nullopt, h0.unsqueeze(0), gates.unsqueeze(0), c.unsqueeze(0),
-                    false);
+                    w_hh, std::nullopt, h0.unsqueeze(0), gates.unsqueeze(0),
+                    cells.unsqueeze(0), false);
   return {grad_input.squeeze(0), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias};
 }
 

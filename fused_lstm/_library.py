@@ -70,26 +70,26 @@ def register() -> None:
     def _(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
         _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         return (h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-                input.new_empty(input.shape[0], w_hh.shape[0]))
+                input.new_empty(input.shape[0], w_hh.shape[0]), c0.new_empty(c0.shape))
 
     @torch.library.register_fake("fused_lstm::cell_backward")
-    def _(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, c):
+    def _(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, cells):
         _check_devices(input, grad_h=grad_h, grad_c=grad_c, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
-                       gates=gates, c=c)
+                       gates=gates, cells=cells)
         return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
                 w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
                 w_hh.new_empty(w_hh.shape[0]))
 
     def cell_setup_context(ctx, inputs, output):
         input, h0, c0, w_ih, w_hh, b_ih, _ = inputs
-        _, c, gates = output
+        _, _, gates, cells = output
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(gates)
+        ctx.mark_non_differentiable(gates, cells)
         ctx.has_bias = b_ih is not None
         # In the order of cell_backward's arguments after the incoming gradients.
-        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, gates, c)
+        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, gates, cells)
 
-    def cell_backward(ctx, grad_h, grad_c, _grad_gates):
+    def cell_backward(ctx, grad_h, grad_c, _grad_gates, _grad_cells):
         saved = ctx.saved_tensors
         dx, dh0, dc0, dw_ih, dw_hh, db = refuse_double_backward(
             torch.ops.fused_lstm.cell_backward(grad_h, grad_c, *saved), (grad_h, grad_c, *saved))

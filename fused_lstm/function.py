@@ -114,11 +114,12 @@ class LSTMCellFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
-        h, c, gates = _ops(input.device).cell_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        h, c, gates, cells = _ops(input.device).cell_forward(input, h0, c0, w_ih, w_hh, b_ih,
+                                                             b_hh)
         ctx.set_materialize_grads(False)
         ctx.has_bias = b_ih is not None
         # In the order of cell_backward's arguments after the incoming gradients.
-        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, gates, c)
+        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, gates, cells)
         return h, c
 
     @staticmethod

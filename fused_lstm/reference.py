@@ -167,21 +167,22 @@ def layer_backward(
 
 
 def cell_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-                 b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of nn.LSTMCell: ``input (B, I)``, ``h0``, ``c0 (B, H)``. Returns ``h``, ``c``
-    and ``gates (B, 4H)``, the activations cell_backward needs."""
-    _, h, c, gates, _ = layer_forward(input.unsqueeze(0), None, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                      None, False)
-    return h, c, gates[0]
+                 b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of nn.LSTMCell: ``input (B, I)``, ``h0``, ``c0 (B, H)``. Returns ``h``, ``c`` and
+    the workspace of cell_backward, ``gates (B, 4H)`` and ``cells (B, H)`` (c, in a tensor of its
+    own that stays unchanged whatever the caller does to ``c``)."""
+    _, h, c, gates, cells = layer_forward(input.unsqueeze(0), None, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                          None, False)
+    return h, c, gates[0], cells[0]
 
 
 def cell_backward(grad_h: Tensor | None, grad_c: Tensor | None, input: Tensor, h0: Tensor,
                   c0: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor,
-                  c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of input, h0, c0, w_ih, w_hh and of either bias; ``c`` is cell_forward's."""
+                  cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of input, h0, c0, w_ih, w_hh and of either bias."""
     # With one step every h_{t-1} is h0, so layer_backward uses only the shape of the output it
     # is given, which h0 has.
     dx, dh0, dc0, dw_ih, dw_hh, db, _ = layer_backward(
         None, grad_h, grad_c, input.unsqueeze(0), None, h0, c0, w_ih, w_hh, None,
-        h0.unsqueeze(0), gates.unsqueeze(0), c.unsqueeze(0), False)
+        h0.unsqueeze(0), gates.unsqueeze(0), cells.unsqueeze(0), False)
     return dx[0], dh0, dc0, dw_ih, dw_hh, db

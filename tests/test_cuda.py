@@ -357,9 +357,9 @@ def test_native_cuda_cell_ops_match_reference(dtype, bias, batch):
 
     out = torch.ops.fused_lstm.cell_forward(*args)
     check(out, reference.cell_forward(*wide))
-    h, c, gates = out
+    h, c, gates, cells = out
     for gh, gc in [(torch.randn_like(h), torch.randn_like(c)), (torch.randn_like(h), None),
                    (None, torch.randn_like(c)), (None, None)]:
-        bargs = (gh, gc, *args[:5], gates, c)
+        bargs = (gh, gc, *args[:5], gates, cells)
         check(torch.ops.fused_lstm.cell_backward(*bargs),
               reference.cell_backward(*(None if t is None else t.cpu().double() for t in bargs)))

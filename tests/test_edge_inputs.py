@@ -105,6 +105,25 @@ def test_cell_batch_size_zero(backend):
                 cell_outputs_and_grads(fused, x, None, [x]), atol=0)
 
 
+def test_cell_outputs_modified_in_place(backend):
+    """h and c changed in place after the step (zoneout, masking): nn.LSTMCell on the CPU saves
+    neither for its backward, and FusedLSTMCell keeps its own copy of c_t, so the gradients are
+    those of the modified outputs."""
+    ref = nn.LSTMCell(3, 4, dtype=F64)
+    fused = FusedLSTMCell.from_lstm_cell(ref)
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.5]], dtype=F64)
+
+    def run(cell):
+        h, c = cell(x)
+        h.mul_(mask)
+        c.mul_(mask.flip(1))
+        return [h, c, *torch.autograd.grad((h * h).sum() + c.sin().sum(),
+                                           [x, *cell.parameters()])]
+
+    assert_same(run(ref), run(fused), atol=ATOL)
+
+
 def set_nonfinite(where, value, x, hx, ref):
     if where == "input":
         x.data[2, 1, 0] = value

@@ -108,9 +108,9 @@ def cell_args(bias=True, requires_grad=False, device="cpu", batch=3, dtype=torch
 
 def cell_backward_args(args, forward_out, grad_h, grad_c):
     """cell_backward's arguments: the incoming gradients, cell_forward's inputs but the biases,
-    and the gates and c it returned."""
-    _, c, gates = forward_out
-    return (grad_h, grad_c, *args[:5], gates, c)
+    and the workspace it returned."""
+    _, _, gates, cells = forward_out
+    return (grad_h, grad_c, *args[:5], gates, cells)
 
 
 # Which incoming gradients are defined: both, or one (the other output unused).
@@ -145,7 +145,7 @@ def test_cell_ops_match_reference(bias, batch):
     args = cell_args(bias, batch=batch)
     want = reference.cell_forward(*args)
     got = torch.ops.fused_lstm.cell_forward(*args)
-    assert [t.shape for t in got] == [(batch, H), (batch, H), (batch, 4 * H)]
+    assert [t.shape for t in got] == [(batch, H), (batch, H), (batch, 4 * H), (batch, H)]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     for which in [*CELL_GRADS, "none"]:
@@ -204,13 +204,13 @@ def test_cell_forward_argument_checks(bad, match):
 
 @pytest.mark.parametrize("bad,match", [
     (lambda a: {7: a[7][:, :-1]}, r"gates must have shape \[3, 20\], got \[3, 19\]"),
-    (lambda a: {8: a[8].t()}, r"c must have shape \[3, 5\], got \[5, 3\]"),
+    (lambda a: {8: a[8].t()}, r"cells must have shape \[3, 5\], got \[5, 3\]"),
     (lambda a: {7: a[7].float()}, "gates must have the dtype of input"),
     (lambda a: {0: a[0][:2]}, r"grad_h must have shape \[3, 5\], got \[2, 5\]"),
     (lambda a: {1: a[1].float()}, "grad_c must have the dtype of input"),
     (lambda a: {2: a[2][0]}, r"input must be \(B, I\), got 1-D"),
     (lambda a: {5: a[5].float()}, "w_ih must have the dtype of input"),
-    (lambda a: {8: a[8].to("meta")}, r"c must be on the device of input \(cpu\), got meta"),
+    (lambda a: {8: a[8].to("meta")}, r"cells must be on the device of input \(cpu\), got meta"),
 ])
 def test_cell_backward_argument_checks(bad, match):
     args = cell_args()
@@ -231,7 +231,7 @@ def test_cell_op_gradcheck(bias, used):
     tensors = [t for t in args if t is not None]
 
     def f(*ts):
-        h, c, _ = torch.ops.fused_lstm.cell_forward(*ts, *([None, None] if not bias else []))
+        h, c, _, _ = torch.ops.fused_lstm.cell_forward(*ts, *([None, None] if not bias else []))
         return {"both": (h, c), "h": h, "c": c}[used]
 
     assert torch.autograd.gradcheck(f, tensors)

@@ -112,9 +112,9 @@ def test_cell_ops_match_nn_lstm_cell(ops, bias, used):
 
     with torch.no_grad():
         weights = (*params, *((None, None) if not bias else ()))
-        got_h, got_c, gates = namespace.cell_forward(x, h0, c0, *weights)
+        got_h, got_c, gates, cells = namespace.cell_forward(x, h0, c0, *weights)
         dx, dh0, dc0, dw_ih, dw_hh, db = namespace.cell_backward(
-            grad_h, grad_c, x, h0, c0, *params[:2], gates, got_c)
+            grad_h, grad_c, x, h0, c0, *params[:2], gates, cells)
     got = [got_h, got_c, dx, dh0, dc0, dw_ih, dw_hh, *((db, db) if bias else ())]
     assert_same([t.detach() for t in want], got, atol=ATOL)
 
