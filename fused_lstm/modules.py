@@ -393,7 +393,11 @@ class FusedLSTMCell(nn.Module):
         hx = (h0, c0)
         self._check(input, hx, weights)
 
-        h, c = LSTMCellFunction.apply(input, *hx, *weights)
+        # One tensor for both states (the zeros above, or the caller's) is fine eagerly, but
+        # torch.compile refuses an autograd.Function given the same tensor twice: a view is not.
+        if c0 is h0:
+            c0 = c0.view_as(c0)
+        h, c = LSTMCellFunction.apply(input, h0, c0, *weights)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

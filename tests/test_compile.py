@@ -4,6 +4,8 @@ same values and gradients as eager mode and nn.LSTM, the fused ops in the compil
 
 nn.LSTM itself cannot be compiled with fullgraph=True (Dynamo refuses RNN modules)."""
 
+import contextlib
+
 import pytest
 import torch
 from functorch.compile import make_boxed_func
@@ -93,6 +95,25 @@ def test_compiled_cell_matches_nn_lstm_cell(device, bias):
     assert CELL_FORWARD_OP in backend.forward_code[0]
     assert CELL_BACKWARD_OP in backend.backward_code[0]
     assert FORWARD_OP not in backend.forward_code[0] + backend.backward_code[0]
+
+
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("shared", ["hx=None", "one tensor twice"])
+def test_compiled_cell_with_one_tensor_for_both_states(reference, shared):
+    """Without hx FusedLSTMCell uses one zeros tensor for h_0 and c_0, as nn.LSTMCell does, and a
+    caller may pass one tensor twice: both compile, on the native ops and on the reference."""
+    ref = nn.LSTMCell(3, 4, dtype=F64)
+    fused = FusedLSTMCell.from_lstm_cell(ref)
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    state = torch.randn(2, 4, dtype=F64, requires_grad=True)
+    hx, leaves = (None, [x]) if shared == "hx=None" else ((state, state), [x, state])
+    want = cell_outputs_and_grads(ref, x, hx, leaves)
+    backend = RecordingBackend()
+    with fused_lstm.reference_only() if reference else contextlib.nullcontext():
+        got = cell_outputs_and_grads(torch.compile(fused, fullgraph=True, backend=backend), x, hx,
+                                     leaves)
+    assert_same(want, got, atol=1e-9)
+    assert (CELL_FORWARD_OP in backend.forward_code[0]) != reference
 
 
 def test_no_recompile_per_sequence_length():
