@@ -1,4 +1,5 @@
-"""Benchmark configurations of DESIGN.md §7. B=None means unbatched input."""
+"""Benchmark configurations of DESIGN.md §7. B=None means unbatched input; cell=True times
+nn.LSTMCell against FusedLSTMCell stepped over the T steps in a Python loop."""
 
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ class Config:
     H: int
     layers: int = 1
     dtypes: tuple[str, ...] = ("float32",)
+    cell: bool = False
 
 
 CPU = [
@@ -20,6 +22,9 @@ CPU = [
     Config("small-batch", 200, 8, 64, 64, 2),
     Config("medium", 100, 64, 256, 256),
     Config("wide-B1", 200, 1, 512, 512),
+    # seed 001's loop of FusedLSTMCell steps, where per-step overhead is all there is to time
+    Config("cell-B1", 200, 1, 4, 20, cell=True),
+    Config("cell-B8", 200, 8, 4, 20, cell=True),
 ]
 
 # fp16 can give cuDNN its persistent kernel, bf16 never does: DESIGN.md §7 asks for both.

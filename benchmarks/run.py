@@ -9,7 +9,8 @@ and of all gradients), then timings of a training step (forward + backward) and 
 (no_grad) for nn.LSTM (cuDNN / oneDNN), FusedLSTM and, on the small CPU configurations, the
 pure-PyTorch reference. Repetitions are interleaved so that drift in machine load hits every
 implementation alike; each figure is the median. The ratio is nn.LSTM time / FusedLSTM time:
-above 1, FusedLSTM is faster.
+above 1, FusedLSTM is faster. In the cell configurations (cell-*) "nn.LSTM" and "FusedLSTM" are
+nn.LSTMCell and FusedLSTMCell stepped over the sequence in a Python loop.
 
 Writes results.md, results.json and results.png into --out (default benchmarks/results/) and
 exits with status 1 if any configuration fails its parity check.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import configs  # noqa: E402
 
 import fused_lstm  # noqa: E402
-from fused_lstm import FusedLSTM  # noqa: E402
+from fused_lstm import FusedLSTM, FusedLSTMCell  # noqa: E402
 
 # Largest |FusedLSTM - nn.LSTM| allowed, relative to the largest |nn.LSTM| value (at least 1).
 # float32 gradients summed over thousands of steps differ in the last few bits per step.
@@ -71,10 +72,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class CellLoop(torch.nn.Module):
+    """A cell stepped over a time-major sequence in a Python loop, as a model built from
+    nn.LSTMCell runs it. Returns what nn.LSTM returns, (every h, (last h, last c)), so a cell
+    configuration is checked and timed like the others."""
+
+    def __init__(self, cell: torch.nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        hx, hs = None, []
+        for x_t in x.unbind(0):
+            hx = self.cell(x_t, hx)
+            hs.append(hx[0])
+        return torch.stack(hs), hx
+
+
 def make_case(cfg: configs.Config, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
-    ref = torch.nn.LSTM(cfg.I, cfg.H, cfg.layers, device=device, dtype=dtype)
-    fused = FusedLSTM.from_lstm(ref)
+    if cfg.cell:
+        cell = torch.nn.LSTMCell(cfg.I, cfg.H, device=device, dtype=dtype)
+        ref, fused = CellLoop(cell), CellLoop(FusedLSTMCell.from_lstm_cell(cell))
+    else:
+        ref = torch.nn.LSTM(cfg.I, cfg.H, cfg.layers, device=device, dtype=dtype)
+        fused = FusedLSTM.from_lstm(ref)
     shape = (cfg.T, cfg.I) if cfg.B is None else (cfg.T, cfg.B, cfg.I)
     return ref, fused, torch.randn(shape, device=device, dtype=dtype)
 

@@ -20,6 +20,20 @@ TORCH_LIBRARY(fused_lstm, m) {
       "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
       "Tensor output, Tensor gates, Tensor cells, bool reverse) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One step of nn.LSTMCell (no projection): input (B, I), h0 and c0 (B, H). Returns (h, c,
+  // gates, cells); gates (B, 4H), the activations i, f, g, o, and cells (B, H), c again, are the
+  // workspace cell_backward needs. c and cells are separate tensors so that the caller may
+  // modify c in place (as nn.LSTMCell allows on the CPU) without touching the saved state.
+  m.def(
+      "cell_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Handwritten backward of cell_forward; either incoming gradient may be None. Returns
+  // (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias), grad_bias as in
+  // layer_backward.
+  m.def(
+      "cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor input, Tensor h0, Tensor c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor gates, Tensor cells) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -25,12 +25,17 @@ else:
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+# The modules run all of these on a native device: the layer ops for FusedLSTM, the cell ops for
+# FusedLSTMCell.
+_OPS = ("fused_lstm::layer_forward", "fused_lstm::layer_backward", "fused_lstm::cell_forward",
+       "fused_lstm::cell_backward")
+
 # Asked once, at import: the registrations do not change afterwards, and torch.compile cannot
 # trace the dispatcher query (it returns a bool, not a tensor), only read this set.
 _COMPILED = frozenset(
     device for device, key in _DISPATCH_KEYS.items()
-    if _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_lstm::layer_forward", key))
+    if _C is not None and all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                              for op in _OPS))
 
 
 _reference_only = False

@@ -1,9 +1,9 @@
 """Double backward is refused, loudly, rather than computed wrong.
 
 The handwritten backward treats the saved gate activations as constants, so differentiating its
-result would give silently wrong second derivatives. Both places that run it (the layer's
-autograd.Function and the autograd registered for the ``layer_forward`` op) pass their gradients
-through :func:`refuse_double_backward`.
+result would give silently wrong second derivatives. Every place that runs it (the layer's and
+the cell's autograd.Functions, the autograd registered for the ``layer_forward`` and
+``cell_forward`` ops) passes its gradients through :func:`refuse_double_backward`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 
 DOUBLE_BACKWARD_ERROR = (
     "fused_lstm: double backward is not supported (differentiating gradients that were computed "
-    "with create_graph=True through FusedLSTM, FusedLSTMCell or fused_lstm::layer_forward)")
+    "with create_graph=True through FusedLSTM, FusedLSTMCell, fused_lstm::layer_forward or "
+    "fused_lstm::cell_forward)")
 
 
 class _RefuseDoubleBackward(torch.autograd.Function):

@@ -1,9 +1,10 @@
 """Python-side registrations for the native ops declared in csrc/ops.cpp.
 
 Fake (meta) implementations, so torch.compile and FakeTensor can trace the ops without running a
-kernel, and autograd for ``layer_forward`` (its backward is ``layer_backward``), so the op is
-differentiable on its own too, not only through :class:`fused_lstm.LSTMLayerFunction`;
-``layer_backward`` itself is registered as non-differentiable (no double backward)."""
+kernel, and autograd for ``layer_forward`` and ``cell_forward`` (their backwards are
+``layer_backward`` and ``cell_backward``), so the ops are differentiable on their own too, not
+only through :class:`fused_lstm.LSTMLayerFunction` and :class:`fused_lstm.LSTMCellFunction`; the
+two backward ops are registered as non-differentiable (no double backward)."""
 
 from __future__ import annotations
 
@@ -65,15 +66,49 @@ def register() -> None:
     torch.library.register_autograd("fused_lstm::layer_forward", backward,
                                     setup_context=setup_context)
 
-    # layer_backward is declared non-differentiable: its results carry no graph, and its two
-    # callers (the autograd of layer_forward above, LSTMLayerFunction) attach the double-backward
-    # error to them instead. Without an autograd kernel of its own, autograd's fallback would
-    # give its results a graph whose backward only warns and returns zeros.
+    @torch.library.register_fake("fused_lstm::cell_forward")
+    def _(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+        return (h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+                input.new_empty(input.shape[0], w_hh.shape[0]), c0.new_empty(c0.shape))
+
+    @torch.library.register_fake("fused_lstm::cell_backward")
+    def _(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, cells):
+        _check_devices(input, grad_h=grad_h, grad_c=grad_c, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
+                       gates=gates, cells=cells)
+        return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+                w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+                w_hh.new_empty(w_hh.shape[0]))
+
+    def cell_setup_context(ctx, inputs, output):
+        input, h0, c0, w_ih, w_hh, b_ih, _ = inputs
+        _, _, gates, cells = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(gates, cells)
+        ctx.has_bias = b_ih is not None
+        # In the order of cell_backward's arguments after the incoming gradients.
+        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, gates, cells)
+
+    def cell_backward(ctx, grad_h, grad_c, _grad_gates, _grad_cells):
+        saved = ctx.saved_tensors
+        dx, dh0, dc0, dw_ih, dw_hh, db = refuse_double_backward(
+            torch.ops.fused_lstm.cell_backward(grad_h, grad_c, *saved), (grad_h, grad_c, *saved))
+        bias = (db, db) if ctx.has_bias else (None, None)
+        return dx, dh0, dc0, dw_ih, dw_hh, *bias
+
+    torch.library.register_autograd("fused_lstm::cell_forward", cell_backward,
+                                    setup_context=cell_setup_context)
+
+    # The backward ops are declared non-differentiable: their results carry no graph, and their
+    # callers (the autograd of the forward ops above, LSTMLayerFunction, LSTMCellFunction) attach
+    # the double-backward error to them instead. Without an autograd kernel of its own, autograd's
+    # fallback would give their results a graph whose backward only warns and returns zeros.
     def backward_is_not_differentiable(ctx, inputs, output):
         ctx.mark_non_differentiable(*output)
 
     def never_called(ctx, *grads):  # every output is non-differentiable
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
-    torch.library.register_autograd("fused_lstm::layer_backward", never_called,
-                                    setup_context=backward_is_not_differentiable)
+    for op in ("fused_lstm::layer_backward", "fused_lstm::cell_backward"):
+        torch.library.register_autograd(op, never_called,
+                                        setup_context=backward_is_not_differentiable)

@@ -1,9 +1,10 @@
-"""The autograd boundary: one LSTM layer, both directions, with the handwritten backward.
+"""The autograd boundary: one LSTM layer, both directions, or one cell step, with the
+handwritten backward.
 
 The forward saves only the workspace the kernels write (gate activations and cell states), not
-autograd's per-op tape. Each direction runs through ``torch.ops.fused_lstm`` when this install
-has a native kernel for the tensors' device, and through :mod:`fused_lstm.reference` otherwise;
-the two have the same signatures, so the choice is one lookup.
+autograd's per-op tape. Each direction or step runs through ``torch.ops.fused_lstm`` when this
+install has a native kernel for the tensors' device, and through :mod:`fused_lstm.reference`
+otherwise; the two have the same functions with the same signatures, so the choice is one lookup.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from . import _backend, reference
 from ._double_backward import refuse_double_backward
 
 
-def _layer_ops(device: torch.device):
-    if _backend.has_native(device.type):
-        return torch.ops.fused_lstm.layer_forward, torch.ops.fused_lstm.layer_backward
-    return reference.layer_forward, reference.layer_backward
+def _ops(device: torch.device):
+    """Where the ops for tensors on ``device`` come from: ``torch.ops.fused_lstm`` or the
+    reference module, either one read as ``ops.layer_forward``, ``ops.cell_backward``..."""
+    return torch.ops.fused_lstm if _backend.has_native(device.type) else reference
 
 
 # While fused_lstm.gate_trace runs a module, every layer forward appends its per-direction
@@ -43,7 +44,7 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, batch_sizes, h0, c0, num_directions, has_bias, has_proj, *weights):
-        fwd, _ = _layer_ops(input.device)
+        fwd = _ops(input.device).layer_forward
         per_dir = len(weights) // num_directions
         outs, h_n, c_n, saved = [], [], [], []
         for d in range(num_directions):
@@ -79,7 +80,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         input, h0, c0, *rest = saved_tensors
         weights, saved = rest[:len(rest) - 3 * D], rest[len(rest) - 3 * D:]
         per_dir = len(weights) // D
-        _, bwd = _layer_ops(input.device)
+        bwd = _ops(input.device).layer_backward
         Hr = h0.shape[-1]
 
         grad_input = None
@@ -105,3 +106,28 @@ class LSTMLayerFunction(torch.autograd.Function):
                 grad_weights.append(dw_hr)
         return (grad_input, None, torch.stack(grad_h0), torch.stack(grad_c0), None, None, None,
                 *grad_weights)
+
+
+class LSTMCellFunction(torch.autograd.Function):
+    """One step of nn.LSTMCell. ``input (B, I)``, ``h0``, ``c0 (B, H)``, the weights ``w_ih``,
+    ``w_hh`` and the biases ``b_ih``, ``b_hh`` or none. Returns ``h``, ``c`` (B, H)."""
+
+    @staticmethod
+    def forward(ctx, input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
+        h, c, gates, cells = _ops(input.device).cell_forward(input, h0, c0, w_ih, w_hh, b_ih,
+                                                             b_hh)
+        ctx.set_materialize_grads(False)
+        ctx.has_bias = b_ih is not None
+        # In the order of cell_backward's arguments after the incoming gradients.
+        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, gates, cells)
+        return h, c
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c):
+        saved = ctx.saved_tensors
+        with torch.no_grad():
+            dx, dh0, dc0, dw_ih, dw_hh, db = _ops(saved[0].device).cell_backward(
+                grad_h, grad_c, *saved)
+        bias = (db, db) if ctx.has_bias else (None, None)
+        return refuse_double_backward((dx, dh0, dc0, dw_ih, dw_hh, *bias),
+                                      (grad_h, grad_c, *saved))

@@ -1,4 +1,5 @@
-"""FusedLSTM and FusedLSTMCell: the nn.LSTM / nn.LSTMCell surface over the fused layer function.
+"""FusedLSTM and FusedLSTMCell: the nn.LSTM / nn.LSTMCell surface over the fused layer and cell
+functions.
 
 Deliberately not subclasses of ``nn.RNNBase``: Dynamo refuses to trace those, and the point of
 owning the module is that it can be compiled. Parameter names, shapes, order, initialisation,
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.utils.rnn import PackedSequence
 
-from .function import LSTMLayerFunction
+from .function import LSTMCellFunction, LSTMLayerFunction
 
 
 def _apply_permutation(tensor: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
@@ -392,10 +393,11 @@ class FusedLSTMCell(nn.Module):
         hx = (h0, c0)
         self._check(input, hx, weights)
 
-        _, h, c = LSTMLayerFunction.apply(
-            input.unsqueeze(0), None, hx[0].unsqueeze(0), hx[1].unsqueeze(0), 1, self.bias,
-            False, *weights)
-        h, c = h[0], c[0]
+        # One tensor for both states (the zeros above, or the caller's) is fine eagerly, but
+        # torch.compile refuses an autograd.Function given the same tensor twice: a view is not.
+        if c0 is h0:
+            c0 = c0.view_as(c0)
+        h, c = LSTMCellFunction.apply(input, h0, c0, *weights)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

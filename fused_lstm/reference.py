@@ -1,8 +1,9 @@
-"""Pure-PyTorch LSTM layer with a handwritten backward: the oracle and the fallback.
+"""Pure-PyTorch LSTM layer and cell with a handwritten backward: the oracle and the fallback.
 
-Both functions have exactly the signature of the native ops ``fused_lstm::layer_forward`` and
-``fused_lstm::layer_backward`` (declared in ``csrc/ops.cpp``), so the autograd glue can call
-either one. One call handles one layer in one direction.
+Each function has exactly the signature of the native op of its name (``fused_lstm::layer_forward``,
+``layer_backward``, ``cell_forward``, ``cell_backward``, declared in ``csrc/ops.cpp``), so the
+autograd glue can call either one. A layer call handles one layer in one direction; the cell
+functions are one step of it (see :func:`cell_forward`).
 
 Layouts (PyTorch's): ``w_ih (4H, I)``, ``w_hh (4H, Hr)``, ``b_ih, b_hh (4H)``, ``w_hr (P, H)``,
 gate rows in the order i, f, g, o, and ``Hr = P`` with a projection, else ``H``.
@@ -160,3 +161,28 @@ def layer_backward(
     else:
         grad_w_hr = x.new_empty(0)
     return grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
+
+
+# The cell is a layer run on a sequence of one step, as in the native ops (csrc/lstm_common.h).
+
+
+def cell_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                 b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of nn.LSTMCell: ``input (B, I)``, ``h0``, ``c0 (B, H)``. Returns ``h``, ``c`` and
+    the workspace of cell_backward, ``gates (B, 4H)`` and ``cells (B, H)`` (c, in a tensor of its
+    own that stays unchanged whatever the caller does to ``c``)."""
+    _, h, c, gates, cells = layer_forward(input.unsqueeze(0), None, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                          None, False)
+    return h, c, gates[0], cells[0]
+
+
+def cell_backward(grad_h: Tensor | None, grad_c: Tensor | None, input: Tensor, h0: Tensor,
+                  c0: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor,
+                  cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of input, h0, c0, w_ih, w_hh and of either bias."""
+    # With one step every h_{t-1} is h0, so layer_backward uses only the shape of the output it
+    # is given, which h0 has.
+    dx, dh0, dc0, dw_ih, dw_hh, db, _ = layer_backward(
+        None, grad_h, grad_c, input.unsqueeze(0), None, h0, c0, w_ih, w_hh, None,
+        h0.unsqueeze(0), gates.unsqueeze(0), cells.unsqueeze(0), False)
+    return dx[0], dh0, dc0, dw_ih, dw_hh, db

@@ -20,10 +20,11 @@ def run_module():
 
 def test_run_checks_parity_and_writes_table_json_and_plot(run_module, tmp_path, capsys):
     status = run_module.main(["--device", "cpu", "--quick", "--reps", "1",
-                              "--only", "seed-chars", "small-batch", "--out", str(tmp_path)])
+                              "--only", "seed-chars", "small-batch", "cell-B8",
+                              "--out", str(tmp_path)])
     assert status == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert [r["config"] for r in report["rows"]] == ["seed-chars", "small-batch"]
+    assert [r["config"] for r in report["rows"]] == ["seed-chars", "small-batch", "cell-B8"]
     for row in report["rows"]:
         assert row["parity"]["ok"] and row["parity"]["out"] < 1e-5
         assert set(row["train"]) == set(row["infer"]) == {"nn.LSTM", "FusedLSTM", "reference"}

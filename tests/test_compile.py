@@ -4,6 +4,8 @@ same values and gradients as eager mode and nn.LSTM, the fused ops in the compil
 
 nn.LSTM itself cannot be compiled with fullgraph=True (Dynamo refuses RNN modules)."""
 
+import contextlib
+
 import pytest
 import torch
 from functorch.compile import make_boxed_func
@@ -18,6 +20,7 @@ from helpers import DEVICES, assert_same, cell_outputs_and_grads, outputs_and_gr
 
 F64 = torch.float64
 FORWARD_OP, BACKWARD_OP = "fused_lstm.layer_forward", "fused_lstm.layer_backward"
+CELL_FORWARD_OP, CELL_BACKWARD_OP = "fused_lstm.cell_forward", "fused_lstm.cell_backward"
 
 
 class RecordingBackend:
@@ -80,15 +83,37 @@ def test_compiled_lstm_matches_eager_and_nn_lstm(device, form):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_cell_matches_nn_lstm_cell(device):
-    ref = nn.LSTMCell(3, 4, dtype=F64, device=device)
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_cell_matches_nn_lstm_cell(device, bias):
+    ref = nn.LSTMCell(3, 4, bias=bias, dtype=F64, device=device)
     backend = RecordingBackend()
     compiled = torch.compile(FusedLSTMCell.from_lstm_cell(ref), fullgraph=True, backend=backend)
     like = dict(dtype=F64, device=device, requires_grad=True)
     x, hx = torch.randn(2, 3, **like), (torch.randn(2, 4, **like), torch.randn(2, 4, **like))
     assert_same(cell_outputs_and_grads(ref, x, hx, [x, *hx]),
                 cell_outputs_and_grads(compiled, x, hx, [x, *hx]), atol=1e-9)
-    assert FORWARD_OP in backend.forward_code[0] and BACKWARD_OP in backend.backward_code[0]
+    assert CELL_FORWARD_OP in backend.forward_code[0]
+    assert CELL_BACKWARD_OP in backend.backward_code[0]
+    assert FORWARD_OP not in backend.forward_code[0] + backend.backward_code[0]
+
+
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("shared", ["hx=None", "one tensor twice"])
+def test_compiled_cell_with_one_tensor_for_both_states(reference, shared):
+    """Without hx FusedLSTMCell uses one zeros tensor for h_0 and c_0, as nn.LSTMCell does, and a
+    caller may pass one tensor twice: both compile, on the native ops and on the reference."""
+    ref = nn.LSTMCell(3, 4, dtype=F64)
+    fused = FusedLSTMCell.from_lstm_cell(ref)
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    state = torch.randn(2, 4, dtype=F64, requires_grad=True)
+    hx, leaves = (None, [x]) if shared == "hx=None" else ((state, state), [x, state])
+    want = cell_outputs_and_grads(ref, x, hx, leaves)
+    backend = RecordingBackend()
+    with fused_lstm.reference_only() if reference else contextlib.nullcontext():
+        got = cell_outputs_and_grads(torch.compile(fused, fullgraph=True, backend=backend), x, hx,
+                                     leaves)
+    assert_same(want, got, atol=1e-9)
+    assert (CELL_FORWARD_OP in backend.forward_code[0]) != reference
 
 
 def test_no_recompile_per_sequence_length():

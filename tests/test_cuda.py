@@ -41,7 +41,8 @@ def _no_tf32():
 @pytest.mark.skipif(os.environ.get("FUSED_LSTM_EXPECT_CUDA") != "1",
                     reason="set FUSED_LSTM_EXPECT_CUDA=1 where the build must include CUDA kernels")
 def test_cuda_kernels_registered():
-    for op in ("fused_lstm::layer_forward", "fused_lstm::layer_backward"):
+    for op in ("fused_lstm::layer_forward", "fused_lstm::layer_backward",
+               "fused_lstm::cell_forward", "fused_lstm::cell_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
 
 
@@ -280,3 +281,85 @@ def test_native_cuda_op_runs_and_matches_reference():
             for a, b in zip(got_b, want_b, strict=True):
                 assert a.dtype == b.dtype and a.shape == b.shape
                 torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+# ---- the cell ------------------------------------------------------------------------------
+
+
+CELL_GRID = list(itertools.product([True, False], [True, False], [True, False]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias,batched,with_hx", CELL_GRID)
+def test_cell_matches_nn_lstm_cell(dtype, bias, batched, with_hx):
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(I, H, bias=bias).to("cuda", dtype)
+    fused = FusedLSTMCell.from_lstm_cell(cell)
+    lead = (B,) if batched else ()
+    like = dict(device="cuda", dtype=dtype, requires_grad=True)
+    x = torch.randn(*lead, I, **like)
+    hx = (torch.randn(*lead, H, **like), torch.randn(*lead, H, **like)) if with_hx else None
+    wrt = [x, *(hx or ())]
+    names = ["h", "c", "grad_input", *(["grad_h0", "grad_c0"] if with_hx else []),
+             *(f"grad_{n}" for n, _ in cell.named_parameters())]
+
+    def run(module):
+        h, c = module(x, hx)
+        g = torch.Generator().manual_seed(2)
+        loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64)
+                    .to("cuda")).sum() for t in (h, c))
+        return [h.detach(), c.detach(),
+                *torch.autograd.grad(loss, [*wrt, *module.parameters()])]
+
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-9, rtol=1e-7)
+    _compare(run(fused), run(cell), names, **tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bias,batched", [(True, True), (False, False)])
+def test_cell_gradcheck_float64(bias, batched):
+    torch.manual_seed(0)
+    fused = FusedLSTMCell(3, 4, bias=bias, device="cuda", dtype=torch.float64)
+    names = [n for n, _ in fused.named_parameters()]
+    lead = (2,) if batched else ()
+    like = dict(device="cuda", dtype=torch.float64, requires_grad=True)
+    x, h0, c0 = torch.randn(*lead, 3, **like), torch.randn(*lead, 4, **like), torch.randn(
+        *lead, 4, **like)
+    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
+
+    def f(x, h0, c0, *params):
+        return functional_call(fused, dict(zip(names, params)), (x, (h0, c0)))
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [B, 0])
+def test_native_cuda_cell_ops_match_reference(dtype, bias, batch):
+    """The cell ops on the GPU against the reference on the CPU in float64, from the same
+    (rounded) inputs; every incoming-gradient case of the backward."""
+    torch.manual_seed(0)
+    cpu = [torch.randn(batch, I), torch.randn(batch, H), torch.randn(batch, H),
+           torch.randn(4 * H, I), torch.randn(4 * H, H),
+           *((torch.randn(4 * H), torch.randn(4 * H)) if bias else (None, None))]
+    args = [None if t is None else t.to("cuda", dtype) for t in cpu]
+    wide = [None if t is None else t.cpu().double() for t in args]
+    tol = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+    tol = tol.get(dtype, dict(atol=2e-2, rtol=2e-2))
+
+    def check(got, want):
+        for a, b in zip(got, want, strict=True):
+            assert a.device.type == "cuda" and a.dtype == dtype and a.shape == b.shape
+            torch.testing.assert_close(a.cpu().double(), b, **tol)
+
+    out = torch.ops.fused_lstm.cell_forward(*args)
+    check(out, reference.cell_forward(*wide))
+    h, c, gates, cells = out
+    for gh, gc in [(torch.randn_like(h), torch.randn_like(c)), (torch.randn_like(h), None),
+                   (None, torch.randn_like(c)), (None, None)]:
+        bargs = (gh, gc, *args[:5], gates, cells)
+        check(torch.ops.fused_lstm.cell_backward(*bargs),
+              reference.cell_backward(*(None if t is None else t.cpu().double() for t in bargs)))

@@ -45,6 +45,17 @@ def test_non_contiguous_and_expanded_inputs_and_states(backend, layout):
                 atol=ATOL)
 
 
+def test_cell_non_contiguous_and_expanded_inputs_and_states(backend):
+    ref = nn.LSTMCell(3, 4, dtype=F64)
+    fused = FusedLSTMCell.from_lstm_cell(ref)
+    x = leaf(torch.randn(3, 6, dtype=F64)[:, ::2])
+    hx = (leaf(torch.randn(1, 4, dtype=F64).expand(3, 4)), leaf(torch.randn(4, 3, dtype=F64).t()))
+    assert not x.is_contiguous() and not any(h.is_contiguous() for h in hx)
+    leaves = [x, *hx]
+    assert_same(cell_outputs_and_grads(ref, x, hx, leaves),
+                cell_outputs_and_grads(fused, x, hx, leaves), atol=ATOL)
+
+
 def odd_layout(w):
     """w's values, with matrices stored column-major and vectors as a stride-0 expand of
     their first value."""
@@ -92,6 +103,25 @@ def test_cell_batch_size_zero(backend):
     x = torch.randn(0, 3, dtype=F64, requires_grad=True)
     assert_same(cell_outputs_and_grads(ref, x, None, [x]),
                 cell_outputs_and_grads(fused, x, None, [x]), atol=0)
+
+
+def test_cell_outputs_modified_in_place(backend):
+    """h and c changed in place after the step (zoneout, masking): nn.LSTMCell on the CPU saves
+    neither for its backward, and FusedLSTMCell keeps its own copy of c_t, so the gradients are
+    those of the modified outputs."""
+    ref = nn.LSTMCell(3, 4, dtype=F64)
+    fused = FusedLSTMCell.from_lstm_cell(ref)
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.5]], dtype=F64)
+
+    def run(cell):
+        h, c = cell(x)
+        h.mul_(mask)
+        c.mul_(mask.flip(1))
+        return [h, c, *torch.autograd.grad((h * h).sum() + c.sin().sum(),
+                                           [x, *cell.parameters()])]
+
+    assert_same(run(ref), run(fused), atol=ATOL)
 
 
 def set_nonfinite(where, value, x, hx, ref):

@@ -1,5 +1,5 @@
-"""torch.autograd.gradcheck (float64) of the layer Function on every flag, on each backend; double
-backward is refused."""
+"""torch.autograd.gradcheck (float64) of the layer and cell Functions on every flag, on each
+backend; double backward is refused."""
 
 import itertools
 import re
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
-from fused_lstm import FusedLSTM, FusedLSTMCell, LSTMLayerFunction, native_backends
+from fused_lstm import (FusedLSTM, FusedLSTMCell, LSTMCellFunction, LSTMLayerFunction,
+                        native_backends)
 from fused_lstm._double_backward import DOUBLE_BACKWARD_ERROR
 
 I, H, P = 3, 4, 2
@@ -58,17 +59,37 @@ def test_gradcheck_single_output_used(backend, which):
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
 
-def test_cell_gradcheck(backend):
-    cell = FusedLSTMCell(I, H, dtype=torch.float64)
-    x = torch.randn(2, I, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(2, H, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(2, H, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("bias,batched", list(itertools.product([True, False], [True, False])))
+def test_cell_gradcheck(backend, bias, batched):
+    cell = FusedLSTMCell(I, H, bias=bias, dtype=torch.float64)
+    lead = (2,) if batched else ()
+    x = torch.randn(*lead, I, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(*lead, H, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(*lead, H, dtype=torch.float64, requires_grad=True)
     params = dict(cell.named_parameters())
 
     def f(x, h, c, *p):
         return torch.func.functional_call(cell, dict(zip(params, p)), (x, (h, c)))
 
     assert torch.autograd.gradcheck(f, (x, h, c, *params.values()))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("which", [None, 0, 1])
+def test_cell_function_gradcheck(backend, bias, which):
+    """The cell Function on the backend's cell ops (native or reference), with both outputs used
+    or only h (which=0) or c (which=1)."""
+    dt = {"dtype": torch.float64, "requires_grad": True}
+    tensors = [torch.randn(3, I, **dt), torch.randn(3, H, **dt), torch.randn(3, H, **dt),
+               torch.randn(4 * H, I, **dt) * 0.5, torch.randn(4 * H, H, **dt) * 0.5]
+    if bias:
+        tensors += [torch.randn(4 * H, **dt), torch.randn(4 * H, **dt)]
+
+    def f(*ts):
+        out = LSTMCellFunction.apply(*ts)
+        return out if which is None else out[which]
+
+    assert torch.autograd.gradcheck(f, tensors)
 
 
 def assert_double_backward_refused(params, f):
@@ -104,3 +125,12 @@ def test_double_backward_is_refused_op():
     zeros = torch.zeros(2, H, dtype=torch.float64)
     assert_double_backward_refused(w, lambda x: torch.ops.fused_lstm.layer_forward(
         x, None, zeros, zeros, *w, None, None, None, False)[0])
+
+
+@pytest.mark.skipif("cpu" not in native_backends(), reason="fused_lstm._C not built")
+def test_double_backward_is_refused_cell_op():
+    """Through the autograd registered for cell_forward itself (not LSTMCellFunction)."""
+    w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
+    zeros = torch.zeros(2, H, dtype=torch.float64)
+    assert_double_backward_refused(w, lambda x: torch.ops.fused_lstm.cell_forward(
+        x[0], zeros, zeros, *w, None, None)[1])

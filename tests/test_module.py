@@ -3,9 +3,11 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_lstm
 from fused_lstm import FusedLSTM, FusedLSTMCell, reference
+from helpers import DEVICES
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_layers=3, bidirectional=True, proj_size=4),
@@ -63,20 +65,61 @@ def test_native_op_runs_not_the_fallback(monkeypatch):
     out.sum().backward()
 
 
-def test_reference_only_switch(monkeypatch):
+class RecordOps(TorchDispatchMode):
+    """The names of the ops that reach the kernels (below autograd), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias,batched", [(True, True), (False, False)])
+def test_cell_runs_the_cell_ops(monkeypatch, device, bias, batched):
+    """FusedLSTMCell's forward and backward are the native cell ops: not the layer ops with one
+    step, not the reference."""
+    if device not in fused_lstm.native_backends():
+        pytest.skip("extension not built")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the native op")
+
+    monkeypatch.setattr(reference, "cell_forward", fail)
+    monkeypatch.setattr(reference, "cell_backward", fail)
+    cell = FusedLSTMCell(3, 4, bias=bias, device=device)
+    x = torch.randn(*((2,) if batched else ()), 3, device=device, requires_grad=True)
+    with RecordOps() as forward:
+        h, c = cell(x)
+    with RecordOps() as backward:
+        (h.sum() + c.sum()).backward()
+    assert forward.names.count("fused_lstm::cell_forward") == 1
+    assert backward.names.count("fused_lstm::cell_backward") == 1
+    assert not any(n.startswith("fused_lstm::layer") for n in forward.names + backward.names)
+
+
+@pytest.mark.parametrize("module,name", [(lambda: FusedLSTM(3, 4), "layer_forward"),
+                                         (lambda: FusedLSTMCell(3, 4), "cell_forward")])
+def test_reference_only_switch(monkeypatch, module, name):
     calls = []
-    real = reference.layer_forward
-    monkeypatch.setattr(reference, "layer_forward", lambda *a: calls.append(1) or real(*a))
+    real = getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a: calls.append(1) or real(*a))
     with fused_lstm.reference_only():
-        FusedLSTM(3, 4)(torch.randn(5, 2, 3))
+        module()(torch.randn(2, 3) if name == "cell_forward" else torch.randn(5, 2, 3))
     assert calls
 
 
 def test_native_backends_reports_cpu_when_built():
+    """The CPU counts as native when every op the modules run has a CPU kernel."""
     assert fused_lstm.native_backends() <= {"cpu", "cuda"}
-    has_cpu_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_lstm::layer_forward", "CPU") if hasattr(torch.ops, "fused_lstm") else False
-    assert ("cpu" in fused_lstm.native_backends()) == bool(has_cpu_kernel)
+    ops = [f"fused_lstm::{kind}_{way}" for kind in ("layer", "cell")
+           for way in ("forward", "backward")]
+    has_cpu_kernels = hasattr(torch.ops, "fused_lstm") and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in ops)
+    assert ("cpu" in fused_lstm.native_backends()) == has_cpu_kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

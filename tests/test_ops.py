@@ -94,3 +94,144 @@ def test_op_gradcheck(proj, bias, packed, reverse):
         return torch.ops.fused_lstm.layer_forward(*full)[:3]
 
     assert torch.autograd.gradcheck(f, tensors)
+
+
+# ---- the cell ops: one step, input (B, I), no projection -------------------------------------
+
+
+def cell_args(bias=True, requires_grad=False, device="cpu", batch=3, dtype=torch.float64):
+    dt = {"dtype": dtype, "requires_grad": requires_grad, "device": device}
+    return (torch.randn(batch, I, **dt), torch.randn(batch, H, **dt), torch.randn(batch, H, **dt),
+            torch.randn(4 * H, I, **dt), torch.randn(4 * H, H, **dt),
+            torch.randn(4 * H, **dt) if bias else None, torch.randn(4 * H, **dt) if bias else None)
+
+
+def cell_backward_args(args, forward_out, grad_h, grad_c):
+    """cell_backward's arguments: the incoming gradients, cell_forward's inputs but the biases,
+    and the workspace it returned."""
+    _, _, gates, cells = forward_out
+    return (grad_h, grad_c, *args[:5], gates, cells)
+
+
+# Which incoming gradients are defined: both, or one (the other output unused).
+CELL_GRADS = ["both", "h", "c"]
+
+
+def incoming(which, h, c):
+    return (torch.randn_like(h) if which != "c" else None,
+            torch.randn_like(c) if which != "h" else None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [3, 0])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_cell_opcheck(bias, batch, requires_grad, device):
+    args = cell_args(bias, requires_grad, device, batch)
+    torch.library.opcheck(torch.ops.fused_lstm.cell_forward, args)
+    with torch.no_grad():
+        out = torch.ops.fused_lstm.cell_forward(*args)
+    # With requires_grad, this checks cell_backward's registration as non-differentiable.
+    for which in CELL_GRADS:
+        grads = [g if g is None else g.requires_grad_(requires_grad)
+                 for g in incoming(which, *out[:2])]
+        torch.library.opcheck(torch.ops.fused_lstm.cell_backward,
+                              cell_backward_args(args, out, *grads))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [3, 1, 0])
+def test_cell_ops_match_reference(bias, batch):
+    args = cell_args(bias, batch=batch)
+    want = reference.cell_forward(*args)
+    got = torch.ops.fused_lstm.cell_forward(*args)
+    assert [t.shape for t in got] == [(batch, H), (batch, H), (batch, 4 * H), (batch, H)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    for which in [*CELL_GRADS, "none"]:
+        grads = (None, None) if which == "none" else incoming(which, *want[:2])
+        bargs = cell_backward_args(args, want, *grads)
+        for a, b in zip(torch.ops.fused_lstm.cell_backward(*bargs), reference.cell_backward(*bargs),
+                        strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=which)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cell_ops_in_lower_precision(dtype):
+    """Results in the inputs' dtype, close to float64 on the same (rounded) inputs."""
+    args = cell_args(dtype=dtype)
+    wide = [None if t is None else t.double() for t in args]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    out = torch.ops.fused_lstm.cell_forward(*args)
+    want = reference.cell_forward(*wide)
+    for a, b in zip(out, want, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **tol)
+    grads = incoming("both", *out[:2])
+    got_b = torch.ops.fused_lstm.cell_backward(*cell_backward_args(args, out, *grads))
+    want_b = reference.cell_backward(*cell_backward_args(
+        wide, [t.double() for t in out], *(g.double() for g in grads)))
+    for a, b in zip(got_b, want_b, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+def _forward_with(args, bad):
+    args = list(args)
+    for k, v in bad(args).items():
+        args[k] = v
+    return torch.ops.fused_lstm.cell_forward(*args)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: {0: a[0].unsqueeze(0)}, r"input must be \(B, I\), got 3-D"),
+    (lambda a: {0: a[0].long()}, "input must be a floating-point tensor"),
+    (lambda a: {1: a[1][:2]}, r"h0 must be \(B, H\) with B = input.size\(0\) = 3, got \[2, 5\]"),
+    (lambda a: {2: a[2][0]}, r"c0 must be \(B, H\) with B = input.size\(0\) = 3, got \[5\]"),
+    (lambda a: {2: torch.randn(3, H + 1, dtype=torch.float64)}, r"c0 must have shape \[3, 5\]"),
+    (lambda a: {3: torch.randn(4 * H, I + 1, dtype=torch.float64)}, "w_ih must have shape"),
+    (lambda a: {4: torch.randn(4 * H + 1, H, dtype=torch.float64)},
+     r"w_hh must be \(4\*hidden_size, Hr\)"),
+    (lambda a: {1: a[1].float()}, "h0 must have the dtype of input"),
+    (lambda a: {6: None}, "b_ih and b_hh must be given together"),
+    (lambda a: {5: a[5][:-1]}, r"b_ih must have shape \[20\]"),
+    (lambda a: {2: a[2].to("meta")}, r"c0 must be on the device of input \(cpu\), got meta"),
+])
+def test_cell_forward_argument_checks(bad, match):
+    with pytest.raises(RuntimeError, match=match):
+        _forward_with(cell_args(), bad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: {7: a[7][:, :-1]}, r"gates must have shape \[3, 20\], got \[3, 19\]"),
+    (lambda a: {8: a[8].t()}, r"cells must have shape \[3, 5\], got \[5, 3\]"),
+    (lambda a: {7: a[7].float()}, "gates must have the dtype of input"),
+    (lambda a: {0: a[0][:2]}, r"grad_h must have shape \[3, 5\], got \[2, 5\]"),
+    (lambda a: {1: a[1].float()}, "grad_c must have the dtype of input"),
+    (lambda a: {2: a[2][0]}, r"input must be \(B, I\), got 1-D"),
+    (lambda a: {5: a[5].float()}, "w_ih must have the dtype of input"),
+    (lambda a: {8: a[8].to("meta")}, r"cells must be on the device of input \(cpu\), got meta"),
+])
+def test_cell_backward_argument_checks(bad, match):
+    args = cell_args()
+    out = torch.ops.fused_lstm.cell_forward(*args)
+    bargs = list(cell_backward_args(args, out, *incoming("both", *out[:2])))
+    for k, v in bad(bargs).items():
+        bargs[k] = v
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fused_lstm.cell_backward(*bargs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("used", CELL_GRADS)
+def test_cell_op_gradcheck(bias, used):
+    """cell_forward is differentiable on its own through its registered autograd; with one
+    output unused, its incoming gradient is undefined."""
+    args = cell_args(bias, requires_grad=True)
+    tensors = [t for t in args if t is not None]
+
+    def f(*ts):
+        h, c, _, _ = torch.ops.fused_lstm.cell_forward(*ts, *([None, None] if not bias else []))
+        return {"both": (h, c), "h": h, "c": c}[used]
+
+    assert torch.autograd.gradcheck(f, tensors)

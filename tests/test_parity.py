@@ -1,5 +1,6 @@
 """FusedLSTM against nn.LSTM with copied weights, float64, tight tolerance: values and gradients,
-on every flag combination, on the native CPU kernel and on the reference."""
+on every flag combination, on the native CPU kernel and on the reference. The same for
+FusedLSTMCell and for the cell ops themselves against nn.LSTMCell."""
 
 import itertools
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from fused_lstm import FusedLSTM, FusedLSTMCell
+from fused_lstm import FusedLSTM, FusedLSTMCell, native_backends, reference
 from helpers import assert_same, cell_outputs_and_grads, outputs_and_grads
 
 T, B, I, H, P = 5, 3, 4, 6, 3
@@ -87,6 +88,35 @@ def test_cell(backend, bias, batched, with_hx):
 
     assert_same(cell_outputs_and_grads(ref, x, hx, leaves),
                 cell_outputs_and_grads(fused, x, hx, leaves), atol=ATOL)
+
+
+CELL_OPS = ["reference", pytest.param("native", marks=pytest.mark.skipif(
+    "cpu" not in native_backends(), reason="fused_lstm._C not built"))]
+
+
+@pytest.mark.parametrize("ops", CELL_OPS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("used", ["both", "h", "c"])
+def test_cell_ops_match_nn_lstm_cell(ops, bias, used):
+    """cell_forward's h and c, and cell_backward's gradients of input, h0, c0 and every weight
+    for given incoming gradients (None for an unused output), against nn.LSTMCell's autograd."""
+    namespace = reference if ops == "reference" else torch.ops.fused_lstm
+    ref = nn.LSTMCell(I, H, bias=bias, dtype=torch.float64)
+    x, h0, c0 = (torch.randn(B, n, dtype=torch.float64, requires_grad=True) for n in (I, H, H))
+    params = list(ref.parameters())
+    h, c = ref(x, (h0, c0))
+    grad_h = torch.randn_like(h) if used != "c" else None
+    grad_c = torch.randn_like(c) if used != "h" else None
+    outs, grads = zip(*[(t, g) for t, g in ((h, grad_h), (c, grad_c)) if g is not None])
+    want = [h, c, *torch.autograd.grad(outs, [x, h0, c0, *params], grads)]
+
+    with torch.no_grad():
+        weights = (*params, *((None, None) if not bias else ()))
+        got_h, got_c, gates, cells = namespace.cell_forward(x, h0, c0, *weights)
+        dx, dh0, dc0, dw_ih, dw_hh, db = namespace.cell_backward(
+            grad_h, grad_c, x, h0, c0, *params[:2], gates, cells)
+    got = [got_h, got_c, dx, dh0, dc0, dw_ih, dw_hh, *((db, db) if bias else ())]
+    assert_same([t.detach() for t in want], got, atol=ATOL)
 
 
 def test_only_c_n_used(backend):

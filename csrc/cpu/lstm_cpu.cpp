@@ -567,6 +567,8 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("layer_forward", &layer_forward_cpu);
   m.impl("layer_backward", &layer_backward_cpu);
+  m.impl("cell_forward", &cell_forward<&layer_forward_cpu>);
+  m.impl("cell_backward", &cell_backward<&layer_backward_cpu>);
 }
 
 }  // namespace fused_lstm

@@ -460,6 +460,8 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
   m.impl("layer_forward", &layer_forward_cuda);
   m.impl("layer_backward", &layer_backward_cuda);
+  m.impl("cell_forward", &cell_forward<&layer_forward_cuda>);
+  m.impl("cell_backward", &cell_backward<&layer_backward_cuda>);
 }
 
 }  // namespace fused_lstm
