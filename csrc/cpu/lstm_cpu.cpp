@@ -104,88 +104,56 @@ inline __attribute__((always_inline)) void store_block(typename VecOf<T, Bytes>:
   for (int64_t i = 0; i < n; ++i) o[i] = accumulate ? o[i] + lanes[i] : lanes[i];
 }
 
-// R rows x NV registers of columns of out (+)= a . M at once: every load of M feeds R rows, so
-// a batch step is bound by the FMA units, not by reading M once per row; the R x NV
-// accumulators are independent chains, enough to hide the FMA latency without splitting K.
-template <typename T, int64_t R, int64_t NV, int64_t Bytes>
+// R rows x NV registers of columns of out (+)= a . M at once, K split over S interleaved sums.
+// Every load of M feeds R rows, so a batch step is bound by the FMA units, not by reading M once
+// per row; R x NV independent accumulator chains hide the FMA latency there (S = 1). A row alone
+// (R = 1: the seeds' unbatched steps, one long chain of these) has no other rows to hide it
+// behind, and splits K instead: S x NV chains of K / S.
+template <typename T, int64_t R, int64_t NV, int64_t S, int64_t Bytes>
 inline __attribute__((always_inline)) void vec_mat_tile(const T* __restrict a,
                                                         const T* __restrict M, int64_t K,
                                                         int64_t ldm, int64_t N, int64_t n0,
                                                         T* __restrict o, bool accumulate) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int64_t L = Bytes / sizeof(T);
-  V acc[R][NV];
+  V acc[S * R][NV];
   FL_UNROLL
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t i = 0; i < S * R; ++i) {
     FL_UNROLL
-    for (int64_t j = 0; j < NV; ++j) acc[r][j] = V{};
+    for (int64_t j = 0; j < NV; ++j) acc[i][j] = V{};  // `= {}` may become a memset in memory
   }
-  const T* row = M + n0;
-  for (int64_t k = 0; k < K; ++k, row += ldm) {
+  // acc[s * R + r] sums rows k = s (mod S) of M for row r of a; the last K % S rows go to s = 0.
+  const auto fma_rows = [&](int64_t k, int64_t s) __attribute__((always_inline)) {
     V w[NV];
     FL_UNROLL
-    for (int64_t j = 0; j < NV; ++j) std::memcpy(&w[j], row + j * L, Bytes);
+    for (int64_t j = 0; j < NV; ++j) std::memcpy(&w[j], M + k * ldm + n0 + j * L, Bytes);
     FL_UNROLL
     for (int64_t r = 0; r < R; ++r) {
       const T ar = a[r * K + k];
       FL_UNROLL
-      for (int64_t j = 0; j < NV; ++j) acc[r][j] += ar * w[j];
+      for (int64_t j = 0; j < NV; ++j) acc[s * R + r][j] += ar * w[j];
     }
+  };
+  int64_t k = 0;
+  for (; k + S <= K; k += S) {
+    FL_UNROLL
+    for (int64_t s = 0; s < S; ++s) fma_rows(k + s, s);
   }
+  for (; k < K; ++k) fma_rows(k, 0);
   FL_UNROLL
   for (int64_t r = 0; r < R; ++r) {
+    FL_UNROLL
+    for (int64_t s = 1; s < S; ++s) {
+      FL_UNROLL
+      for (int64_t j = 0; j < NV; ++j) acc[r][j] += acc[s * R + r][j];
+    }
     store_block<T, NV, Bytes>(acc[r], o + r * N + n0, N - n0, accumulate);
   }
 }
 
-// NV registers of columns of one row's out (+)= a . M, with K split over S interleaved sums: a
-// row alone has no other rows to hide the FMA latency behind (the seeds' unbatched steps are
-// one long chain of these), so the S x NV accumulators make S x NV independent chains of K / S.
-template <typename T, int64_t NV, int64_t S, int64_t Bytes>
-inline __attribute__((always_inline)) void vec_row(const T* __restrict a, const T* __restrict M,
-                                                   int64_t K, int64_t ldm, int64_t N, int64_t n0,
-                                                   T* __restrict o, bool accumulate) {
-  using V = typename VecOf<T, Bytes>::type;
-  constexpr int64_t L = Bytes / sizeof(T);
-  V acc[S][NV];
-  FL_UNROLL
-  for (int64_t r = 0; r < S; ++r) {
-    FL_UNROLL
-    for (int64_t j = 0; j < NV; ++j) acc[r][j] = V{};
-  }
-  const T* row = M + n0;
-  int64_t k = 0;
-  for (; k + S <= K; k += S, row += S * ldm) {
-    FL_UNROLL
-    for (int64_t s = 0; s < S; ++s) {
-      const T as = a[k + s];
-      FL_UNROLL
-      for (int64_t j = 0; j < NV; ++j) {
-        V w;
-        std::memcpy(&w, row + s * ldm + j * L, Bytes);
-        acc[s][j] += as * w;
-      }
-    }
-  }
-  for (; k < K; ++k, row += ldm) {
-    FL_UNROLL
-    for (int64_t j = 0; j < NV; ++j) {
-      V w;
-      std::memcpy(&w, row + j * L, Bytes);
-      acc[0][j] += a[k] * w;
-    }
-  }
-  FL_UNROLL
-  for (int64_t s = 1; s < S; ++s) {
-    FL_UNROLL
-    for (int64_t j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
-  }
-  store_block<T, NV, Bytes>(acc[0], o + n0, N - n0, accumulate);
-}
-
 // Columns [c0, c1) of out[0:N] (+)= a[0:K] . M for rows b0..b1 of a (ld K) and out (ld N) with
 // Bytes-wide registers: four rows at a time while there are four (vec_mat_tile), the rest one
-// at a time (vec_row, or vec_mat_sweep against a large M).
+// at a time (vec_mat_tile with K split, or vec_mat_sweep against a large M).
 template <typename T, int64_t Bytes, int64_t NV>
 inline __attribute__((always_inline)) void vec_mat_cols(const T* __restrict a,
                                                         const T* __restrict M, int64_t K,
@@ -199,9 +167,9 @@ inline __attribute__((always_inline)) void vec_mat_cols(const T* __restrict a,
     T* o = out + b * N;
     int64_t n0 = c0;
     for (; n0 + Wide <= c1; n0 += Wide) {
-      vec_mat_tile<T, R, NV, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
+      vec_mat_tile<T, R, NV, 1, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
     }
-    for (; n0 < c1; n0 += L) vec_mat_tile<T, R, 1, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
+    for (; n0 < c1; n0 += L) vec_mat_tile<T, R, 1, 1, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
   }
   // A single row against a large M (a batch of one at wide sizes) is bound by reading M: sweep
   // M's rows from start to end, which the prefetchers follow, instead of a block of columns at
@@ -219,9 +187,9 @@ inline __attribute__((always_inline)) void vec_mat_cols(const T* __restrict a,
     constexpr int64_t RowNV = 4, RowS = Bytes == 64 ? 4 : 2;
     int64_t n0 = c0;
     for (; n0 + RowNV * L <= c1; n0 += RowNV * L) {
-      vec_row<T, RowNV, RowS, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
+      vec_mat_tile<T, 1, RowNV, RowS, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
     }
-    for (; n0 < c1; n0 += L) vec_row<T, 1, 4, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
+    for (; n0 < c1; n0 += L) vec_mat_tile<T, 1, 1, 4, Bytes>(ar, M, K, ldm, N, n0, o, accumulate);
   }
 }
 
