@@ -242,22 +242,21 @@ struct StepProduct {
   StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf)
       : W(w), K(w.size(1)), N(w.size(0)), ldt((w.size(0) + kPad - 1) / kPad * kPad),
         a(&a_buf), out(&out_buf), pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
-    // A raw loop, not zeros + copy_: two ATen calls cost more than a small layer's whole step.
     Wt = at::empty({K, ldt}, w.options());
     T* pt = Wt.data_ptr<T>();
+    pwt = pt;
+    if (K * ldt > (int64_t{1} << 16)) {  // ATen's blocked transposing copy
+      Wt.narrow(1, N, ldt - N).zero_();
+      Wt.narrow(1, 0, N).copy_(w.t());
+      return;
+    }
+    // A small W in a raw loop: the two ATen calls cost more than a small layer's whole step.
     const T* pw = w.const_data_ptr<T>();
     const int64_t sn = w.stride(0), sk = w.stride(1);
     std::fill(pt, pt + K * ldt, T(0));
-    if (sk == 1) {  // read along W's rows
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t k = 0; k < K; ++k) pt[k * ldt + n] = pw[n * sn + k];
-      }
-    } else {
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t n = 0; n < N; ++n) pt[k * ldt + n] = pw[n * sn + k * sk];
-      }
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n = 0; n < N; ++n) pt[k * ldt + n] = pw[n * sn + k * sk];
     }
-    pwt = pt;
   }
 
   // Columns [c0, c1) (c1 <= ldt) of the product, on the calling thread.
