@@ -47,3 +47,15 @@ def test_parity_check_catches_a_wrong_answer(run_module):
 def test_unknown_configuration_is_an_error(run_module):
     with pytest.raises(SystemExit):
         run_module.main(["--device", "cpu", "--only", "fastrnns"])
+
+
+def test_ops_timing_prints_each_configuration(capsys):
+    spec = importlib.util.spec_from_file_location("benchmarks_ops", ROOT / "benchmarks" / "ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--only", "seed-chars", "small-batch", "--reps", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["seed-chars", "small-batch"]
+    assert all("forward" in line and "backward" in line and "one step" in line for line in lines)
+    with pytest.raises(SystemExit):
+        module.main(["--only", "cell-B1"])
