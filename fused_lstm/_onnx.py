@@ -40,7 +40,7 @@ _ONNX_GATE_ORDER = [0, 3, 1, 2]
 # cannot even read batch_sizes[0]. FusedLSTM.forward raises this before it tries.
 PACKED_SEQUENCE_ERROR = (
     "fused_lstm: torch.onnx.export of FusedLSTM with a PackedSequence input is not supported; "
-    "export the padded tensor instead (the outputs at padded steps are then not zero)")
+    "export the model with a padded tensor input instead")
 
 
 def lstm(input: Tensor, hx: Tensor, cx: Tensor, params: list[Tensor], has_biases: bool,
@@ -96,7 +96,8 @@ def _lstm_node(x: Tensor, h0: Tensor, c0: Tensor, weights: list[tuple]) -> tuple
     per direction ``(w_ih, w_hh, b_ih, b_hh)`` in PyTorch's layout (biases None or both set).
     Returns ``output (T, B, D*H)``, ``h_n``, ``c_n (D, B, H)``, as ``aten::lstm`` does."""
     has_biases = weights[0][2] is not None
-    # Eagerly too (the symbolic node computes nothing outside an export).
+    # Eagerly too, where the symbolic node would compute nothing: the tests check this
+    # module's arithmetic that way, in float64.
     if torch.jit.is_tracing() or not torch.onnx.is_in_onnx_export():
         flat = [w for direction in weights for w in direction if w is not None]
         return tuple(torch._VF.lstm(x, (h0, c0), flat, has_biases, 1, 0.0, False,
