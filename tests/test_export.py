@@ -6,7 +6,6 @@ The ONNX graphs must hold ONNX's own LSTM operator, one node a layer, also with 
 nn.LSTM cannot export, and with the default exporter, where nn.LSTM's graph fixes the sequence
 length."""
 
-import numpy as np
 import onnx
 import onnxruntime
 import pytest
@@ -140,6 +139,17 @@ def test_onnx_word_model_takes_and_returns_the_state(exporter, tmp_path):
 
     check_onnx(model, inputs(5, 2), inputs(9, 4), [{0: "T", 1: "B"}, ({1: "B"}, {1: "B"})],
                exporter, tmp_path, lstm_nodes=2)
+
+
+def test_onnx_export_needs_no_arguments(tmp_path):
+    """The issue's call, as pytorch/examples' word language model makes it: the default
+    exporter, nothing but the model, its arguments and the path."""
+    model = WordModel().eval()
+    args = torch.randint(0, 11, (5, 2)), state(model.lstm, 2)
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(model, args, path)
+    with torch.no_grad():
+        assert_same(tree_leaves(model(*args)), run_onnx(path, args), atol=1e-5)
 
 
 class CellLoop(nn.Module):
