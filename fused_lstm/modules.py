@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _onnx
 from .function import LSTMCellFunction, LSTMLayerFunction
 
 
@@ -200,12 +201,13 @@ class FusedLSTM(nn.Module):
                 f"Expected {self.input_size}, got {input.size(-1)}")
         for k, (state, expected) in enumerate(zip(hx, self._expected_sizes(mini_batch))):
             if state.dim() != len(expected) or any(
-                    guard_or_false(have != want) for have, want in zip(state.shape, expected)):
+                    _known_unequal(have, want) for have, want in zip(state.shape, expected)):
                 raise RuntimeError(f"Expected hidden[{k}] size {expected}, got {list(state.size())}")
             # For a PackedSequence under torch.compile, mini_batch is batch_sizes[0], a value the
             # compiler cannot read: the comparison above is undecided there (guard_or_false says
             # False) and this makes it a check at run time rather than a graph break.
-            torch._check(state.size(1) == mini_batch)
+            if not torch.jit.is_tracing():  # traced sizes are tensors, compared above
+                torch._check(state.size(1) == mini_batch)
         _check_attributes(input, hx, self._flat_weights)
 
     # -- forward ------------------------------------------------------------------------------
@@ -214,6 +216,8 @@ class FusedLSTM(nn.Module):
         num_directions = 2 if self.bidirectional else 1
         is_packed = isinstance(input, PackedSequence)
         if is_packed:
+            if torch.onnx.is_in_onnx_export():
+                raise RuntimeError(_onnx.PACKED_SEQUENCE_ERROR)
             data, batch_sizes, sorted_indices, unsorted_indices = input
             mini_batch = int(batch_sizes[0])
             is_batched = True
@@ -264,6 +268,10 @@ class FusedLSTM(nn.Module):
 
     def _run_layers(self, x: Tensor, batch_sizes: Tensor | None, hx: tuple[Tensor, Tensor],
                     num_directions: int) -> tuple[Tensor, Tensor, Tensor]:
+        if torch.onnx.is_in_onnx_export():  # no exporter can convert the fused ops
+            return _onnx.lstm(x, hx[0], hx[1], self._flat_weights, self.bias,
+                              self.proj_size > 0, self.num_layers, self.dropout, self.training,
+                              self.bidirectional)
         h_n, c_n = [], []
         dtype = _autocast_dtype(x, via_cudnn=True)
         x, *hx = _cast(dtype, x, *hx)
@@ -281,6 +289,14 @@ class FusedLSTM(nn.Module):
         if self.num_layers == 1:
             return x, h_n[0], c_n[0]
         return x, torch.cat(h_n), torch.cat(c_n)
+
+
+def _known_unequal(have, want) -> bool:
+    """``have != want`` where that is known: a SymInt comparison torch.compile cannot decide is
+    False; under torch.jit.trace (the TorchScript ONNX exporter) sizes are 0-dim tensors, compared
+    by their traced values."""
+    differs = have != want
+    return bool(differs) if isinstance(differs, Tensor) else guard_or_false(differs)
 
 
 def _type_name(t: Tensor) -> str:
@@ -397,7 +413,8 @@ class FusedLSTMCell(nn.Module):
         # torch.compile refuses an autograd.Function given the same tensor twice: a view is not.
         if c0 is h0:
             c0 = c0.view_as(c0)
-        h, c = LSTMCellFunction.apply(input, h0, c0, *weights)
+        step = _onnx.lstm_cell if torch.onnx.is_in_onnx_export() else LSTMCellFunction.apply
+        h, c = step(input, h0, c0, *weights)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
