@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.utils.deterministic as _fill
 
 from . import _backend  # noqa: F401  (loads fused_lstm._C, which declares the ops)
 from ._redirect import redirect
@@ -63,9 +64,16 @@ def emulated_cuda(order: str = "forward", seed: int = 0) -> Iterator[EmulatorRun
     emu.set_order(order, seed)
     run = EmulatorRun()
     table = {f"fused_lstm::{name}": getattr(emu, name) for name in _OPS}
+    # Fresh tensors (torch.empty, the kernels' output buffers) start NaN, as shared memory does,
+    # so an element a kernel fails to write shows up instead of reading as stale memory.
+    saved = torch.are_deterministic_algorithms_enabled(), _fill.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    _fill.fill_uninitialized_memory = True
     try:
         with redirect(table, _on_cpu):
             yield run
     finally:
         run._end = emu.counters()
         emu.set_order("forward", 0)
+        torch.use_deterministic_algorithms(saved[0])
+        _fill.fill_uninitialized_memory = saved[1]
