@@ -12,7 +12,10 @@
 #include <sstream>
 #include <vector>
 
-#if !defined(__x86_64__)
+// FL_EMU_UCONTEXT forces the portable switch on x86-64 too (to test and time it).
+#if defined(__x86_64__) && !defined(FL_EMU_UCONTEXT)
+#define FL_EMU_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -34,7 +37,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 struct Thread;
 extern "C" void fl_emu_fiber_main(Thread* t);
 
-#if defined(__x86_64__)
+#if defined(FL_EMU_ASM_SWITCH)
 extern "C" void fl_emu_switch(void** save_sp, void* to_sp);
 extern "C" void fl_emu_trampoline();
 // Saves rbp, rbx, r12-r15, MXCSR and the x87 control word on the current stack, stores rsp in
@@ -361,7 +364,7 @@ void run_block(const uint3& block_idx, const dim3& grid, const dim3& block) {
     shuffle_order(ids);
     for (unsigned i : ids) {
       Thread& t = e.threads[i];
-#if !defined(__x86_64__)
+#if !defined(FL_EMU_ASM_SWITCH)
       g_starting = &t;
 #endif
       resume(t);
