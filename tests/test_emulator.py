@@ -4,6 +4,10 @@ message."""
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+
 import pytest
 import torch
 
@@ -140,3 +144,16 @@ def test_emulated_cuda_rejects_an_unknown_order():
     with pytest.raises(ValueError, match="order must be one of"):
         with emulated_cuda(order="sideways"):
             pass
+
+
+@pytest.mark.parametrize("flags", [[], ["-DFL_EMU_UCONTEXT"]], ids=["asm-switch", "ucontext"])
+def test_both_context_switches_run_a_kernel(tmp_path, flags):
+    """benchmarks/emulator_switch.cpp checks its kernel's results; the ucontext switch (the one
+    used off x86-64) is otherwise never run here."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    exe = tmp_path / "switch"
+    cxx = os.environ.get("CXX", "c++")
+    subprocess.run([cxx, "-O1", "-std=c++20", *flags, f"-I{root / 'csrc'}",
+                    str(root / "benchmarks" / "emulator_switch.cpp"),
+                    str(root / "csrc" / "emulator" / "emulator.cpp"), "-o", str(exe)], check=True)
+    subprocess.run([str(exe)], check=True)
