@@ -230,16 +230,10 @@ TILES = [
 ]
 
 
-def _tile_case(dev, hidden, proj, batch, lengths, order):
+def _tile_inputs(dev, hidden, proj, batch, lengths):
     lstm = _make_lstm(dev, 1, True, False, True, proj, dtype=torch.float64, hidden=hidden)
-    steps = max(lengths) if lengths else 2
-    x, hx = _make_inputs(lstm, torch.float64, steps=steps, batch=batch)
-    if order is None:
-        return lstm, _run(lstm, x, hx, lengths)
-    with emulated_cuda(order=order, seed=3) as run:
-        got = _run(FusedLSTM.from_lstm(lstm), x, hx, lengths)
-    assert run.launches > 0
-    return lstm, got
+    x, hx = _make_inputs(lstm, torch.float64, steps=max(lengths) if lengths else 2, batch=batch)
+    return lstm, x, hx
 
 
 @pytest.mark.parametrize("hidden,proj,batch,lengths", TILES)
@@ -247,20 +241,24 @@ def test_tile_crossing_sizes_match_nn_lstm_in_two_orders(hidden, proj, batch, le
     """Emulated, against nn.LSTM on the CPU; then the same case with the blocks and the threads
     between barriers run in another order must give bitwise the same result (a race on shared
     or global memory would change it)."""
-    lstm, want = _tile_case("cpu", hidden, proj, batch, lengths, None)
-    _, forward = _tile_case("cpu", hidden, proj, batch, lengths, "forward")
-    _compare(forward, want, _names(lstm, True), atol=1e-9, rtol=1e-7)
-    _, other = _tile_case("cpu", hidden, proj, batch, lengths, "shuffle")
-    for name, a, b in zip(_names(lstm, True), forward, other, strict=True):
+    lstm, x, hx = _tile_inputs("cpu", hidden, proj, batch, lengths)
+    fused = FusedLSTM.from_lstm(lstm)
+    want = _run(lstm, x, hx, lengths)
+    runs = []
+    for order in ("forward", "shuffle"):
+        with emulated_cuda(order=order, seed=3) as run:
+            runs.append(_run(fused, x, hx, lengths))
+        assert run.launches > 0
+    names = _names(lstm, True)
+    _compare(runs[0], want, names, atol=1e-9, rtol=1e-7)
+    for name, a, b in zip(names, *runs, strict=True):
         assert torch.equal(a, b), f"{name} differs between thread orders"
 
 
 @needs_cuda
 @pytest.mark.parametrize("hidden,proj,batch,lengths", TILES)
 def test_tile_crossing_sizes_on_gpu(hidden, proj, batch, lengths):
-    lstm, want = _tile_case("cuda", hidden, proj, batch, lengths, None)
-    lstm = lstm.double()
-    x, hx = _make_inputs(lstm, torch.float64, steps=max(lengths) if lengths else 2, batch=batch)
+    lstm, x, hx = _tile_inputs("cuda", hidden, proj, batch, lengths)
     with torch.backends.cudnn.flags(enabled=False):
         want = _run(lstm, x, hx, lengths)
     got = _run(FusedLSTM.from_lstm(lstm), x, hx, lengths)
