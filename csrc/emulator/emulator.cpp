@@ -179,6 +179,12 @@ std::string where(Loc at) {
   return f + ":" + std::to_string(at.line);
 }
 
+std::string hex(unsigned v) {
+  std::ostringstream s;
+  s << "0x" << std::hex << v;
+  return s.str();
+}
+
 std::string str(const uint3& v) {
   return "(" + std::to_string(v.x) + ", " + std::to_string(v.y) + ", " + std::to_string(v.z) + ")";
 }
@@ -286,10 +292,9 @@ bool resolve_warps(std::vector<Thread>& ts) {
       for (unsigned l = 0; l < 32 && ready; ++l) {
         if (!(t.mask >> l & 1u)) continue;
         if (l >= count || ts[first + l].state == State::kExited) {
-          fail("block " + str(t.coords.block_idx) + ": the mask 0x" +
-               [&] { std::ostringstream s; s << std::hex << t.mask; return s.str(); }() +
-               " of " + lane_desc(t) + " names lane " + std::to_string(l) +
-               ", which has exited");
+          fail("block " + str(t.coords.block_idx) + ": the mask " + hex(t.mask) + " of " +
+               lane_desc(t) + " names lane " + std::to_string(l) +
+               (l >= count ? ", which the block does not have" : ", which has exited"));
         }
         const Thread& o = ts[first + l];
         ready = o.state == State::kWarp && o.mask == t.mask && o.is_shuffle == t.is_shuffle &&
@@ -493,11 +498,9 @@ void syncthreads(Loc at) {
 namespace {
 void warp_op(Thread& t, Loc at, unsigned mask, const char* what) {
   if (!(mask >> lane_of(t) & 1u)) {
-    std::ostringstream s;
-    s << "block " << str(t.coords.block_idx) << ": warp " << warp_of(t) << " lane "
-      << lane_of(t) << " calls " << what << " " << where(at) << " outside its mask 0x"
-      << std::hex << mask;
-    fail(s.str());
+    fail("block " + str(t.coords.block_idx) + ": warp " + std::to_string(warp_of(t)) + " lane " +
+         std::to_string(lane_of(t)) + " calls " + what + " " + where(at) + " outside its mask " +
+         hex(mask));
   }
   t.state = State::kWarp;
   t.at = at;
