@@ -159,7 +159,7 @@ struct Emulator {
   Context scheduler;
   Thread* running = nullptr;
   const std::function<void()>* body = nullptr;
-  const char* kernel = "";
+  std::string kernel;
   Loc launched_at{nullptr, 0};
   size_t dynamic_smem = 0;
   uint64_t block_serial = 0;
@@ -191,7 +191,7 @@ std::string str(const uint3& v) {
 
 [[noreturn]] void fail(const std::string& what) {
   Emulator& e = emu();
-  throw Error("CUDA emulator: kernel " + std::string(e.kernel) + " (launched at " +
+  throw Error("CUDA emulator: kernel " + e.kernel + " (launched at " +
               where(e.launched_at) + "): " + what);
 }
 
@@ -470,6 +470,10 @@ void launch(const char* kernel, Loc at, dim3 grid, dim3 block, size_t dynamic_sm
   Emulator& e = emu();
   std::lock_guard<std::mutex> lock(e.mutex);
   e.kernel = kernel;
+  // FL_LAUNCH's name of a template kernel comes in the parentheses that protect its commas.
+  if (e.kernel.size() > 1 && e.kernel.front() == '(' && e.kernel.back() == ')') {
+    e.kernel = e.kernel.substr(1, e.kernel.size() - 2);
+  }
   e.launched_at = at;
   e.body = &body;
   e.dynamic_smem = dynamic_smem;
