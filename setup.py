@@ -1,7 +1,11 @@
 """Builds fused_lstm._C: the C++ (CPU) kernels always, the CUDA kernels when torch has CUDA and
 a CUDA toolkit is found, or when FORCE_CUDA=1 (e.g. CI without a GPU). USE_CUDA=0 opts out.
 TORCH_CUDA_ARCH_LIST picks the GPU architectures; without it and without a visible GPU we build
-for sm_80 and sm_90 (A100, H100)."""
+for sm_80 and sm_90 (A100, H100).
+
+Also builds fused_lstm._emulated_cuda, always: the CUDA kernels compiled by the host compiler
+against csrc/emulator, which runs them on the CPU (fused_lstm.testing.emulated_cuda()). It needs
+no CUDA toolkit."""
 
 import glob
 import os
@@ -68,8 +72,18 @@ def _extension():
                                              "nvcc": nvcc + extra})
 
 
+def _emulated_extension():
+    sources = ["csrc/emulator/lstm_cuda_emulated.cpp", "csrc/emulator/emulator.cpp",
+               "csrc/emulator/selftest_kernels.cpp"]
+    # -O1: the emulated kernels are for checking, and -O3 of the whole kernel set takes twice
+    # as long to compile for little gain in the tests' run time.
+    return CppExtension("fused_lstm._emulated_cuda", sources,
+                        extra_compile_args={"cxx": ["-O1", "-DFUSED_LSTM_EMULATED",
+                                                   "-Wno-unknown-pragmas"]})
+
+
 setup(
     packages=find_packages(include=["fused_lstm", "fused_lstm.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[_extension(), _emulated_extension()],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -17,9 +17,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +24,7 @@
 
 #include "../lstm_common.h"
 #include "../lstm_gates.h"
+#include "gpu_runtime.h"
 #include "lstm_cuda_thread.h"
 
 namespace fused_lstm {
@@ -80,7 +78,7 @@ struct ForwardStep {
 // lane accumulates every kWarpSize-th column. Lane r then applies the gate math for row y*BT+r.
 template <typename T, typename acc_t, int BT>
 __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T, acc_t> p) {
-  __shared__ acc_t sx[BT * kChunk];
+  FL_SHARED_ARRAY(acc_t, sx, BT * kChunk);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * BT;
@@ -142,7 +140,7 @@ struct BackwardStep {
 // The call after the loop (bs = 0, next = the first visited step) produces the rest of grad_h0.
 template <typename T, typename acc_t, int BT, bool kFuseUnit>
 __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T, acc_t> p) {
-  __shared__ acc_t sx[BT * kChunk];
+  FL_SHARED_ARRAY(acc_t, sx, BT * kChunk);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t u = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * BT;
@@ -237,11 +235,10 @@ void check_batch_fits_grid(int64_t B) {
               ", got ", B);
 }
 
-// A host index table on the device; pinned so the copy is asynchronous on the current stream
-// (the caching host allocator keeps the buffer alive until the copy has run).
+// A host index table on the device.
 at::Tensor index_to_device(const std::vector<int64_t>& v, const at::Device& device) {
   at::Tensor host = at::empty({static_cast<int64_t>(v.size())},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+                              gpu::host_staging().dtype(at::kLong));
   std::copy(v.begin(), v.end(), host.data_ptr<int64_t>());
   return host.to(device, at::kLong, /*non_blocking=*/true);
 }
@@ -254,13 +251,12 @@ at::Tensor gather_rows(const at::Tensor& a, const at::Tensor& b, const std::vect
   if (n == 0 || width == 0) return out;
   const at::Tensor idx = index_to_device(src, a.device());
   const unsigned grid = std::min<unsigned>(blocks_for(n * width, kThreads), 4096u);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "fused_lstm_gather",
                                   [&] {
-    gather_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-        n, width, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FL_LAUNCH(gather_rows_kernel<scalar_t>, grid, kThreads, 0, stream,
+              a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+              idx.const_data_ptr<int64_t>(), n, width, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -283,9 +279,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const std::optional<at::Tensor>& w_hr, bool reverse) {
   const BelowAutograd below_autograd;
   const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  TORCH_CHECK(input.is_cuda(), "fused_lstm: input must be a CUDA tensor, got ", input.device());
+  gpu::check_device(input);
   check_batch_fits_grid(d.B);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const gpu::DeviceGuard guard(input.device());
   const NoAutocast no_autocast;
   const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
   const auto opts = input.options();
@@ -305,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   c_run.copy_(c0);
   at::Tensor m = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor();
   const at::Tensor whr_t = d.proj ? w_hr->t() : at::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fused_lstm_layer_forward_cuda", [&] {
@@ -330,8 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
         p.prev_size = s > 0 ? L.size[s - 1] : 0;
         if (p.bs == 0) continue;  // batch size 0: a launch with an empty grid is an error
         const dim3 grid(blocks_for(d.H, kWarps), blocks_for(p.bs, BT));
-        forward_step_kernel<scalar_t, acc_t, BT><<<grid, kThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        FL_LAUNCH((forward_step_kernel<scalar_t, acc_t, BT>), grid, kThreads, 0, stream, p);
         if (d.proj) {
           // Extra launch per step: y = m W_hr^T needs all of m (see the top of the file).
           at::Tensor y = output.narrow(0, p.start, p.bs);
@@ -361,9 +356,9 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
   const LayerDims d =
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
-  TORCH_CHECK(input.is_cuda(), "fused_lstm: input must be a CUDA tensor, got ", input.device());
+  gpu::check_device(input);
   check_batch_fits_grid(d.B);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const gpu::DeviceGuard guard(input.device());
   const NoAutocast no_autocast;
   const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
   const int64_t S = static_cast<int64_t>(L.start.size());
@@ -385,7 +380,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
   at::Tensor m_all = d.proj ? at::empty({L.rows, d.H}, opts) : at::Tensor();
   at::Tensor dm = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor();
   const at::Tensor whr = d.proj ? w_hr->contiguous() : at::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const gpu::Stream stream = gpu::current_stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fused_lstm_layer_backward_cuda", [&] {
@@ -412,11 +407,12 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
         const dim3 grid(blocks_for(d.Hr, kWarps),
                         blocks_for(std::max(p.bs, p.next_size), BT));
         if (d.proj) {
-          backward_step_kernel<scalar_t, acc_t, BT, false><<<grid, kThreads, 0, stream>>>(p);
+          FL_LAUNCH((backward_step_kernel<scalar_t, acc_t, BT, false>), grid, kThreads, 0, stream,
+                    p);
         } else {
-          backward_step_kernel<scalar_t, acc_t, BT, true><<<grid, kThreads, 0, stream>>>(p);
+          FL_LAUNCH((backward_step_kernel<scalar_t, acc_t, BT, true>), grid, kThreads, 0, stream,
+                    p);
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       for (int64_t s = S - 1; s >= 0; --s) {
         p.start = L.start[s];
@@ -431,9 +427,8 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
           if (p.bs == 0) continue;
           at::Tensor dm_rows = dm.narrow(0, 0, p.bs);
           at::mm_out(dm_rows, dh_all.narrow(0, p.start, p.bs), whr);
-          backward_unit_kernel<scalar_t, acc_t>
-              <<<blocks_for(p.bs * d.H, kThreads), kThreads, 0, stream>>>(p);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          FL_LAUNCH((backward_unit_kernel<scalar_t, acc_t>), blocks_for(p.bs * d.H, kThreads),
+                    kThreads, 0, stream, p);
         }
       }
       if (S > 0) {
@@ -457,11 +452,15 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
 
 }  // namespace
 
+// The emulated build (csrc/emulator/lstm_cuda_emulated.cpp) includes this file and exports the
+// same functions to Python instead.
+#if !defined(FUSED_LSTM_EMULATED)
 TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
   m.impl("layer_forward", &layer_forward_cuda);
   m.impl("layer_backward", &layer_backward_cuda);
   m.impl("cell_forward", &cell_forward<&layer_forward_cuda>);
   m.impl("cell_backward", &cell_backward<&layer_backward_cuda>);
 }
+#endif
 
 }  // namespace fused_lstm

@@ -1,9 +1,7 @@
 // The per-thread work of the CUDA kernels in lstm_cuda.cu, as __host__ __device__ functions of
 // raw pointers: index arithmetic, a lane's slice of the recurrent dot products, and the per-unit
-// epilogues that wrap the gate math of lstm_gates.h. Kept out of the .cu file so that a host
-// C++ test can call them for every (block, lane) of a small launch and compare with the
-// reference; only the launch configuration, shared-memory staging and warp shuffles stay
-// device-only.
+// epilogues that wrap the gate math of lstm_gates.h. The kernels themselves, shared-memory
+// staging and warp shuffles included, run on the host under the CUDA emulator (csrc/emulator).
 //
 // Buffers (one layer, one direction; rows = T*B padded or sum(batch_sizes) packed; G = 4H):
 //   w_hh   (G, Hr)    PyTorch layout, gate rows i, f, g, o

@@ -1,0 +1,34 @@
+// The emulated CUDA backend: csrc/cuda/lstm_cuda.cu itself, compiled by the host compiler
+// against the emulator (setup.py defines FUSED_LSTM_EMULATED, so gpu_runtime.h picks the
+// emulated runtime), exported to Python as fused_lstm._emulated_cuda.
+// fused_lstm.testing.emulated_cuda() routes the ops to it.
+
+#include <torch/extension.h>
+
+#include "../cuda/lstm_cuda.cu"
+#include "selftest_kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_lstm's CUDA kernels run on CPU tensors by a CUDA emulator (for tests)";
+  // The ops' own signatures (csrc/ops.cpp), called with the dispatcher's positional arguments.
+  m.def("layer_forward", &fused_lstm::layer_forward_cuda);
+  m.def("layer_backward", &fused_lstm::layer_backward_cuda);
+  m.def("cell_forward", &fused_lstm::cell_forward<&fused_lstm::layer_forward_cuda>);
+  m.def("cell_backward", &fused_lstm::cell_backward<&fused_lstm::layer_backward_cuda>);
+  m.def("set_order", [](const std::string& order, uint64_t seed) {
+    static const std::pair<const char*, cuda_emu::Order> kOrders[] = {
+        {"forward", cuda_emu::Order::kForward},
+        {"reverse", cuda_emu::Order::kReverse},
+        {"shuffle", cuda_emu::Order::kShuffle}};
+    for (const auto& [name, o] : kOrders) {
+      if (order == name) return cuda_emu::set_order(o, seed);
+    }
+    TORCH_CHECK(false, "order must be 'forward', 'reverse' or 'shuffle', got '", order, "'");
+  }, "Order of a launch's blocks and of a block's runnable threads between two sync points.");
+  m.def("counters", [] {
+    const cuda_emu::Counters c = cuda_emu::counters();
+    return std::make_pair(c.launches, c.threads);
+  }, "(launches, threads) since the process started.");
+  fused_lstm::emulator_selftest::define(m.def_submodule(
+      "selftest", "Small kernels, correct and with planted bugs, for the emulator's own tests"));
+}
