@@ -1,5 +1,9 @@
 """The nn.LSTM surface beyond forward: parameters, state dicts, construction, native dispatch."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -131,3 +135,13 @@ def test_reduced_precision_cpu(dtype):
     assert out.dtype == h.dtype == c.dtype == dtype
     exact, _ = FusedLSTM.from_lstm(ref).double()(x.double())
     torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
+
+
+def test_import_without_the_extension_says_how_to_build():
+    """The extension declares the ops; without it, import fails with a message, not later."""
+    code = ("import sys; sys.modules['fused_lstm._C'] = None\n"
+            "try:\n    import fused_lstm\nexcept ImportError as e:\n    print(e)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=root).stdout
+    assert "fused_lstm._C is missing" in out and "pip install --no-build-isolation -e ." in out
