@@ -52,16 +52,25 @@ using CellBackwardSig = Tensors6(const optional<Tensor>&, const optional<Tensor>
                                  const Tensor&, const Tensor&);
 
 template <class Sig>
-const c10::TypedOperatorHandle<Sig>& op(const char* name) {
-  // One handle per signature: each op below has a signature of its own.
-  static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
-  return handle;
+c10::TypedOperatorHandle<Sig> find(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
-const auto& layer_forward_op() { return op<LayerForwardSig>("fused_lstm::layer_forward"); }
-const auto& layer_backward_op() { return op<LayerBackwardSig>("fused_lstm::layer_backward"); }
-const auto& cell_forward_op() { return op<CellForwardSig>("fused_lstm::cell_forward"); }
-const auto& cell_backward_op() { return op<CellBackwardSig>("fused_lstm::cell_backward"); }
+
+// The kernel ops, looked up once (they are registered when the library loads).
+struct KernelOps {
+  c10::TypedOperatorHandle<LayerForwardSig> layer_forward;
+  c10::TypedOperatorHandle<LayerBackwardSig> layer_backward;
+  c10::TypedOperatorHandle<CellForwardSig> cell_forward;
+  c10::TypedOperatorHandle<CellBackwardSig> cell_backward;
+};
+
+const KernelOps& ops() {
+  static const KernelOps o{find<LayerForwardSig>("fused_lstm::layer_forward"),
+                           find<LayerBackwardSig>("fused_lstm::layer_backward"),
+                           find<CellForwardSig>("fused_lstm::cell_forward"),
+                           find<CellBackwardSig>("fused_lstm::cell_backward")};
+  return o;
+}
 
 optional<Tensor> opt(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
@@ -118,7 +127,7 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
                                const optional<Tensor>& w_hr, bool reverse) {
     const Below below;
     auto [y, h, c, gates, cells] =
-        layer_forward_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+        ops().layer_forward.call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
     // The workspace is saved state for the backward, not a differentiable result; an unused
     // output's gradient reaches the backward undefined rather than as zeros.
     ctx->mark_non_differentiable({gates, cells});
@@ -139,7 +148,7 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
     variable_list g;
     {
       const Below below;
-      auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = layer_backward_op().call(
+      auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = ops().layer_backward.call(
           opt(grad[0]), opt(grad[1]), opt(grad[2]), input, batch_sizes, h0, c0, w_ih, w_hh,
           opt(w_hr), y, gates, cells, ctx->saved_data["reverse"].toBool());
       g = {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
@@ -158,7 +167,7 @@ Tensors5 layer_forward_autograd(const Tensor& input, const optional<Tensor>& bat
                                 bool reverse) {
   if (!torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)) {
     const Below below;
-    return layer_forward_op().call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+    return ops().layer_forward.call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                    reverse);
   }
   auto out = LayerForward::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
@@ -172,7 +181,7 @@ struct CellForward : public torch::autograd::Function<CellForward> {
                                const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
                                const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
     const Below below;
-    auto [h, c, gates, cells] = cell_forward_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh);
+    auto [h, c, gates, cells] = ops().cell_forward.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh);
     ctx->mark_non_differentiable({gates, cells});
     ctx->set_materialize_grads(false);
     ctx->saved_data["has_bias"] = b_ih.has_value();
@@ -186,7 +195,7 @@ struct CellForward : public torch::autograd::Function<CellForward> {
     variable_list g;
     {
       const Below below;
-      auto [dx, dh0, dc0, dw_ih, dw_hh, db] = cell_backward_op().call(
+      auto [dx, dh0, dc0, dw_ih, dw_hh, db] = ops().cell_backward.call(
           opt(grad[0]), opt(grad[1]), s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
       g = {dx, dh0, dc0, dw_ih, dw_hh, db};
     }
@@ -201,7 +210,7 @@ Tensors4 cell_forward_autograd(const Tensor& input, const Tensor& h0, const Tens
                                const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
   if (!torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh)) {
     const Below below;
-    return cell_forward_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh);
+    return ops().cell_forward.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh);
   }
   auto out = CellForward::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh);
   return {out[0], out[1], out[2], out[3]};
@@ -221,7 +230,7 @@ Tensors7 layer_backward_autograd(const optional<Tensor>& grad_output,
                                  const optional<Tensor>& w_hr, const Tensor& output,
                                  const Tensor& gates, const Tensor& cells, bool reverse) {
   const Below below;
-  return layer_backward_op().call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
+  return ops().layer_backward.call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
                                   w_ih, w_hh, w_hr, output, gates, cells, reverse);
 }
 
@@ -230,7 +239,7 @@ Tensors6 cell_backward_autograd(const optional<Tensor>& grad_h, const optional<T
                                 const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
                                 const Tensor& cells) {
   const Below below;
-  return cell_backward_op().call(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, cells);
+  return ops().cell_backward.call(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, cells);
 }
 
 // ---- lstm: every layer and direction -----------------------------------------------------------
@@ -315,7 +324,7 @@ LstmRun run_lstm(const LstmConfig& cfg, const Tensor& input, const optional<Tens
     for (int64_t d = 0; d < cfg.dirs(); ++d) {
       const int64_t k = layer * cfg.dirs() + d;
       const DirWeights w = dir_weights(cfg, params, k);
-      auto [y, h, c, gates, cells] = layer_forward_op().call(
+      auto [y, h, c, gates, cells] = ops().layer_forward.call(
           x, batch_sizes, hx.select(0, k), cx.select(0, k), w.w_ih, w.w_hh, w.b_ih, w.b_hh,
           w.w_hr, d == 1);
       outs.push_back(y);
@@ -421,7 +430,7 @@ struct Lstm : public torch::autograd::Function<Lstm> {
           const DirWeights w = dir_weights(cfg, params, k);
           optional<Tensor> dy;
           if (dx.defined()) dy = D == 1 ? dx : dx.narrow(-1, d * Hr, Hr);
-          auto [gx, gh0, gc0, gw_ih, gw_hh, gb, gw_hr] = layer_backward_op().call(
+          auto [gx, gh0, gc0, gw_ih, gw_hh, gb, gw_hr] = ops().layer_backward.call(
               dy, grad_h_n.defined() ? opt(grad_h_n.select(0, k)) : std::nullopt,
               grad_c_n.defined() ? opt(grad_c_n.select(0, k)) : std::nullopt, x, batch_sizes,
               hx.select(0, k), cx.select(0, k), w.w_ih, w.w_hh, w.w_hr, ys[k], gates[k],
