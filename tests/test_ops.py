@@ -248,8 +248,8 @@ LSTM_FLAGS = [(L, bi, proj, bias, packed) for L in (1, 2) for bi in (False, True
 
 def lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.0, train=False,
               requires_grad=False, device="cpu", batch=3):
-    """The lstm op's arguments and the nn.LSTM that has the same parameters."""
-    ref = nn.LSTM(I, H, num_layers, bias, dropout=dropout, bidirectional=bidirectional,
+    """The lstm op's arguments, with nn.LSTM's parameters (shapes, order, initialisation)."""
+    ref = nn.LSTM(I, H, num_layers, bias, bidirectional=bidirectional,
                   proj_size=P if proj else 0, dtype=torch.float64, device=device)
     params = [p.detach().clone().requires_grad_(requires_grad) for p in ref._flat_weights]
     dt = {"dtype": torch.float64, "requires_grad": requires_grad, "device": device}
@@ -262,7 +262,7 @@ def lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.0, train=
     hx = torch.randn(num_layers * D, batch, P if proj else H, **dt)
     cx = torch.randn(num_layers * D, batch, H, **dt)
     return (x, batch_sizes, hx, cx, params, bias, proj, num_layers, dropout, train,
-            bidirectional), ref
+            bidirectional)
 
 
 def vf_lstm(args):
@@ -280,7 +280,7 @@ def test_lstm_opcheck(num_layers, bidirectional, proj, bias, packed, requires_gr
     # opcheck compares several runs of the op, so its dropout must not draw: p = 1 (every unit
     # dropped) exercises the masks without randomness, eval mode skips them.
     for dropout, train in ((0.0, True), (1.0, True), (0.5, False)):
-        args, _ = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, train,
+        args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, train,
                             requires_grad, device)
         torch.library.opcheck(torch.ops.fused_lstm.lstm, args)
 
@@ -289,7 +289,7 @@ def test_lstm_opcheck(num_layers, bidirectional, proj, bias, packed, requires_gr
 @pytest.mark.parametrize("batch", [3, 1])
 def test_lstm_op_matches_aten_lstm(num_layers, bidirectional, proj, bias, packed, batch):
     """Outputs and the gradients of every input against aten::lstm, with one output unused too."""
-    args, _ = lstm_args(num_layers, bidirectional, proj, bias, packed, requires_grad=True,
+    args = lstm_args(num_layers, bidirectional, proj, bias, packed, requires_grad=True,
                         batch=batch)
     x, _, hx, cx, params = args[:5]
     leaves = [x, hx, cx, *params]
@@ -311,7 +311,7 @@ def test_lstm_op_matches_aten_lstm(num_layers, bidirectional, proj, bias, packed
 def test_lstm_op_dropout_matches_aten_lstm(bidirectional, packed):
     """With the same seed, the same masks as aten::lstm on the CPU (torch's generator, drawn
     once per layer but the last, on both directions' output), so the same values and grads."""
-    args, _ = lstm_args(3, bidirectional, False, True, packed, dropout=0.4, train=True,
+    args = lstm_args(3, bidirectional, False, True, packed, dropout=0.4, train=True,
                         requires_grad=True)
     leaves = [args[0], args[2], args[3], *args[4]]
     results = []
@@ -324,17 +324,16 @@ def test_lstm_op_dropout_matches_aten_lstm(bidirectional, packed):
     assert not torch.equal(results[0][0], torch.ops.fused_lstm.lstm(*args)[0])  # it does draw
 
 
-def test_lstm_op_without_grad_saves_nothing_and_matches():
+def test_lstm_op_without_grad_keeps_no_graph_and_matches():
     """Nothing requiring grad: no graph, the same values as with one."""
-    args, _ = lstm_args(2, True, True, True, False)
+    args = lstm_args(2, True, True, True, False)
     with torch.no_grad():
         plain = torch.ops.fused_lstm.lstm(*args)
-    grad_args, _ = lstm_args(2, True, True, True, False, requires_grad=True)
-    grad_args = [*grad_args]
+    tracked = list(args)
     for k in (0, 2, 3):
-        grad_args[k] = args[k].clone().requires_grad_()
-    grad_args[4] = [p.requires_grad_() for p in [q.clone() for q in args[4]]]
-    tracked = torch.ops.fused_lstm.lstm(*grad_args)
+        tracked[k] = args[k].clone().requires_grad_()
+    tracked[4] = [p.clone().requires_grad_() for p in args[4]]
+    tracked = torch.ops.fused_lstm.lstm(*tracked)
     assert all(t.grad_fn is None for t in plain)
     assert all(t.grad_fn is not None for t in tracked)
     assert_same(list(plain), list(tracked), atol=0)
@@ -346,7 +345,7 @@ def test_lstm_op_without_grad_saves_nothing_and_matches():
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_lstm_op_gradcheck(num_layers, bidirectional, proj, bias, packed, dropout):
     """In training, with the same masks at every evaluation (seeded)."""
-    args, _ = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, True,
+    args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, True,
                         requires_grad=True, batch=2)
     x, batch_sizes, hx, cx, params = args[:5]
 
@@ -358,7 +357,7 @@ def test_lstm_op_gradcheck(num_layers, bidirectional, proj, bias, packed, dropou
 
 
 def _lstm_with(bad):
-    args, _ = lstm_args(2, True, False, True, False)
+    args = lstm_args(2, True, False, True, False)
     args = list(args)
     for k, v in bad(args).items():
         args[k] = v
@@ -387,7 +386,7 @@ def test_lstm_op_on_fake_tensors():
     """Below autograd, on fake tensors (as torch.compile and torch.export call it): the shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    args, _ = lstm_args(2, True, True, True, True)
+    args = lstm_args(2, True, True, True, True)
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         fake[4] = [mode.from_tensor(p) for p in args[4]]
