@@ -285,17 +285,24 @@ void check_lstm_args(const LstmConfig& cfg, const Tensor& input,
               "hold ", cfg.per_dir(), " tensors per layer and direction (", n * cfg.per_dir(),
               " in all, w_ih, w_hh", cfg.has_biases ? ", b_ih, b_hh" : "",
               cfg.has_proj ? ", w_hr" : "", " each), got ", params.size());
+  // Sizes as SymInts: under torch.export and torch.compile a check is a guard, not a
+  // specialisation of the batch size.
   for (const auto& [t, name] : {std::pair{&hx, "hx"}, {&cx, "cx"}}) {
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == n, "fused_lstm: ", name,
-                " must be (num_layers * num_directions = ", n, ", B, ",
-                t == &hx ? "Hr" : "H", "), got ", t->sizes());
+    TORCH_CHECK(t->dim() == 3, "fused_lstm: ", name, " must be (num_layers * num_directions = ",
+                n, ", B, ", t == &hx ? "Hr" : "H", "), got ", t->sym_sizes());
+    TORCH_SYM_CHECK(t->sym_size(0).sym_eq(n), "fused_lstm: ", name,
+                    " must be (num_layers * num_directions = ", n, ", B, ",
+                    t == &hx ? "Hr" : "H", "), got ", t->sym_sizes());
   }
-  TORCH_CHECK(cx.size(1) == hx.size(1), "fused_lstm: cx must have the batch size of hx (",
-              hx.size(1), "), got ", cx.size(1));
+  TORCH_SYM_CHECK(cx.sym_size(1).sym_eq(hx.sym_size(1)),
+                  "fused_lstm: cx must have the batch size of hx (", hx.sym_size(1), "), got ",
+                  cx.sym_size(1));
   // With batch_sizes, layer_forward checks the batch against batch_sizes[0].
-  TORCH_CHECK(batch_sizes || input.dim() != 3 || input.size(1) == hx.size(1),
-              "fused_lstm: hx must have input.size(1) = ", input.size(1), " rows, got ",
-              hx.size(1));
+  if (!batch_sizes && input.dim() == 3) {
+    TORCH_SYM_CHECK(input.sym_size(1).sym_eq(hx.sym_size(1)),
+                    "fused_lstm: hx must have input.size(1) = ", input.sym_size(1), " rows, got ",
+                    hx.sym_size(1));
+  }
 }
 
 // The dropout of ATen's RNNs (at::dropout on the CPU): a mask from torch's generator, scaled by
@@ -415,7 +422,7 @@ struct Lstm : public torch::autograd::Function<Lstm> {
     }
     const variable_list noise(saved.begin() + 3 + n_params + 3 * L * D, saved.end());
     const Tensor &grad_output = grad[0], &grad_h_n = grad[1], &grad_c_n = grad[2];
-    const int64_t Hr = hx.size(-1);
+    const c10::SymInt Hr = hx.sym_size(-1);
 
     variable_list grads(3 + n_params);  // input, hx, cx, params
     {
@@ -429,7 +436,7 @@ struct Lstm : public torch::autograd::Function<Lstm> {
           const int64_t k = layer * D + d;
           const DirWeights w = dir_weights(cfg, params, k);
           optional<Tensor> dy;
-          if (dx.defined()) dy = D == 1 ? dx : dx.narrow(-1, d * Hr, Hr);
+          if (dx.defined()) dy = D == 1 ? dx : dx.narrow_symint(-1, d * Hr, Hr);
           auto [gx, gh0, gc0, gw_ih, gw_hh, gb, gw_hr] = ops().layer_backward.call(
               dy, grad_h_n.defined() ? opt(grad_h_n.select(0, k)) : std::nullopt,
               grad_c_n.defined() ? opt(grad_c_n.select(0, k)) : std::nullopt, x, batch_sizes,

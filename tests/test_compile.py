@@ -126,6 +126,19 @@ def test_compiled_cell_with_one_tensor_for_both_states(monkeypatch, use_referenc
     assert bool(calls) == use_reference
 
 
+def test_no_recompile_per_batch_size():
+    """The lstm op's C++ checks read sizes as SymInts: one dynamic graph serves every batch
+    size and length (a C++ size() would specialise the batch size, one compile per size)."""
+    fused = FusedLSTM(3, 4, num_layers=2, bidirectional=True, dtype=F64)
+    backend = RecordingBackend()
+    compiled = torch.compile(fused, fullgraph=True, backend=backend)
+    for T, B in ((5, 2), (7, 3), (4, 5), (9, 4)):
+        x = torch.randn(T, B, 3, dtype=F64, requires_grad=True)
+        assert_same(outputs_and_grads(fused, x, None, [x]),
+                    outputs_and_grads(compiled, x, None, [x]), atol=0)
+    assert backend.compiles == 2  # static shapes first, then one graph dynamic in T and B
+
+
 def test_compiled_reference_backend_matches_native(monkeypatch):
     """Under reference_only the compiled graphs are the native run's (the kernel ops), and
     their calls run the reference."""
