@@ -1,5 +1,6 @@
-// The op schemas, declared once. Each device registers its implementation for them with
-// TORCH_LIBRARY_IMPL (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu); the dispatcher picks by device.
+// The op schemas, declared once. Each device registers its implementation of the four kernel
+// ops with TORCH_LIBRARY_IMPL (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu); the dispatcher picks by
+// device. Their autograd, and the whole-LSTM op lstm over them: autograd.cpp.
 // Shapes and layouts: see lstm_common.h and fused_lstm/reference.py, which implements the same
 // signatures in PyTorch ops.
 #include <torch/extension.h>
@@ -34,8 +35,22 @@ TORCH_LIBRARY(fused_lstm, m) {
       "cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor input, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor gates, Tensor cells) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // A whole nn.LSTM, like aten::lstm: every layer and direction through layer_forward, with
+  // nn.LSTM's dropout between layers (training only, never after the last). input (T, B, I), or
+  // packed data (N, I) with batch_sizes; hx (L*D, B, Hr), cx (L*D, B, H); params in nn.LSTM's
+  // _flat_weights order. Returns (output, h_n, c_n). Its kernel and autograd: autograd.cpp.
+  m.def(
+      "lstm(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, "
+      "bool has_biases, bool has_proj, int num_layers, float dropout, bool train, "
+      "bool bidirectional) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace fused_lstm {
+extern const char kDoubleBackwardError[];  // autograd.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm native kernels; importing this module registers torch.ops.fused_lstm";
+  // The error a second backward through the handwritten backwards raises, for the tests to match.
+  m.attr("DOUBLE_BACKWARD_ERROR") = pybind11::str(fused_lstm::kDoubleBackwardError);
 }

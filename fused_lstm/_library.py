@@ -1,17 +1,19 @@
-"""Python-side registrations for the native ops declared in csrc/ops.cpp.
+"""Python-side registrations for the ops declared in csrc/ops.cpp (their autograd is C++, in
+csrc/autograd.cpp).
 
-Fake (meta) implementations, so torch.compile and FakeTensor can trace the ops without running a
-kernel, and autograd for ``layer_forward`` and ``cell_forward`` (their backwards are
-``layer_backward`` and ``cell_backward``), so the ops are differentiable on their own too, not
-only through :class:`fused_lstm.LSTMLayerFunction` and :class:`fused_lstm.LSTMCellFunction`; the
-two backward ops are registered as non-differentiable (no double backward)."""
+Fake (meta) implementations of every op, so torch.compile and FakeTensor can trace them without
+running a kernel; and the pure-PyTorch reference (:mod:`fused_lstm.reference`, the same
+signatures) as the ``CompositeExplicitAutograd`` kernel of the four kernel ops, so that a device
+without a native kernel runs the reference through the same ops and the same autograd."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ._double_backward import DOUBLE_BACKWARD_ERROR, refuse_double_backward
+from . import reference
+
+KERNEL_OPS = ("layer_forward", "layer_backward", "cell_forward", "cell_backward")
 
 
 def _check_devices(input: Tensor, **tensors: Tensor | None) -> None:
@@ -43,29 +45,6 @@ def register() -> None:
                 w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
                 w_hh.new_empty(w_hh.shape[0]), grad_w_hr)
 
-    def setup_context(ctx, inputs, output):
-        input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, _, w_hr, reverse = inputs
-        y, _, _, gates, cells = output
-        ctx.set_materialize_grads(False)
-        # The workspace is saved state for the backward, not a differentiable result.
-        ctx.mark_non_differentiable(gates, cells)
-        ctx.batch_sizes, ctx.reverse, ctx.has_bias = batch_sizes, reverse, b_ih is not None
-        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, w_hr, y, gates, cells)
-
-    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-        saved = ctx.saved_tensors
-        input, h0, c0, w_ih, w_hh, w_hr, y, gates, cells = saved
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = refuse_double_backward(
-            torch.ops.fused_lstm.layer_backward(
-                grad_y, grad_h_n, grad_c_n, input, ctx.batch_sizes, h0, c0, w_ih, w_hh, w_hr, y,
-                gates, cells, ctx.reverse),
-            (grad_y, grad_h_n, grad_c_n, *saved))
-        bias = (db, db) if ctx.has_bias else (None, None)
-        return dx, None, dh0, dc0, dw_ih, dw_hh, *bias, dw_hr if w_hr is not None else None, None
-
-    torch.library.register_autograd("fused_lstm::layer_forward", backward,
-                                    setup_context=setup_context)
-
     @torch.library.register_fake("fused_lstm::cell_forward")
     def _(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
         _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
@@ -80,35 +59,14 @@ def register() -> None:
                 w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
                 w_hh.new_empty(w_hh.shape[0]))
 
-    def cell_setup_context(ctx, inputs, output):
-        input, h0, c0, w_ih, w_hh, b_ih, _ = inputs
-        _, _, gates, cells = output
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(gates, cells)
-        ctx.has_bias = b_ih is not None
-        # In the order of cell_backward's arguments after the incoming gradients.
-        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, gates, cells)
+    @torch.library.register_fake("fused_lstm::lstm")
+    def _(input, batch_sizes, hx, cx, params, has_biases, has_proj, num_layers, dropout, train,
+          bidirectional):
+        _check_devices(input, hx=hx, cx=cx, **{f"params[{k}]": p for k, p in enumerate(params)})
+        D = 2 if bidirectional else 1
+        return (input.new_empty(*input.shape[:-1], D * hx.shape[-1]), hx.new_empty(hx.shape),
+                cx.new_empty(cx.shape))
 
-    def cell_backward(ctx, grad_h, grad_c, _grad_gates, _grad_cells):
-        saved = ctx.saved_tensors
-        dx, dh0, dc0, dw_ih, dw_hh, db = refuse_double_backward(
-            torch.ops.fused_lstm.cell_backward(grad_h, grad_c, *saved), (grad_h, grad_c, *saved))
-        bias = (db, db) if ctx.has_bias else (None, None)
-        return dx, dh0, dc0, dw_ih, dw_hh, *bias
-
-    torch.library.register_autograd("fused_lstm::cell_forward", cell_backward,
-                                    setup_context=cell_setup_context)
-
-    # The backward ops are declared non-differentiable: their results carry no graph, and their
-    # callers (the autograd of the forward ops above, LSTMLayerFunction, LSTMCellFunction) attach
-    # the double-backward error to them instead. Without an autograd kernel of its own, autograd's
-    # fallback would give their results a graph whose backward only warns and returns zeros.
-    def backward_is_not_differentiable(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output)
-
-    def never_called(ctx, *grads):  # every output is non-differentiable
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-    for op in ("fused_lstm::layer_backward", "fused_lstm::cell_backward"):
-        torch.library.register_autograd(op, never_called,
-                                        setup_context=backward_is_not_differentiable)
+    for name in KERNEL_OPS:
+        torch.library.impl(f"fused_lstm::{name}", "CompositeExplicitAutograd")(
+            getattr(reference, name))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .function import split_direction_weights
+from .reference import split_direction_weights
 
 # PyTorch stacks the gates' rows as i, f, g, o; ONNX's LSTM as i, o, f, g (its "c").
 _ONNX_GATE_ORDER = [0, 3, 1, 2]
@@ -43,11 +43,13 @@ PACKED_SEQUENCE_ERROR = (
     "export the model with a padded tensor input instead")
 
 
-def lstm(input: Tensor, hx: Tensor, cx: Tensor, params: list[Tensor], has_biases: bool,
-         has_proj: bool, num_layers: int, dropout: float, train: bool,
-         bidirectional: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """FusedLSTM's layers for export: ``input`` time-major ``(T, B, I)``, ``hx``, ``cx`` and
-    ``params`` as nn.LSTM's (``_flat_weights`` order). Returns ``(output, h_n, c_n)``."""
+def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor,
+         params: list[Tensor], has_biases: bool, has_proj: bool, num_layers: int, dropout: float,
+         train: bool, bidirectional: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``fused_lstm::lstm`` op for export, with its signature: ``input`` time-major
+    ``(T, B, I)``, ``hx``, ``cx`` and ``params`` as nn.LSTM's (``_flat_weights`` order).
+    ``batch_sizes`` is always None: FusedLSTM refuses a PackedSequence at export.
+    Returns ``(output, h_n, c_n)``."""
     num_directions = 2 if bidirectional else 1
     per_dir = len(params) // (num_layers * num_directions)
     x, h_n, c_n = input, [], []

@@ -20,6 +20,12 @@ class _Redirect(TorchDispatchMode):
         super().__init__()
         self.table, self.applies = table, applies
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # torch.compile then compiles inside the block (rather than running it eagerly) with the
+        # mode off, and the compiled code's op calls come here at run time like eager ones.
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         impl = self.table.get(func._schema.name)

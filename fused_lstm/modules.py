@@ -1,5 +1,5 @@
-"""FusedLSTM and FusedLSTMCell: the nn.LSTM / nn.LSTMCell surface over the fused layer and cell
-functions.
+"""FusedLSTM and FusedLSTMCell: the nn.LSTM / nn.LSTMCell surface over the ops
+``fused_lstm::lstm`` and ``fused_lstm::cell_forward``: validation in Python, then one op call.
 
 Deliberately not subclasses of ``nn.RNNBase``: Dynamo refuses to trace those, and the point of
 owning the module is that it can be compiled. Parameter names, shapes, order, initialisation,
@@ -14,13 +14,12 @@ import numbers
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _backend  # noqa: F401  (the ops)
 from . import _onnx
-from .function import LSTMCellFunction, LSTMLayerFunction
 
 
 def _apply_permutation(tensor: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
@@ -213,19 +212,44 @@ class FusedLSTM(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, input, hx=None):
-        num_directions = 2 if self.bidirectional else 1
+        x, batch_sizes, hx = self._prepare(input, hx)
+        dtype = _autocast_dtype(x, via_cudnn=True)
+        x, h0, c0, *weights = _cast(dtype, x, *hx, *self._flat_weights)
+        # No exporter can convert the fused ops: under ONNX export the same call builds ONNX's
+        # LSTM operator instead.
+        lstm = _onnx.lstm if torch.onnx.is_in_onnx_export() else torch.ops.fused_lstm.lstm.default
+        output, h_n, c_n = lstm(
+            x, batch_sizes, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
+            self.dropout, self.training, self.bidirectional)
+
+        if isinstance(input, PackedSequence):
+            _, _, sorted_indices, unsorted_indices = input
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output, (_apply_permutation(h_n, unsorted_indices),
+                            _apply_permutation(c_n, unsorted_indices))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if input.dim() == 2:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _prepare(self, input, hx) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+        """Validates like nn.LSTM and returns what the op takes: the input time-major (or the
+        packed data), the batch sizes (None unless packed) and (h_0, c_0) as (L*D, B, ·), in the
+        packed batch order."""
         is_packed = isinstance(input, PackedSequence)
         if is_packed:
             if torch.onnx.is_in_onnx_export():
                 raise RuntimeError(_onnx.PACKED_SEQUENCE_ERROR)
-            data, batch_sizes, sorted_indices, unsorted_indices = input
+            data, batch_sizes, sorted_indices, _ = input
             mini_batch = int(batch_sizes[0])
             is_batched = True
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(
                     f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            batch_sizes = sorted_indices = unsorted_indices = None
+            batch_sizes = sorted_indices = None
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
             data = input if is_batched else input.unsqueeze(batch_dim)
@@ -251,44 +275,8 @@ class FusedLSTM(nn.Module):
         if is_packed:
             hx = (_apply_permutation(hx[0], sorted_indices),
                   _apply_permutation(hx[1], sorted_indices))
-
         x = data.transpose(0, 1) if (self.batch_first and not is_packed) else data
-        output, h_n, c_n = self._run_layers(x, batch_sizes, hx, num_directions)
-
-        if is_packed:
-            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return output, (_apply_permutation(h_n, unsorted_indices),
-                            _apply_permutation(c_n, unsorted_indices))
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return output, (h_n, c_n)
-
-    def _run_layers(self, x: Tensor, batch_sizes: Tensor | None, hx: tuple[Tensor, Tensor],
-                    num_directions: int) -> tuple[Tensor, Tensor, Tensor]:
-        if torch.onnx.is_in_onnx_export():  # no exporter can convert the fused ops
-            return _onnx.lstm(x, hx[0], hx[1], self._flat_weights, self.bias,
-                              self.proj_size > 0, self.num_layers, self.dropout, self.training,
-                              self.bidirectional)
-        h_n, c_n = [], []
-        dtype = _autocast_dtype(x, via_cudnn=True)
-        x, *hx = _cast(dtype, x, *hx)
-        for layer in range(self.num_layers):
-            lo, hi = layer * num_directions, (layer + 1) * num_directions
-            weights = _cast(dtype, *(getattr(self, n) for names in self._all_weights[lo:hi]
-                                     for n in names))
-            x, h, c = LSTMLayerFunction.apply(
-                x, batch_sizes, hx[0][lo:hi], hx[1][lo:hi], num_directions, self.bias,
-                self.proj_size > 0, *weights)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-            h_n.append(h)
-            c_n.append(c)
-        if self.num_layers == 1:
-            return x, h_n[0], c_n[0]
-        return x, torch.cat(h_n), torch.cat(c_n)
+        return x, batch_sizes, hx
 
 
 def _known_unequal(have, want) -> bool:
@@ -406,15 +394,14 @@ class FusedLSTMCell(nn.Module):
             weights += [self.bias_ih, self.bias_hh]
         dtype = _autocast_dtype(input, via_cudnn=False)
         input, h0, c0, *weights = _cast(dtype, input, *hx, *weights)
-        hx = (h0, c0)
-        self._check(input, hx, weights)
-
-        # One tensor for both states (the zeros above, or the caller's) is fine eagerly, but
-        # torch.compile refuses an autograd.Function given the same tensor twice: a view is not.
-        if c0 is h0:
-            c0 = c0.view_as(c0)
-        step = _onnx.lstm_cell if torch.onnx.is_in_onnx_export() else LSTMCellFunction.apply
-        h, c = step(input, h0, c0, *weights)
+        self._check(input, (h0, c0), weights)
+        b_ih, b_hh = weights[2:] if self.bias else (None, None)
+        if torch.onnx.is_in_onnx_export():  # no exporter can convert the fused ops
+            h, c = _onnx.lstm_cell(input, h0, c0, weights[0], weights[1], b_ih, b_hh)
+        else:
+            # The op's C++ autograd differentiates it; its workspace (gates, cells) stays there.
+            h, c, _, _ = torch.ops.fused_lstm.cell_forward.default(input, h0, c0, weights[0],
+                                                                   weights[1], b_ih, b_hh)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

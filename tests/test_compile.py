@@ -15,7 +15,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
-from fused_lstm import FusedLSTM, FusedLSTMCell
+from fused_lstm import FusedLSTM, FusedLSTMCell, reference
 from helpers import DEVICES, assert_same, cell_outputs_and_grads, outputs_and_grads
 
 F64 = torch.float64
@@ -97,9 +97,17 @@ def test_compiled_cell_matches_nn_lstm_cell(device, bias):
     assert FORWARD_OP not in backend.forward_code[0] + backend.backward_code[0]
 
 
-@pytest.mark.parametrize("reference", [False, True])
+def counting(monkeypatch, name):
+    """Counts the calls of the reference's function ``name`` from here on."""
+    calls = []
+    real = getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("use_reference", [False, True])
 @pytest.mark.parametrize("shared", ["hx=None", "one tensor twice"])
-def test_compiled_cell_with_one_tensor_for_both_states(reference, shared):
+def test_compiled_cell_with_one_tensor_for_both_states(monkeypatch, use_reference, shared):
     """Without hx FusedLSTMCell uses one zeros tensor for h_0 and c_0, as nn.LSTMCell does, and a
     caller may pass one tensor twice: both compile, on the native ops and on the reference."""
     ref = nn.LSTMCell(3, 4, dtype=F64)
@@ -109,36 +117,42 @@ def test_compiled_cell_with_one_tensor_for_both_states(reference, shared):
     hx, leaves = (None, [x]) if shared == "hx=None" else ((state, state), [x, state])
     want = cell_outputs_and_grads(ref, x, hx, leaves)
     backend = RecordingBackend()
-    with fused_lstm.reference_only() if reference else contextlib.nullcontext():
+    calls = counting(monkeypatch, "cell_forward")
+    with fused_lstm.reference_only() if use_reference else contextlib.nullcontext():
         got = cell_outputs_and_grads(torch.compile(fused, fullgraph=True, backend=backend), x, hx,
                                      leaves)
     assert_same(want, got, atol=1e-9)
-    assert (CELL_FORWARD_OP in backend.forward_code[0]) != reference
+    assert CELL_FORWARD_OP in backend.forward_code[0]
+    assert bool(calls) == use_reference
 
 
-def test_no_recompile_per_sequence_length():
-    fused = FusedLSTM(3, 4, num_layers=2, dtype=F64)
+def test_no_recompile_per_batch_size():
+    """The lstm op's C++ checks read sizes as SymInts: one dynamic graph serves every batch
+    size and length (a C++ size() would specialise the batch size, one compile per size)."""
+    fused = FusedLSTM(3, 4, num_layers=2, bidirectional=True, dtype=F64)
     backend = RecordingBackend()
     compiled = torch.compile(fused, fullgraph=True, backend=backend)
-    for T in (5, 7, 9, 12):
-        x = torch.randn(T, 2, 3, dtype=F64, requires_grad=True)
+    for T, B in ((5, 2), (7, 3), (4, 5), (9, 4)):
+        x = torch.randn(T, B, 3, dtype=F64, requires_grad=True)
         assert_same(outputs_and_grads(fused, x, None, [x]),
                     outputs_and_grads(compiled, x, None, [x]), atol=0)
-    # The first length compiles static shapes, the second a graph dynamic in T, used from then on.
-    assert backend.compiles == 2
+    assert backend.compiles == 2  # static shapes first, then one graph dynamic in T and B
 
 
-def test_compiled_reference_backend_matches_native():
-    """Where no native kernel runs (reference_only, or a device without one), the reference
-    layer traces into the graph instead, still without a graph break."""
+def test_compiled_reference_backend_matches_native(monkeypatch):
+    """Under reference_only the compiled graphs are the native run's (the kernel ops), and
+    their calls run the reference."""
     fused = FusedLSTM(3, 4, bidirectional=True, dtype=F64)
     x = torch.randn(3, 2, 3, dtype=F64, requires_grad=True)
     want = outputs_and_grads(fused, x, None, [x])
     backend = RecordingBackend()
+    forward_calls, backward_calls = (counting(monkeypatch, name)
+                                     for name in ("layer_forward", "layer_backward"))
     with fused_lstm.reference_only():
         got = outputs_and_grads(torch.compile(fused, fullgraph=True, backend=backend), x, None, [x])
     assert_same(want, got, atol=1e-12)
-    assert FORWARD_OP not in backend.forward_code[0]
+    assert FORWARD_OP in backend.forward_code[0] and BACKWARD_OP in backend.backward_code[0]
+    assert len(forward_calls) == len(backward_calls) == 2  # one per direction
 
 
 class Tagger(nn.Module):

@@ -200,7 +200,7 @@ def test_export_arithmetic_matches_nn_lstm_in_float64(layers, bidirectional, bia
     x = torch.randn(6, 2, 3, dtype=F64)
     hx = tuple(s.double() for s in state(ref, 2))
     out, (h, c) = ref(x, hx)
-    got = _onnx.lstm(x, *hx, ref._flat_weights, bias, proj_size > 0, layers, 0.0, False,
+    got = _onnx.lstm(x, None, *hx, ref._flat_weights, bias, proj_size > 0, layers, 0.0, False,
                      bidirectional)
     assert_same([out, h, c], got, atol=1e-14)
 

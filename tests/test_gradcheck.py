@@ -1,5 +1,5 @@
-"""torch.autograd.gradcheck (float64) of the layer and cell Functions on every flag, on each
-backend; double backward is refused."""
+"""torch.autograd.gradcheck (float64) of the ops' C++ autograd (the whole-LSTM op, the layer
+and the cell) on every flag, on each backend; double backward is refused."""
 
 import itertools
 import re
@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
-from fused_lstm import (FusedLSTM, FusedLSTMCell, LSTMCellFunction, LSTMLayerFunction,
-                        native_backends)
-from fused_lstm._double_backward import DOUBLE_BACKWARD_ERROR
+from fused_lstm import FusedLSTM, FusedLSTMCell
+from fused_lstm._C import DOUBLE_BACKWARD_ERROR
 
 I, H, P = 3, 4, 2
 
@@ -43,7 +42,8 @@ def test_layer_gradcheck(backend, D, bias, proj, packed):
     x, batch_sizes, h0, c0, weights = layer_inputs(D, bias, proj, packed=packed)
 
     def f(x, h0, c0, *w):
-        return LSTMLayerFunction.apply(x, batch_sizes, h0, c0, D, bias, proj, *w)
+        return torch.ops.fused_lstm.lstm(x, batch_sizes, h0, c0, w, bias, proj, 1, 0.0, True,
+                                         D == 2)
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
@@ -54,7 +54,8 @@ def test_gradcheck_single_output_used(backend, which):
     x, batch_sizes, h0, c0, weights = layer_inputs(2, True, True)
 
     def f(x, h0, c0, *w):
-        return LSTMLayerFunction.apply(x, batch_sizes, h0, c0, 2, True, True, *w)[which]
+        return torch.ops.fused_lstm.lstm(x, batch_sizes, h0, c0, w, True, True, 1, 0.0, True,
+                                         True)[which]
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
@@ -77,8 +78,8 @@ def test_cell_gradcheck(backend, bias, batched):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("which", [None, 0, 1])
 def test_cell_function_gradcheck(backend, bias, which):
-    """The cell Function on the backend's cell ops (native or reference), with both outputs used
-    or only h (which=0) or c (which=1)."""
+    """cell_forward's autograd on the backend's cell ops (native or reference), with both outputs
+    used or only h (which=0) or c (which=1)."""
     dt = {"dtype": torch.float64, "requires_grad": True}
     tensors = [torch.randn(3, I, **dt), torch.randn(3, H, **dt), torch.randn(3, H, **dt),
                torch.randn(4 * H, I, **dt) * 0.5, torch.randn(4 * H, H, **dt) * 0.5]
@@ -86,7 +87,7 @@ def test_cell_function_gradcheck(backend, bias, which):
         tensors += [torch.randn(4 * H, **dt), torch.randn(4 * H, **dt)]
 
     def f(*ts):
-        out = LSTMCellFunction.apply(*ts)
+        out = torch.ops.fused_lstm.cell_forward(*ts, *([] if bias else [None, None]))[:2]
         return out if which is None else out[which]
 
     assert torch.autograd.gradcheck(f, tensors)
@@ -118,18 +119,16 @@ def test_double_backward_is_refused_cell(backend):
     assert_double_backward_refused(list(cell.parameters()), lambda x: cell(x[0])[1])
 
 
-@pytest.mark.skipif("cpu" not in native_backends(), reason="fused_lstm._C not built")
-def test_double_backward_is_refused_op():
-    """Through the autograd registered for the op itself (not LSTMLayerFunction)."""
+def test_double_backward_is_refused_op(backend):
+    """Through layer_forward's own autograd, not the lstm op's."""
     w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
     zeros = torch.zeros(2, H, dtype=torch.float64)
     assert_double_backward_refused(w, lambda x: torch.ops.fused_lstm.layer_forward(
         x, None, zeros, zeros, *w, None, None, None, False)[0])
 
 
-@pytest.mark.skipif("cpu" not in native_backends(), reason="fused_lstm._C not built")
-def test_double_backward_is_refused_cell_op():
-    """Through the autograd registered for cell_forward itself (not LSTMCellFunction)."""
+def test_double_backward_is_refused_cell_op(backend):
+    """Through cell_forward's autograd called directly."""
     w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
     zeros = torch.zeros(2, H, dtype=torch.float64)
     assert_double_backward_refused(w, lambda x: torch.ops.fused_lstm.cell_forward(

@@ -1,8 +1,13 @@
 """The nn.LSTM surface beyond forward: parameters, state dicts, construction, native dispatch."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_lstm
@@ -101,6 +106,37 @@ def test_cell_runs_the_cell_ops(monkeypatch, device, bias, batched):
     assert not any(n.startswith("fused_lstm::layer") for n in forward.names + backward.names)
 
 
+class RecordCalls(TorchFunctionMode):
+    """The names of the fused_lstm ops called from Python (above autograd), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.OpOverload) and func.namespace == "fused_lstm":
+            self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_is_one_op_call(packed):
+    """FusedLSTM calls the lstm op once, whatever its layers and directions; the op reaches the
+    kernels as one layer_forward per layer and direction, its backward one layer_backward."""
+    fused = FusedLSTM(3, 4, num_layers=3, bidirectional=True, dropout=0.5)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    inp = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3])) if packed else x
+    with RecordCalls() as calls, RecordOps() as kernels:
+        out, _ = fused(inp)
+    assert calls.names == ["fused_lstm::lstm"]
+    assert [n for n in kernels.names if n.startswith("fused_lstm")] == \
+        ["fused_lstm::layer_forward"] * 6
+    with RecordOps() as backward:
+        (out.data if packed else out).sum().backward()
+    assert [n for n in backward.names if n.startswith("fused_lstm")] == \
+        ["fused_lstm::layer_backward"] * 6
+
+
 @pytest.mark.parametrize("module,name", [(lambda: FusedLSTM(3, 4), "layer_forward"),
                                          (lambda: FusedLSTMCell(3, 4), "cell_forward")])
 def test_reference_only_switch(monkeypatch, module, name):
@@ -131,3 +167,13 @@ def test_reduced_precision_cpu(dtype):
     assert out.dtype == h.dtype == c.dtype == dtype
     exact, _ = FusedLSTM.from_lstm(ref).double()(x.double())
     torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
+
+
+def test_import_without_the_extension_says_how_to_build():
+    """The extension declares the ops; without it, import fails with a message, not later."""
+    code = ("import sys; sys.modules['fused_lstm._C'] = None\n"
+            "try:\n    import fused_lstm\nexcept ImportError as e:\n    print(e)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=root).stdout
+    assert "fused_lstm._C is missing" in out and "pip install --no-build-isolation -e ." in out

@@ -1,12 +1,14 @@
-"""The dispatcher ops themselves: opcheck (schema, fake tensors, AOT dispatch) and direct parity
-with the reference that shares their signatures."""
+"""The dispatcher ops themselves: opcheck (schema, fake tensors, AOT dispatch), direct parity
+of the kernel ops with the reference that shares their signatures and of the whole-LSTM op with
+aten::lstm, their argument checks and gradcheck."""
 
 import pytest
 import torch
+from torch import nn
 
 import fused_lstm
 from fused_lstm import reference
-from helpers import DEVICES
+from helpers import DEVICES, assert_same, ramp
 
 pytestmark = pytest.mark.skipif("cpu" not in fused_lstm.native_backends(),
                                 reason="fused_lstm._C not built")
@@ -235,3 +237,160 @@ def test_cell_op_gradcheck(bias, used):
         return {"both": (h, c), "h": h, "c": c}[used]
 
     assert torch.autograd.gradcheck(f, tensors)
+
+
+# ---- the whole-LSTM op: every layer and direction, nn.LSTM's dropout -----------------------
+
+# num_layers, bidirectional, proj, bias, packed
+LSTM_FLAGS = [(L, bi, proj, bias, packed) for L in (1, 2) for bi in (False, True)
+              for proj in (False, True) for bias in (False, True) for packed in (False, True)]
+
+
+def lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.0, train=False,
+              requires_grad=False, device="cpu", batch=3):
+    """The lstm op's arguments, with nn.LSTM's parameters (shapes, order, initialisation)."""
+    ref = nn.LSTM(I, H, num_layers, bias, bidirectional=bidirectional,
+                  proj_size=P if proj else 0, dtype=torch.float64, device=device)
+    params = [p.detach().clone().requires_grad_(requires_grad) for p in ref._flat_weights]
+    dt = {"dtype": torch.float64, "requires_grad": requires_grad, "device": device}
+    D = 2 if bidirectional else 1
+    if packed:
+        batch_sizes = torch.tensor([batch, batch, 2, 1][:4 if batch >= 2 else 1])
+        x = torch.randn(int(batch_sizes.sum()), I, **dt)
+    else:
+        batch_sizes, x = None, torch.randn(4, batch, I, **dt)
+    hx = torch.randn(num_layers * D, batch, P if proj else H, **dt)
+    cx = torch.randn(num_layers * D, batch, H, **dt)
+    return (x, batch_sizes, hx, cx, params, bias, proj, num_layers, dropout, train,
+            bidirectional)
+
+
+def vf_lstm(args):
+    """aten::lstm (what nn.LSTM calls) on the lstm op's arguments."""
+    x, batch_sizes, hx, cx, params, bias, _, num_layers, dropout, train, bi = args
+    if batch_sizes is None:
+        return torch._VF.lstm(x, (hx, cx), params, bias, num_layers, dropout, train, bi, False)
+    return torch._VF.lstm(x, batch_sizes, (hx, cx), params, bias, num_layers, dropout, train, bi)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed", LSTM_FLAGS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_lstm_opcheck(num_layers, bidirectional, proj, bias, packed, requires_grad, device):
+    # opcheck compares several runs of the op, so its dropout must not draw: p = 1 (every unit
+    # dropped) exercises the masks without randomness, eval mode skips them.
+    for dropout, train in ((0.0, True), (1.0, True), (0.5, False)):
+        args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, train,
+                            requires_grad, device)
+        torch.library.opcheck(torch.ops.fused_lstm.lstm, args)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed", LSTM_FLAGS)
+@pytest.mark.parametrize("batch", [3, 1])
+def test_lstm_op_matches_aten_lstm(num_layers, bidirectional, proj, bias, packed, batch):
+    """Outputs and the gradients of every input against aten::lstm, with one output unused too."""
+    args = lstm_args(num_layers, bidirectional, proj, bias, packed, requires_grad=True,
+                        batch=batch)
+    x, _, hx, cx, params = args[:5]
+    leaves = [x, hx, cx, *params]
+    for used in ((0, 1, 2), (1,), (2,)):
+        results = []
+        for f in (torch.ops.fused_lstm.lstm, lambda *a: vf_lstm(a)):
+            out = f(*args)
+            loss = sum((out[k] * ramp(out[k])).sum() for k in used)
+            results.append([*out, *torch.autograd.grad(loss, leaves, allow_unused=True)])
+        got, want = results
+        # aten::lstm leaves a gradient it does not reach as None, the handwritten backward
+        # computes zeros (h_0 of layer 0 is reached from h_n only through the recurrence).
+        want = [torch.zeros_like(g) if w is None else w for w, g in zip(want, got)]
+        assert_same(want, got, atol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_op_dropout_matches_aten_lstm(bidirectional, packed):
+    """With the same seed, the same masks as aten::lstm on the CPU (torch's generator, drawn
+    once per layer but the last, on both directions' output), so the same values and grads."""
+    args = lstm_args(3, bidirectional, False, True, packed, dropout=0.4, train=True,
+                        requires_grad=True)
+    leaves = [args[0], args[2], args[3], *args[4]]
+    results = []
+    for f in (torch.ops.fused_lstm.lstm, lambda *a: vf_lstm(a)):
+        torch.manual_seed(7)
+        out = f(*args)
+        loss = (out[0] * ramp(out[0])).sum() + out[1].sum() + out[2].sin().sum()
+        results.append([*out, *torch.autograd.grad(loss, leaves)])
+    assert_same(*results, atol=1e-12)
+    assert not torch.equal(results[0][0], torch.ops.fused_lstm.lstm(*args)[0])  # it does draw
+
+
+def test_lstm_op_without_grad_keeps_no_graph_and_matches():
+    """Nothing requiring grad: no graph, the same values as with one."""
+    args = lstm_args(2, True, True, True, False)
+    with torch.no_grad():
+        plain = torch.ops.fused_lstm.lstm(*args)
+    tracked = list(args)
+    for k in (0, 2, 3):
+        tracked[k] = args[k].clone().requires_grad_()
+    tracked[4] = [p.clone().requires_grad_() for p in args[4]]
+    tracked = torch.ops.fused_lstm.lstm(*tracked)
+    assert all(t.grad_fn is None for t in plain)
+    assert all(t.grad_fn is not None for t in tracked)
+    assert_same(list(plain), list(tracked), atol=0)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed",
+                         [(2, True, True, True, False), (2, True, False, False, True),
+                          (3, False, True, True, True)])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lstm_op_gradcheck(num_layers, bidirectional, proj, bias, packed, dropout):
+    """In training, with the same masks at every evaluation (seeded)."""
+    args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, True,
+                        requires_grad=True, batch=2)
+    x, batch_sizes, hx, cx, params = args[:5]
+
+    def f(x, hx, cx, *params):
+        torch.manual_seed(3)
+        return torch.ops.fused_lstm.lstm(x, batch_sizes, hx, cx, params, *args[5:])
+
+    assert torch.autograd.gradcheck(f, (x, hx, cx, *params))
+
+
+def _lstm_with(bad):
+    args = lstm_args(2, True, False, True, False)
+    args = list(args)
+    for k, v in bad(args).items():
+        args[k] = v
+    return torch.ops.fused_lstm.lstm(*args)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: {4: a[4][:-1]}, r"params must hold 4 tensors per layer and direction \(16 in all"),
+    (lambda a: {6: True}, r"params must hold 5 tensors per layer and direction"),
+    (lambda a: {2: a[2][:3]}, r"hx must be \(num_layers \* num_directions = 4, B, Hr\), got "
+                              r"\[3, 3, 5\]"),
+    (lambda a: {3: a[3][0]}, r"cx must be \(num_layers \* num_directions = 4, B, H\)"),
+    (lambda a: {7: 0}, "num_layers must be positive, got 0"),
+    (lambda a: {8: 1.5}, r"dropout must be in \[0, 1\], got 1.5"),
+    (lambda a: {2: a[2][:, :2]}, r"cx must have the batch size of hx \(2\), got 3"),
+    (lambda a: {2: a[2][:, :2], 3: a[3][:, :2]}, r"hx must have input.size\(1\) = 3 rows, got 2"),
+    (lambda a: {4: [a[4][0].float(), *a[4][1:]]}, "w_ih must have the dtype of input"),
+    (lambda a: {0: a[0][0]}, r"input must be \(T, B, I\) without batch_sizes, got 2-D"),
+])
+def test_lstm_op_argument_checks(bad, match):
+    with pytest.raises(RuntimeError, match=match):
+        _lstm_with(bad)
+
+
+def test_lstm_op_on_fake_tensors():
+    """Below autograd, on fake tensors (as torch.compile and torch.export call it): the shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = lstm_args(2, True, True, True, True)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake[4] = [mode.from_tensor(p) for p in args[4]]
+        with torch._C._AutoDispatchBelowAutograd():
+            out, h_n, c_n = torch.ops.fused_lstm.lstm(*fake)
+    assert out.shape == (args[0].shape[0], 2 * P) and h_n.shape == (4, 3, P)
+    assert c_n.shape == (4, 3, H)
