@@ -325,6 +325,7 @@ struct StepProduct {
   static constexpr int64_t kPad = 64 / sizeof(T), kPanel = kPanelBytes / sizeof(T);
   at::Tensor W, Wt;  // W (N, K) as given; Wt: W^T packed as above
   int64_t K, N, ldt, split;
+  int64_t threads;  // asked once per call: a call into the thread pool costs more than a small step
   bool panels;
   const T* pwt;
   const at::Tensor *a, *out;
@@ -333,7 +334,9 @@ struct StepProduct {
 
   StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf,
               int64_t max_rows)
-      : W(w), K(w.size(1)), N(w.size(0)), panels(max_rows > 1), a(&a_buf), out(&out_buf),
+      : W(w), K(w.size(1)), N(w.size(0)),
+        threads(at::in_parallel_region() ? 1 : at::get_num_threads()), panels(max_rows > 1),
+        a(&a_buf), out(&out_buf),
         pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
     split = panels ? kPanel : kPad;
     ldt = (N + split - 1) / split * split;
@@ -382,8 +385,7 @@ struct StepProduct {
   }
 
   void operator()(int64_t a0, int64_t r0, int64_t bs, bool accumulate) const {
-    const int64_t threads = at::get_num_threads();
-    if (bs * K * N < kParallelWork || threads == 1 || at::in_parallel_region()) {
+    if (bs * K * N < kParallelWork || threads == 1) {
       columns(a0, r0, bs, 0, ldt, accumulate);
       return;
     }
@@ -495,6 +497,51 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
   }
 }
 
+// Multiply-adds below which a call's products over the whole sequence (the input projection,
+// the input and weight gradients) are loops here rather than ATen GEMMs: at a FusedLSTMCell
+// step's sizes every ATen call (dispatch, transposed views, allocation, BLAS set-up) costs more
+// than its arithmetic, and the backward made a dozen of them.
+constexpr int64_t kSmallGemm = 1 << 16;
+
+// z[r] = x[r] W_ih^T (+ b_ih + b_hh) for rows r of x (rows, I); W_ih (G, I); z (rows, G).
+template <typename T>
+void small_input_projection(const T* __restrict x, int64_t rows, int64_t I,
+                            const T* __restrict w_ih, int64_t G, const T* b_ih, const T* b_hh,
+                            T* __restrict z) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < G; ++g) {
+      T sum = b_ih ? b_ih[g] + b_hh[g] : T(0);
+      for (int64_t i = 0; i < I; ++i) sum += x[r * I + i] * w_ih[g * I + i];
+      z[r * G + g] = sum;
+    }
+  }
+}
+
+// sequence_grads without a projection in one pass over dz (rows, G): grad_input = dz W_ih,
+// grad_w_ih = dz^T x, grad_w_hh = dz^T h_prev, grad_bias = the sum of dz's rows, each summed
+// over rows in order. The outputs come zeroed.
+template <typename T>
+void small_sequence_grads(const T* __restrict dz, int64_t rows, int64_t G, const T* __restrict x,
+                          int64_t I, const T* __restrict h_prev, int64_t Hr,
+                          const T* __restrict w_ih, T* __restrict grad_x,
+                          T* __restrict grad_w_ih, T* __restrict grad_w_hh,
+                          T* __restrict grad_bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * I;
+    const T* hr = h_prev + r * Hr;
+    T* gxr = grad_x + r * I;
+    for (int64_t g = 0; g < G; ++g) {
+      const T d = dz[r * G + g];
+      grad_bias[g] += d;
+      for (int64_t i = 0; i < I; ++i) {
+        gxr[i] += d * w_ih[g * I + i];
+        grad_w_ih[g * I + i] += d * xr[i];
+      }
+      for (int64_t j = 0; j < Hr; ++j) grad_w_hh[g * Hr + j] += d * hr[j];
+    }
+  }
+}
+
 // The loops run in float or double; half and bfloat16 storage computes in float.
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -520,7 +567,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   }
   const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
   const at::Tensor x = input.reshape({-1, d.I});
-  at::Tensor gates = b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t());
+  const bool small = L.rows * 4 * d.H * d.I < kSmallGemm;
+  at::Tensor gates = small ? at::empty({L.rows, 4 * d.H}, x.options())
+                     : b_ih    ? at::addmm(*b_ih + *b_hh, x, w_ih.t())
+                               : at::mm(x, w_ih.t());
   at::Tensor cells = at::empty({L.rows, d.H}, x.options());
   at::Tensor output = at::empty({L.rows, d.Hr}, x.options());
   at::Tensor h = h0.contiguous().clone();
@@ -528,6 +578,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const at::Tensor whh = w_hh.contiguous();
   const std::optional<at::Tensor> whr = w_hr ? std::optional(w_hr->contiguous()) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_lstm_layer_forward_cpu", [&] {
+    if (small) {
+      const at::Tensor xc = x.contiguous(), wih = w_ih.contiguous();
+      const at::Tensor bih = b_ih ? b_ih->contiguous() : at::Tensor();
+      const at::Tensor bhh = b_hh ? b_hh->contiguous() : at::Tensor();
+      small_input_projection<scalar_t>(
+          xc.const_data_ptr<scalar_t>(), L.rows, d.I, wih.const_data_ptr<scalar_t>(), 4 * d.H,
+          b_ih ? bih.const_data_ptr<scalar_t>() : nullptr,
+          b_hh ? bhh.const_data_ptr<scalar_t>() : nullptr, gates.data_ptr<scalar_t>());
+    }
     forward_loop<scalar_t>(L, d, gates, cells, output, h, c, whh, whr);
   });
   return {shaped_like_input(input, output), h, c, shaped_like_input(input, gates),
@@ -622,14 +681,35 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
   at::Tensor m_all = d.proj ? at::empty({L.rows, d.H}, opts) : at::Tensor();
   const at::Tensor whh = w_hh.contiguous();
   const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+  const bool small = !d.proj && L.rows * 4 * d.H * (2 * d.I + d.Hr) < kSmallGemm;
+  at::Tensor grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
+  if (small) {
+    grad_input = at::empty(input.sizes(), opts);
+    grad_w_ih = at::empty({4 * d.H, d.I}, opts);
+    grad_w_hh = at::empty({4 * d.H, d.Hr}, opts);
+    grad_bias = at::empty({4 * d.H}, opts);
+    grad_w_hr = at::empty({0}, opts);
+  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_lstm_layer_backward_cpu", [&] {
     backward_loop<scalar_t>(L, d, dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr, acts,
                             cs, c0c, whh, w_hr, dz, dh, dc, dh_all, m_all);
     gather_h_prev<scalar_t>(L, d.Hr, y.const_data_ptr<scalar_t>(), h0c.const_data_ptr<scalar_t>(),
                             h_prev.data_ptr<scalar_t>());
+    if (!small) return;
+    const at::Tensor x = seq.x.contiguous(), wih = w_ih.contiguous();
+    for (at::Tensor* t : {&grad_input, &grad_w_ih, &grad_w_hh, &grad_bias}) {
+      std::fill_n(t->data_ptr<scalar_t>(), t->numel(), scalar_t(0));
+    }
+    small_sequence_grads<scalar_t>(
+        dz.const_data_ptr<scalar_t>(), L.rows, 4 * d.H, x.const_data_ptr<scalar_t>(), d.I,
+        h_prev.const_data_ptr<scalar_t>(), d.Hr, wih.const_data_ptr<scalar_t>(),
+        grad_input.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
+        grad_w_hh.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>());
   });
-  auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-      sequence_grads(d, input, seq, w_ih, dz, h_prev, dh_all, m_all);
+  if (!small) {
+    std::tie(grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr) =
+        sequence_grads(d, input, seq, w_ih, dz, h_prev, dh_all, m_all);
+  }
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
