@@ -22,6 +22,10 @@ CPU = [
     Config("small-batch", 200, 8, 64, 64, 2),
     Config("medium", 100, 64, 256, 256),
     Config("wide-B1", 200, 1, 512, 512),
+    # between the named sizes, where "nothing below 1.0x" must hold too: a narrow unbatched
+    # layer between the seeds and wide-B1, a batch between small-batch and medium
+    Config("mid-B1", 500, 1, 32, 32),
+    Config("mid-B16", 100, 16, 128, 128),
     # seed 001's loop of FusedLSTMCell steps, where per-step overhead is all there is to time
     Config("cell-B1", 200, 1, 4, 20, cell=True),
     Config("cell-B8", 200, 8, 4, 20, cell=True),

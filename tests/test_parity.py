@@ -168,8 +168,8 @@ def test_sizes_across_vector_widths(backend, hidden):
 @pytest.mark.parametrize("B, H, proj", [(70, 96, 40), (1, 640, 0), (48, 320, 0)])
 def test_large_steps_threads_and_gemm_paths(backend, threads, B, H, proj):
     """Steps big enough that the CPU kernel splits the per-step products' columns across
-    threads (an uneven split with 3) and hands a thread's share to BLAS (B=48, H=320), or loops
-    over a batch of one split by columns (B=1)."""
+    threads (an uneven split with 3), over packed panels (B=70, B=48) or over a batch of one
+    (B=1). tests/test_cpu_kernels.py crosses each tile, panel and threshold, BLAS's included."""
     ref = nn.LSTM(16, H, proj_size=proj, dtype=torch.float64)
     fused = FusedLSTM.from_lstm(ref)
     x = torch.randn(3, B, 16, dtype=torch.float64, requires_grad=True)

@@ -17,8 +17,8 @@ from helpers import DEVICES, assert_same, outputs_and_grads
 def test_four_threads_match_sequential_runs(backend):
     """Each thread has its own model copy and input, runs forward and backward a few times,
     and must get exactly (bit for bit) what the same work gives run sequentially. Sizes large
-    enough that the CPU kernel hands the recurrent products to BLAS and splits the projection
-    and the gate math across its own threads (test_parity.test_large_step_uses_gemm_path)."""
+    enough that the CPU kernel runs the recurrent products on its packed panels and splits the
+    projection and the gate math across its own threads (test_cpu_kernels)."""
     torch.manual_seed(0)
     jobs = []
     for _ in range(4):

@@ -5,8 +5,8 @@
 // gate math. For the small LSTMs our users train on long sequences a step costs tens of
 // nanoseconds of arithmetic, so the per-step loop runs on raw pointers: no dispatcher call,
 // allocation or tensor view. Only when a step's product is big enough for BLAS to pay back the
-// call does the loop hand it to ATen (kGemmWork), and only when a step's work pays for waking
-// a second thread does it split rows across threads (kParallelWork).
+// call does the loop hand it to ATen (kGemmWork, kGemmRows), and only when a step's work pays
+// for waking a second thread does it split the work across threads (kParallelWork).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,9 +22,12 @@
 namespace fused_lstm {
 namespace {
 
-// Multiply-adds of one thread's share of a step's product above which ATen's GEMM (MKL) beats
-// the loops.
+// Multiply-adds of one thread's share of a single row's step product above which ATen's GEMV
+// (MKL) beats the loops.
 constexpr int64_t kGemmWork = 1 << 20;
+// Rows of a step from which ATen's GEMM (MKL) takes over from the packed panels: it re-packs W
+// at every call, which only this many rows pay back (level at 256 rows of H = 512, one thread).
+constexpr int64_t kGemmRows = 256;
 // Multiply-adds (or unit updates x 32) of one step above which the step is split across
 // threads: waking the pool and joining it costs a few microseconds, about 1 << 18 FMAs here.
 constexpr int64_t kParallelWork = 1 << 19;
@@ -214,6 +217,89 @@ FL_CPU_CLONES void vec_mat_rows(const T* __restrict a, const T* __restrict M, in
   }
 }
 
+// Bytes of columns in one packed panel of a weight: two AVX-512 registers, four AVX2 ones.
+constexpr int64_t kPanelBytes = 128;
+
+// R rows x NV registers of columns of out (+)= a . panel, where the panel holds the block's
+// columns of W^T contiguously, k by k (row stride kPanelBytes): every load of it is sequential
+// and feeds R rows, so the loop is bound by the FMA units rather than by reading W.
+template <typename T, int64_t R, int64_t NV, int64_t Bytes>
+inline __attribute__((always_inline)) void panel_tile(const T* __restrict a, int64_t K,
+                                                      const T* __restrict panel,
+                                                      T* __restrict o, int64_t ldo, int64_t n,
+                                                      bool accumulate) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int64_t L = Bytes / sizeof(T), P = kPanelBytes / sizeof(T);
+  V acc[R][NV];
+  FL_UNROLL
+  for (int64_t r = 0; r < R; ++r) {
+    FL_UNROLL
+    for (int64_t j = 0; j < NV; ++j) acc[r][j] = V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NV];
+    FL_UNROLL
+    for (int64_t j = 0; j < NV; ++j) std::memcpy(&w[j], panel + k * P + j * L, Bytes);
+    FL_UNROLL
+    for (int64_t r = 0; r < R; ++r) {
+      const T ar = a[r * K + k];
+      FL_UNROLL
+      for (int64_t j = 0; j < NV; ++j) acc[r][j] += ar * w[j];
+    }
+  }
+  FL_UNROLL
+  for (int64_t r = 0; r < R; ++r) store_block<T, NV, Bytes>(acc[r], o + r * ldo, n, accumulate);
+}
+
+// Panels [p0, p1) of out[0:bs, 0:N] (+)= a[0:bs, 0:K] . W^T from the packed panels: each panel
+// is read from cache by all rows before the next (RMain rows a tile, the rest 4, 2, 1), and the
+// rows' split into tiles depends on bs only, so every thread count sums alike.
+template <typename T, int64_t Bytes, int64_t RMain>
+inline __attribute__((always_inline)) void panel_rows(const T* __restrict a,
+                                                      const T* __restrict packed, int64_t K,
+                                                      int64_t N, T* __restrict out, int64_t bs,
+                                                      int64_t p0, int64_t p1, bool accumulate) {
+  constexpr int64_t NV = 2, L = Bytes / sizeof(T), P = kPanelBytes / sizeof(T);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t j0 = 0; j0 < P && p * P + j0 < N; j0 += NV * L) {
+      const int64_t n0 = p * P + j0;
+      const T* w = packed + p * K * P + j0;
+      T* o = out + n0;
+      int64_t b = 0;
+      for (; b + RMain <= bs; b += RMain) {
+        panel_tile<T, RMain, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+      }
+      if (bs - b >= 4) {
+        panel_tile<T, 4, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+        b += 4;
+      }
+      if (bs - b >= 2) {
+        panel_tile<T, 2, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+        b += 2;
+      }
+      if (bs - b >= 1) panel_tile<T, 1, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+    }
+  }
+}
+
+// Row tiles as tall as the register file holds beside the two registers of W: 8 x 2 of
+// AVX-512's 32 registers, 6 x 2 of AVX2's 16, 4 x 2 of SSE's 16.
+template <typename T>
+FL_CPU_CLONES void packed_rows(const T* __restrict a, const T* __restrict packed, int64_t K,
+                               int64_t N, T* __restrict out, int64_t bs, int64_t p0, int64_t p1,
+                               bool accumulate) {
+  static const int64_t reg_bytes = __builtin_cpu_supports("avx512f") ? 64
+                                   : __builtin_cpu_supports("avx2")  ? 32
+                                                                     : 16;
+  if (reg_bytes == 64) {
+    panel_rows<T, 64, 8>(a, packed, K, N, out, bs, p0, p1, accumulate);
+  } else if (reg_bytes == 32) {
+    panel_rows<T, 32, 6>(a, packed, K, N, out, bs, p0, p1, accumulate);
+  } else {
+    panel_rows<T, 16, 4>(a, packed, K, N, out, bs, p0, p1, accumulate);
+  }
+}
+
 template <typename F>
 inline void for_rows(int64_t rows, int64_t work, const F& f) {
   if (work >= kParallelWork && rows > 1) {
@@ -229,62 +315,82 @@ inline void for_rows(int64_t rows, int64_t work, const F& f) {
 // ones are ATen GEMMs on views. Threads split the columns, not the rows: each thread then reads
 // only its slice of W at every step, which stays in its own core's cache across the sequence,
 // and a batch of one still gets every core.
+//
+// W is copied once per call into the layout its loops read: batches of more than one row
+// (max_rows > 1) get W^T in panels of kPanelBytes columns (panel_rows), a batch of one row gets
+// W^T whole, zero-padded to whole registers (vec_mat_rows: its sweep reads W^T's rows in order).
+// BLAS re-packs W at every call, which at a step's sizes costs as much as the product.
 template <typename T>
 struct StepProduct {
-  static constexpr int64_t kPad = 64 / sizeof(T);
-  at::Tensor W, Wt;  // W (N, K) as given; Wt = W^T (K, ldt), zero-padded to whole registers
-  int64_t K, N, ldt;
+  static constexpr int64_t kPad = 64 / sizeof(T), kPanel = kPanelBytes / sizeof(T);
+  at::Tensor W, Wt;  // W (N, K) as given; Wt: W^T packed as above
+  int64_t K, N, ldt, split;
+  int64_t threads;  // asked once per call: a call into the thread pool costs more than a small step
+  bool panels;
   const T* pwt;
   const at::Tensor *a, *out;
   const T* pa;
   T* pout;
 
-  StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf)
-      : W(w), K(w.size(1)), N(w.size(0)), ldt((w.size(0) + kPad - 1) / kPad * kPad),
-        a(&a_buf), out(&out_buf), pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
+  StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf,
+              int64_t max_rows)
+      : W(w), K(w.size(1)), N(w.size(0)),
+        threads(at::in_parallel_region() ? 1 : at::get_num_threads()), panels(max_rows > 1),
+        a(&a_buf), out(&out_buf),
+        pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
+    split = panels ? kPanel : kPad;
+    ldt = (N + split - 1) / split * split;
     Wt = at::empty({K, ldt}, w.options());
     T* pt = Wt.data_ptr<T>();
     pwt = pt;
-    if (K * ldt > (int64_t{1} << 16)) {  // ATen's blocked transposing copy
+    if (!panels && K * ldt > (int64_t{1} << 16)) {  // ATen's blocked transposing copy
       Wt.narrow(1, N, ldt - N).zero_();
       Wt.narrow(1, 0, N).copy_(w.t());
       return;
     }
-    // A small W in a raw loop: the two ATen calls cost more than a small layer's whole step.
+    // A raw loop: at small sizes two ATen calls cost more than a small layer's whole step.
+    // Column n, row k of W^T lives at [n / width][k][n % width] of panels width wide.
     const T* pw = w.const_data_ptr<T>();
-    const int64_t sn = w.stride(0), sk = w.stride(1);
-    std::fill(pt, pt + K * ldt, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t n = 0; n < N; ++n) pt[k * ldt + n] = pw[n * sn + k * sk];
+    const int64_t sn = w.stride(0), sk = w.stride(1), width = panels ? kPanel : ldt;
+    for (int64_t p = 0; p < ldt / width; ++p) {
+      for (int64_t k = 0; k < K; ++k) {
+        T* row = pt + (p * K + k) * width;
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t n = p * width + j;
+          row[j] = n < N ? pw[n * sn + k * sk] : T(0);
+        }
+      }
     }
   }
 
-  // Columns [c0, c1) (c1 <= ldt) of the product, on the calling thread.
+  // Columns [c0, c1) (c1 <= ldt, both multiples of split) of the product, on the calling thread.
   void columns(int64_t a0, int64_t r0, int64_t bs, int64_t c0, int64_t c1, bool accumulate) const {
     const int64_t n = std::min(c1, N) - c0;
     if (n <= 0) return;
-    if (bs * K * n < kGemmWork) {
-      vec_mat_rows<T>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, 0, bs, c0, c1, accumulate);
-      return;
-    }
-    auto o = out->narrow(0, r0, bs).narrow(1, c0, n);
-    const auto x = a->narrow(0, a0, bs);
-    const auto w = W.narrow(0, c0, n).t();
-    if (accumulate) {
-      o.addmm_(x, w);
+    if (panels ? bs >= kGemmRows : bs * K * n >= kGemmWork) {
+      auto o = out->narrow(0, r0, bs).narrow(1, c0, n);
+      const auto x = a->narrow(0, a0, bs);
+      const auto w = W.narrow(0, c0, n).t();
+      if (accumulate) {
+        o.addmm_(x, w);
+      } else {
+        at::mm_out(o, x, w);
+      }
+    } else if (panels) {
+      packed_rows<T>(pa + a0 * K, pwt, K, N, pout + r0 * N, bs, c0 / kPanel, c1 / kPanel,
+                     accumulate);
     } else {
-      at::mm_out(o, x, w);
+      vec_mat_rows<T>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, 0, bs, c0, c1, accumulate);
     }
   }
 
   void operator()(int64_t a0, int64_t r0, int64_t bs, bool accumulate) const {
-    const int64_t threads = at::get_num_threads();
-    if (bs * K * N < kParallelWork || threads == 1 || at::in_parallel_region()) {
+    if (bs * K * N < kParallelWork || threads == 1) {
       columns(a0, r0, bs, 0, ldt, accumulate);
       return;
     }
-    // Whole registers per thread; the same split at every step keeps each slice on one core.
-    const int64_t chunk = (ldt / kPad + threads - 1) / threads * kPad;
+    // Whole panels per thread; the same split at every step keeps each slice on one core.
+    const int64_t chunk = (ldt / split + threads - 1) / threads * split;
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         columns(a0, r0, bs, t * chunk, std::min((t + 1) * chunk, ldt), accumulate);
@@ -366,9 +472,9 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
   const int64_t H = d.H, Hr = d.Hr;
   at::Tensor m = d.proj ? at::empty({d.B, H}, h.options()) : at::Tensor();
   // gates already holds x W_ih^T + b; this adds h_{t-1} W_hh^T.
-  const StepProduct<T> recurrent(w_hh, h, gates);
+  const StepProduct<T> recurrent(w_hh, h, gates, d.B);
   const std::optional<StepProduct<T>> projection =
-      d.proj ? std::optional<StepProduct<T>>(std::in_place, *w_hr, m, output) : std::nullopt;
+      d.proj ? std::optional<StepProduct<T>>(std::in_place, *w_hr, m, output, d.B) : std::nullopt;
   T* pz = gates.data_ptr<T>();
   T* pcell = cells.data_ptr<T>();
   T* py = output.data_ptr<T>();
@@ -388,6 +494,54 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
     });
     if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
     std::memcpy(ph, py + start * Hr, sizeof(T) * bs * Hr);
+  }
+}
+
+// Multiply-adds below which a call's products over the whole sequence are loops here rather
+// than ATen GEMMs: at a FusedLSTMCell step's sizes every ATen call (dispatch, transposed views,
+// allocation, BLAS set-up) costs more than its arithmetic, and the backward made a dozen of
+// them. The input projection's loop sums over I, which does not vectorise: it gives way to BLAS
+// early (measured: 25 % slower than MKL at 799 x 16 x 5, seed-chars). The gradients' loops
+// vectorise over I and H.
+constexpr int64_t kSmallProjection = 1 << 12;
+constexpr int64_t kSmallGrads = 1 << 16;
+
+// z[r] = x[r] W_ih^T (+ b_ih + b_hh) for rows r of x (rows, I); W_ih (G, I); z (rows, G).
+template <typename T>
+void small_input_projection(const T* __restrict x, int64_t rows, int64_t I,
+                            const T* __restrict w_ih, int64_t G, const T* b_ih, const T* b_hh,
+                            T* __restrict z) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < G; ++g) {
+      T sum = b_ih ? b_ih[g] + b_hh[g] : T(0);
+      for (int64_t i = 0; i < I; ++i) sum += x[r * I + i] * w_ih[g * I + i];
+      z[r * G + g] = sum;
+    }
+  }
+}
+
+// sequence_grads without a projection in one pass over dz (rows, G): grad_input = dz W_ih,
+// grad_w_ih = dz^T x, grad_w_hh = dz^T h_prev, grad_bias = the sum of dz's rows, each summed
+// over rows in order. The outputs come zeroed.
+template <typename T>
+void small_sequence_grads(const T* __restrict dz, int64_t rows, int64_t G, const T* __restrict x,
+                          int64_t I, const T* __restrict h_prev, int64_t Hr,
+                          const T* __restrict w_ih, T* __restrict grad_x,
+                          T* __restrict grad_w_ih, T* __restrict grad_w_hh,
+                          T* __restrict grad_bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * I;
+    const T* hr = h_prev + r * Hr;
+    T* gxr = grad_x + r * I;
+    for (int64_t g = 0; g < G; ++g) {
+      const T d = dz[r * G + g];
+      grad_bias[g] += d;
+      for (int64_t i = 0; i < I; ++i) {
+        gxr[i] += d * w_ih[g * I + i];
+        grad_w_ih[g * I + i] += d * xr[i];
+      }
+      for (int64_t j = 0; j < Hr; ++j) grad_w_hh[g * Hr + j] += d * hr[j];
+    }
   }
 }
 
@@ -416,7 +570,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   }
   const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
   const at::Tensor x = input.reshape({-1, d.I});
-  at::Tensor gates = b_ih ? at::addmm(*b_ih + *b_hh, x, w_ih.t()) : at::mm(x, w_ih.t());
+  const bool small = L.rows * 4 * d.H * d.I < kSmallProjection;
+  at::Tensor gates = small ? at::empty({L.rows, 4 * d.H}, x.options())
+                     : b_ih    ? at::addmm(*b_ih + *b_hh, x, w_ih.t())
+                               : at::mm(x, w_ih.t());
   at::Tensor cells = at::empty({L.rows, d.H}, x.options());
   at::Tensor output = at::empty({L.rows, d.Hr}, x.options());
   at::Tensor h = h0.contiguous().clone();
@@ -424,6 +581,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const at::Tensor whh = w_hh.contiguous();
   const std::optional<at::Tensor> whr = w_hr ? std::optional(w_hr->contiguous()) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_lstm_layer_forward_cpu", [&] {
+    if (small) {
+      const at::Tensor xc = x.contiguous(), wih = w_ih.contiguous();
+      const at::Tensor bih = b_ih ? b_ih->contiguous() : at::Tensor();
+      const at::Tensor bhh = b_hh ? b_hh->contiguous() : at::Tensor();
+      small_input_projection<scalar_t>(
+          xc.const_data_ptr<scalar_t>(), L.rows, d.I, wih.const_data_ptr<scalar_t>(), 4 * d.H,
+          b_ih ? bih.const_data_ptr<scalar_t>() : nullptr,
+          b_hh ? bhh.const_data_ptr<scalar_t>() : nullptr, gates.data_ptr<scalar_t>());
+    }
     forward_loop<scalar_t>(L, d, gates, cells, output, h, c, whh, whr);
   });
   return {shaped_like_input(input, output), h, c, shaped_like_input(input, gates),
@@ -438,9 +604,9 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
   const int64_t H = d.H, Hr = d.Hr;
   at::Tensor dm = d.proj ? at::empty({d.B, H}, dh.options()) : dh;
   // dh_{t-1} = dz W_hh and dm = dh W_hr: products with the transposed weights.
-  const StepProduct<T> recurrent(w_hh.t(), dz_all, dh);
+  const StepProduct<T> recurrent(w_hh.t(), dz_all, dh, d.B);
   const std::optional<StepProduct<T>> projection =
-      d.proj ? std::optional<StepProduct<T>>(std::in_place, w_hr->t(), dh, dm) : std::nullopt;
+      d.proj ? std::optional<StepProduct<T>>(std::in_place, w_hr->t(), dh, dm, d.B) : std::nullopt;
   const T* pact = gates.const_data_ptr<T>();
   const T* pcell = cells.const_data_ptr<T>();
   const T* pc0 = c0.const_data_ptr<T>();
@@ -518,14 +684,35 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
   at::Tensor m_all = d.proj ? at::empty({L.rows, d.H}, opts) : at::Tensor();
   const at::Tensor whh = w_hh.contiguous();
   const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+  const bool small = !d.proj && L.rows * 4 * d.H * (2 * d.I + d.Hr) < kSmallGrads;
+  at::Tensor grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
+  if (small) {
+    grad_input = at::empty(input.sizes(), opts);
+    grad_w_ih = at::empty({4 * d.H, d.I}, opts);
+    grad_w_hh = at::empty({4 * d.H, d.Hr}, opts);
+    grad_bias = at::empty({4 * d.H}, opts);
+    grad_w_hr = at::empty({0}, opts);
+  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_lstm_layer_backward_cpu", [&] {
     backward_loop<scalar_t>(L, d, dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr, acts,
                             cs, c0c, whh, w_hr, dz, dh, dc, dh_all, m_all);
     gather_h_prev<scalar_t>(L, d.Hr, y.const_data_ptr<scalar_t>(), h0c.const_data_ptr<scalar_t>(),
                             h_prev.data_ptr<scalar_t>());
+    if (!small) return;
+    const at::Tensor x = seq.x.contiguous(), wih = w_ih.contiguous();
+    for (at::Tensor* t : {&grad_input, &grad_w_ih, &grad_w_hh, &grad_bias}) {
+      std::fill_n(t->data_ptr<scalar_t>(), t->numel(), scalar_t(0));
+    }
+    small_sequence_grads<scalar_t>(
+        dz.const_data_ptr<scalar_t>(), L.rows, 4 * d.H, x.const_data_ptr<scalar_t>(), d.I,
+        h_prev.const_data_ptr<scalar_t>(), d.Hr, wih.const_data_ptr<scalar_t>(),
+        grad_input.data_ptr<scalar_t>(), grad_w_ih.data_ptr<scalar_t>(),
+        grad_w_hh.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>());
   });
-  auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-      sequence_grads(d, input, seq, w_ih, dz, h_prev, dh_all, m_all);
+  if (!small) {
+    std::tie(grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr) =
+        sequence_grads(d, input, seq, w_ih, dz, h_prev, dh_all, m_all);
+  }
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 

@@ -1,0 +1,97 @@
+"""The CPU kernel's per-step product paths against nn.LSTM in float64, at sizes that cross each of
+its register tiles, panels and thresholds, on 1, 2 and 3 threads, and bitwise reproducible
+from call to call for a given thread count.
+
+The paths (csrc/cpu/lstm_cpu.cpp, StepProduct): a batch of one row reads W^T whole
+(vec_mat_rows); a batch of more rows reads W^T in packed panels of 128 bytes of columns
+(32 float / 16 double), in row tiles of 8 (AVX-512), 6 (AVX2) or 4 (SSE), then 4, 2 and 1; from
+256 rows on a step goes to BLAS; from 2**19 multiply-adds a step its columns are split across
+threads in whole panels."""
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+from fused_lstm import FusedLSTM, native_backends
+from helpers import assert_same, outputs_and_grads
+
+pytestmark = pytest.mark.skipif("cpu" not in native_backends(), reason="needs the CPU kernels")
+
+ATOL = 1e-9
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def check_parity(B, H, proj=0, I=5, T=3, threads=1, bidirectional=False):
+    ref = nn.LSTM(I, H, proj_size=proj, bidirectional=bidirectional, dtype=torch.float64)
+    fused = FusedLSTM.from_lstm(ref)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    with num_threads(threads):
+        assert_same(outputs_and_grads(ref, x, None, [x]), outputs_and_grads(fused, x, None, [x]),
+                    atol=ATOL)
+
+
+# Every remainder of the row tiles (8, 6, 4, 2, 1) and 4H below, at and across one and two
+# panels of 16 doubles (H = 3, 4, 5, 8, 9), with and without a projection.
+@pytest.mark.parametrize("B", [2, 3, 5, 6, 7, 8, 9, 11, 13, 15, 17])
+@pytest.mark.parametrize("H, proj", [(3, 0), (4, 0), (5, 2), (8, 0), (9, 7)])
+def test_panel_tiles(B, H, proj):
+    check_parity(B, H, proj, bidirectional=True)
+
+
+# Steps of 2**19 multiply-adds or more: the panels split across threads, unevenly with 3 (and
+# with 2 when the panels are odd in number: 4H = 4 * 100 is 25 panels).
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, H, proj", [(13, 100, 0), (9, 130, 60), (20, 96, 0)])
+def test_panels_split_across_threads(threads, B, H, proj):
+    check_parity(B, H, proj, threads=threads)
+
+
+# 256 rows and more go to BLAS, 255 stay on the panels; both split across threads at H = 24.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B", [255, 256, 261])
+def test_blas_rows_threshold(threads, B):
+    check_parity(B, 24, I=3, T=2, threads=threads)
+
+
+def test_packed_sequence_down_to_one_row():
+    """Batch sizes 7, 5, 2, 1: the panels' row tiles shrink step by step to a single row."""
+    ref = nn.LSTM(4, 10, dtype=torch.float64)
+    fused = FusedLSTM.from_lstm(ref)
+    seqs = [torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
+            for n in (4, 3, 3, 2, 2, 1, 1)]
+    assert_same(outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
+                outputs_and_grads(fused, pack_sequence(seqs), None, seqs), atol=ATOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, H", [(1, 20), (1, 640), (8, 64), (13, 100), (300, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bitwise_reproducible(threads, B, H, dtype):
+    """Two identical calls give bit-identical outputs and gradients on every path."""
+    fused = FusedLSTM(6, H, dtype=dtype)
+    x = torch.randn(4, B, 6, dtype=dtype, requires_grad=True)
+    with num_threads(threads):
+        first = outputs_and_grads(fused, x, None, [x])
+        second = outputs_and_grads(fused, x, None, [x])
+    assert_same(first, second, atol=0)
+
+
+# A call's products over the whole sequence run as loops below 2**12 (the input projection) and
+# 2**16 (the gradients) multiply-adds, ATen GEMMs from there: at I = 4, H = 20 the forward's
+# cross at 13 rows, the backward's at 30.
+@pytest.mark.parametrize("T", [1, 12, 13, 29, 30])
+def test_small_sequence_products_threshold(T):
+    check_parity(1, 20, I=4, T=T)
+    check_parity(1, 20, I=4, T=T, bidirectional=True)
