@@ -258,7 +258,7 @@ class FusedLSTM(nn.Module):
             data, batch_sizes, sorted_indices, unsorted_indices = input
         else:
             data = input
-        x, h0, c0 = self._prepare(data, batch_sizes, sorted_indices, hx)
+        x, h0, c0 = self._validate(data, batch_sizes, sorted_indices, hx)
         weights = self._weights()
         if not torch.jit.is_scripting():
             dtype = _autocast_dtype(x, via_cudnn=True)
@@ -278,9 +278,18 @@ class FusedLSTM(nn.Module):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _prepare(self, data: Tensor, batch_sizes: Optional[Tensor],
-                 sorted_indices: Optional[Tensor], hx: Optional[Tuple[Tensor, Tensor]]
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    def _prepare(self, input, hx) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+        """_validate for Python callers (fused_lstm.trace), from forward's arguments: returns the
+        op's input, batch sizes (None unless packed) and (h_0, c_0)."""
+        batch_sizes = sorted_indices = None
+        if isinstance(input, PackedSequence):
+            input, batch_sizes, sorted_indices, _ = input
+        x, h0, c0 = self._validate(input, batch_sizes, sorted_indices, hx)
+        return x, batch_sizes, (h0, c0)
+
+    def _validate(self, data: Tensor, batch_sizes: Optional[Tensor],
+                  sorted_indices: Optional[Tensor], hx: Optional[Tuple[Tensor, Tensor]]
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
         """Validates like nn.LSTM and returns what the op takes: the input time-major (or the
         packed data, with its batch_sizes) and h_0, c_0 as (L*D, B, ·), in the packed batch
         order."""

@@ -173,7 +173,8 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("with_hx", [False, True], ids=["hx=None", "hx"])
 def test_lstm_script_and_trace_match_eager(config, with_hx):
     (fused,), (lstm,) = fused_and_nn(config)
