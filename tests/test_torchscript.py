@@ -336,3 +336,18 @@ def test_scripted_lstm_errors(scripted_holder, args, message):
     # The interpreter raises torch.jit.Error for a Python raise, RuntimeError for the op's.
     with pytest.raises((torch.jit.Error, RuntimeError), match=message):
         scripted_holder(*args)
+
+
+def test_scripted_model_follows_its_parameters():
+    """The scripted forward reads the module's Parameters, not copies: load_state_dict and
+    .double() on a saved and loaded model reach what it runs."""
+    torch.manual_seed(0)
+    eager = Holder(FusedLSTM(3, 4, 2, bidirectional=True))
+    loaded = saved_and_loaded(torch.jit.script(copy.deepcopy(eager))).double()
+    eager.double()
+    state = {k: torch.randn_like(v) for k, v in eager.state_dict().items()}
+    eager.load_state_dict(state)
+    loaded.load_state_dict(state)
+    x = seq((5, 2, 3), 1)
+    assert_same(outputs_and_grads(eager, x, None, [x]), outputs_and_grads(loaded, x, None, [x]),
+                **TIGHT)
