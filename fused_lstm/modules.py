@@ -5,13 +5,18 @@ Deliberately not subclasses of ``nn.RNNBase``: Dynamo refuses to trace those, an
 owning the module is that it can be compiled. Parameter names, shapes, order, initialisation,
 validation and error messages follow torch/nn/modules/rnn.py so that state dicts, optimisers and
 error-handling code written for nn.LSTM keep working.
-"""
 
-from __future__ import annotations
+TorchScript compiles both forwards, as it compiles nn.LSTM's: ``torch.jit._overload_method`` gives
+FusedLSTM a Tensor and a PackedSequence signature, and ``torch.jit.is_scripting()`` leaves out
+what TorchScript cannot compile (autocast's casts, the ONNX branch, torch.compile's size checks;
+the input dtype check, as nn.LSTM's scripted form leaves it out). The annotations of what
+TorchScript compiles use ``typing`` (Optional, Tuple, List), which its parser reads.
+"""
 
 import math
 import numbers
 import warnings
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +27,7 @@ from . import _backend  # noqa: F401  (the ops)
 from . import _onnx
 
 
-def _apply_permutation(tensor: Tensor, permutation: Tensor | None, dim: int = 1) -> Tensor:
+def _apply_permutation(tensor: Tensor, permutation: Optional[Tensor], dim: int = 1) -> Tensor:
     return tensor if permutation is None else tensor.index_select(dim, permutation)
 
 
@@ -153,9 +158,20 @@ class FusedLSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """Kept for nn.LSTM compatibility; the kernels read PyTorch's layout, so nothing to do."""
 
+    # TorchScript cannot compile these (a parameter looked up by a name held in a variable).
+    __jit_unused_properties__ = ["_flat_weights", "all_weights"]
+
     @property
     def _flat_weights(self) -> list[Tensor]:
         return [getattr(self, name) for name in self._flat_weights_names]
+
+    def __prepare_scriptable__(self) -> "FusedLSTM":
+        # What the scripted forward reads for _flat_weights: the Parameters themselves, as in
+        # nn.LSTM's scripted form, so that gradients reach them (also after jit.save / load) and
+        # module.to() / double() (which swap the data in place) reach the list. Made whenever
+        # the module is scripted, so a Parameter replaced before that is the one read.
+        self._scripted_weights: List[Tensor] = self._flat_weights
+        return self
 
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
@@ -179,18 +195,20 @@ class FusedLSTM(nn.Module):
 
     # -- validation, with nn.LSTM's messages ------------------------------------------------
 
-    def _expected_sizes(self, mini_batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    def _expected_sizes(self, mini_batch: int) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
         lead = self.num_layers * (2 if self.bidirectional else 1)
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         return (lead, mini_batch, real_hidden), (lead, mini_batch, self.hidden_size)
 
-    def _check_forward_args(self, input: Tensor, hx: tuple[Tensor, Tensor], is_packed: bool,
+    def _check_forward_args(self, input: Tensor, hx: Tuple[Tensor, Tensor], is_packed: bool,
                             mini_batch: int) -> None:
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
-            raise ValueError(
-                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
-                f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
+        if not torch.jit.is_scripting():
+            if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+                raise ValueError(
+                    f"RNN input dtype ({input.dtype}) does not match weight dtype "
+                    f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
+                    f"model: model.to({input.dtype})")
         expected_dim = 2 if is_packed else 3
         if input.dim() != expected_dim:
             raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
@@ -198,32 +216,58 @@ class FusedLSTM(nn.Module):
             raise RuntimeError(
                 "input.size(-1) must be equal to input_size. "
                 f"Expected {self.input_size}, got {input.size(-1)}")
-        for k, (state, expected) in enumerate(zip(hx, self._expected_sizes(mini_batch))):
-            if state.dim() != len(expected) or any(
-                    _known_unequal(have, want) for have, want in zip(state.shape, expected)):
+        h_size, c_size = self._expected_sizes(mini_batch)
+        for k, (state, expected) in enumerate([(hx[0], h_size), (hx[1], c_size)]):
+            want0, want1, want2 = expected
+            if state.dim() != 3 or _known_unequal(state.size(0), want0) or _known_unequal(
+                    state.size(1), want1) or _known_unequal(state.size(2), want2):
                 raise RuntimeError(f"Expected hidden[{k}] size {expected}, got {list(state.size())}")
             # For a PackedSequence under torch.compile, mini_batch is batch_sizes[0], a value the
             # compiler cannot read: the comparison above is undecided there (guard_or_false says
             # False) and this makes it a check at run time rather than a graph break.
-            if not torch.jit.is_tracing():  # traced sizes are tensors, compared above
-                torch._check(state.size(1) == mini_batch)
-        _check_attributes(input, hx, self._flat_weights)
+            if not torch.jit.is_scripting():
+                if not torch.jit.is_tracing():  # traced sizes are tensors, compared above
+                    torch._check(state.size(1) == mini_batch)
+        _check_attributes(input, [hx[0], hx[1]], self._weights())
+
+    def _weights(self) -> List[Tensor]:
+        """_flat_weights, also where TorchScript runs (it cannot compile the property)."""
+        if torch.jit.is_scripting():
+            return self._scripted_weights
+        return self._flat_weights
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, input, hx=None):
-        x, batch_sizes, hx = self._prepare(input, hx)
-        dtype = _autocast_dtype(x, via_cudnn=True)
-        x, h0, c0, *weights = _cast(dtype, x, *hx, *self._flat_weights)
-        # No exporter can convert the fused ops: under ONNX export the same call builds ONNX's
-        # LSTM operator instead.
-        lstm = _onnx.lstm if torch.onnx.is_in_onnx_export() else torch.ops.fused_lstm.lstm.default
-        output, h_n, c_n = lstm(
+    # TorchScript compiles forward once for each of these signatures (as nn.LSTM's); Python
+    # calls the definition below them.
+    @torch.jit._overload_method  # noqa: F811
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        pass
+
+    @torch.jit._overload_method  # noqa: F811
+    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+        pass
+
+    def forward(self, input, hx=None):  # noqa: F811
+        batch_sizes: Optional[Tensor] = None
+        sorted_indices: Optional[Tensor] = None
+        unsorted_indices: Optional[Tensor] = None
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+        else:
+            data = input
+        x, h0, c0 = self._validate(data, batch_sizes, sorted_indices, hx)
+        weights = self._weights()
+        if not torch.jit.is_scripting():
+            dtype = _autocast_dtype(x, via_cudnn=True)
+            x, h0, c0, *weights = _cast(dtype, x, h0, c0, *weights)
+        output, h_n, c_n = _lstm(
             x, batch_sizes, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
             self.dropout, self.training, self.bidirectional)
 
         if isinstance(input, PackedSequence):
-            _, _, sorted_indices, unsorted_indices = input
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return output, (_apply_permutation(h_n, unsorted_indices),
                             _apply_permutation(c_n, unsorted_indices))
@@ -235,56 +279,87 @@ class FusedLSTM(nn.Module):
         return output, (h_n, c_n)
 
     def _prepare(self, input, hx) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+        """_validate for Python callers (fused_lstm.trace), from forward's arguments: returns the
+        op's input, batch sizes (None unless packed) and (h_0, c_0)."""
+        batch_sizes = sorted_indices = None
+        if isinstance(input, PackedSequence):
+            input, batch_sizes, sorted_indices, _ = input
+        x, h0, c0 = self._validate(input, batch_sizes, sorted_indices, hx)
+        return x, batch_sizes, (h0, c0)
+
+    def _validate(self, data: Tensor, batch_sizes: Optional[Tensor],
+                  sorted_indices: Optional[Tensor], hx: Optional[Tuple[Tensor, Tensor]]
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
         """Validates like nn.LSTM and returns what the op takes: the input time-major (or the
-        packed data), the batch sizes (None unless packed) and (h_0, c_0) as (L*D, B, ·), in the
-        packed batch order."""
-        is_packed = isinstance(input, PackedSequence)
-        if is_packed:
-            if torch.onnx.is_in_onnx_export():
-                raise RuntimeError(_onnx.PACKED_SEQUENCE_ERROR)
-            data, batch_sizes, sorted_indices, _ = input
+        packed data, with its batch_sizes) and h_0, c_0 as (L*D, B, ·), in the packed batch
+        order."""
+        is_packed = batch_sizes is not None
+        if batch_sizes is not None:
+            if not torch.jit.is_scripting():
+                if torch.onnx.is_in_onnx_export():
+                    raise RuntimeError(_onnx.PACKED_SEQUENCE_ERROR)
             mini_batch = int(batch_sizes[0])
             is_batched = True
         else:
-            if input.dim() not in (2, 3):
+            if data.dim() not in (2, 3):
                 raise ValueError(
-                    f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            batch_sizes = sorted_indices = None
-            is_batched = input.dim() == 3
+                    f"LSTM: Expected input to be 2D or 3D, got {data.dim()}D instead")
+            is_batched = data.dim() == 3
             batch_dim = 0 if self.batch_first else 1
-            data = input if is_batched else input.unsqueeze(batch_dim)
+            if not is_batched:
+                data = data.unsqueeze(batch_dim)
             mini_batch = data.size(batch_dim)
 
         if hx is None:
             h_size, c_size = self._expected_sizes(mini_batch)
-            hx = (data.new_zeros(h_size), data.new_zeros(c_size))
+            h0, c0 = data.new_zeros(h_size), data.new_zeros(c_size)
         else:
-            _check_hx_pair(hx, "LSTM", "lstm")
+            if not torch.jit.is_scripting():  # TorchScript has checked hx's type
+                _check_hx_pair(hx, "LSTM", "lstm")
+            h0, c0 = hx[0], hx[1]
             if not is_packed:
                 want = 3 if is_batched else 2
-                if hx[0].dim() != want or hx[1].dim() != want:
+                if h0.dim() != want or c0.dim() != want:
                     kind = "batched 3-D" if is_batched else "unbatched 2-D"
                     raise RuntimeError(
                         f"For {kind} input, hx and cx should also be {want}-D but got "
-                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                        f"({h0.dim()}-D, {c0.dim()}-D) tensors")
                 if not is_batched:
-                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self._check_forward_args(data, hx, is_packed, mini_batch)
+                    h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        self._check_forward_args(data, (h0, c0), is_packed, mini_batch)
         if not is_packed and data.size(1 if self.batch_first else 0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        if is_packed:
-            hx = (_apply_permutation(hx[0], sorted_indices),
-                  _apply_permutation(hx[1], sorted_indices))
+        h0 = _apply_permutation(h0, sorted_indices)
+        c0 = _apply_permutation(c0, sorted_indices)
         x = data.transpose(0, 1) if (self.batch_first and not is_packed) else data
-        return x, batch_sizes, hx
+        return x, h0, c0
 
 
-def _known_unequal(have, want) -> bool:
+def _lstm(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor,
+          weights: List[Tensor], has_biases: bool, has_proj: bool, num_layers: int,
+          dropout: float, train: bool, bidirectional: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The op fused_lstm::lstm. No exporter can convert the fused ops: under ONNX export the same
+    call builds ONNX's LSTM operator instead. TorchScript compiles the overload packet only
+    (the op has one overload); eager mode calls the overload itself, which is what
+    __torch_function__ modes and torch.compile see."""
+    if torch.jit.is_scripting():
+        return torch.ops.fused_lstm.lstm(x, batch_sizes, h0, c0, weights, has_biases, has_proj,
+                                         num_layers, dropout, train, bidirectional)
+    else:
+        op = _onnx.lstm if torch.onnx.is_in_onnx_export() else torch.ops.fused_lstm.lstm.default
+        return op(x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers, dropout,
+                  train, bidirectional)
+
+
+def _known_unequal(have: int, want: int) -> bool:
     """``have != want`` where that is known: a SymInt comparison torch.compile cannot decide is
     False; under torch.jit.trace (the TorchScript ONNX exporter) sizes are 0-dim tensors, compared
-    by their traced values."""
-    differs = have != want
-    return bool(differs) if isinstance(differs, Tensor) else guard_or_false(differs)
+    by their traced values. TorchScript's sizes are ints."""
+    if torch.jit.is_scripting():
+        return have != want
+    else:
+        differs = have != want
+        return bool(differs) if isinstance(differs, Tensor) else guard_or_false(differs)
 
 
 def _type_name(t: Tensor) -> str:
@@ -292,17 +367,18 @@ def _type_name(t: Tensor) -> str:
     return t.type().rsplit(".", 1)[-1].removesuffix("Tensor")
 
 
-def _check_attributes(input: Tensor, states, weights) -> None:
+def _check_attributes(input: Tensor, states: List[Tensor], weights: List[Tensor]) -> None:
     """ATen's check_attributes (aten/src/ATen/native/RNN.h) with its messages: the states have
     input's dtype and device, the weights its device. nn.LSTM checks the states' dtype on cuDNN
     only; on the CPU a float64 input with a float32 h_0 fails inside a matmul, and a float32 c_0
     next to a float64 input and h_0 is silently promoted. FusedLSTM and FusedLSTMCell check
-    everywhere."""
+    everywhere. TorchScript compiles the device checks; the op checks the dtypes there."""
     for state in states:
-        if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
-            raise RuntimeError(
-                "Input and hidden tensors are not the same dtype, found input tensor with "
-                f"{_type_name(input)} and hidden tensor with {_type_name(state)}")
+        if not torch.jit.is_scripting():
+            if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(
+                    "Input and hidden tensors are not the same dtype, found input tensor with "
+                    f"{_type_name(input)} and hidden tensor with {_type_name(state)}")
         if state.device != input.device:
             raise RuntimeError(
                 "Input and hidden tensors are not at the same device, found input tensor at "
@@ -371,13 +447,15 @@ class FusedLSTMCell(nn.Module):
             s += ", bias={bias}"
         return s.format(**self.__dict__)
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tensor]:
         if input.dim() not in (1, 2):
             raise ValueError(
                 f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
-            _check_hx_pair(hx, "LSTMCell", "lstm_cell")
-            for idx, value in enumerate(hx):
+            if not torch.jit.is_scripting():  # TorchScript has checked hx's type
+                _check_hx_pair(hx, "LSTMCell", "lstm_cell")
+            for idx, value in enumerate([hx[0], hx[1]]):
                 if value.dim() not in (1, 2):
                     raise ValueError(
                         f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
@@ -385,28 +463,26 @@ class FusedLSTMCell(nn.Module):
         if not is_batched:
             input = input.unsqueeze(0)
         if hx is None:
-            zeros = input.new_zeros(input.size(0), self.hidden_size)
-            hx = (zeros, zeros)
-        elif not is_batched:
-            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        weights = [self.weight_ih, self.weight_hh]
-        if self.bias:
-            weights += [self.bias_ih, self.bias_hh]
-        dtype = _autocast_dtype(input, via_cudnn=False)
-        input, h0, c0, *weights = _cast(dtype, input, *hx, *weights)
-        self._check(input, (h0, c0), weights)
-        b_ih, b_hh = weights[2:] if self.bias else (None, None)
-        if torch.onnx.is_in_onnx_export():  # no exporter can convert the fused ops
-            h, c = _onnx.lstm_cell(input, h0, c0, weights[0], weights[1], b_ih, b_hh)
+            h0 = c0 = input.new_zeros(input.size(0), self.hidden_size)
         else:
-            # The op's C++ autograd differentiates it; its workspace (gates, cells) stays there.
-            h, c, _, _ = torch.ops.fused_lstm.cell_forward.default(input, h0, c0, weights[0],
-                                                                   weights[1], b_ih, b_hh)
+            h0, c0 = hx[0], hx[1]
+            if not is_batched:
+                h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+        weights = [self.weight_ih, self.weight_hh]
+        b_ih, b_hh = self.bias_ih, self.bias_hh
+        if b_ih is not None and b_hh is not None:
+            weights += [b_ih, b_hh]
+        if not torch.jit.is_scripting():
+            dtype = _autocast_dtype(input, via_cudnn=False)
+            input, h0, c0, *weights = _cast(dtype, input, h0, c0, *weights)
+        self._check(input, h0, c0, weights)
+        b_ih, b_hh = (weights[2], weights[3]) if len(weights) == 4 else (None, None)
+        h, c = _lstm_cell(input, h0, c0, weights[0], weights[1], b_ih, b_hh)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c
 
-    def _check(self, input: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor]) -> None:
+    def _check(self, input: Tensor, h0: Tensor, c0: Tensor, weights: List[Tensor]) -> None:
         # The size messages of ATen's check_rnn_cell_forward_input / _hidden, which nn.LSTMCell
         # raises. For a wrong dtype or device nn.LSTMCell has no check of its own (a matmul
         # fails, or promotes a float32 c_0); these name the tensors, as nn.LSTM does.
@@ -414,7 +490,7 @@ class FusedLSTMCell(nn.Module):
             raise RuntimeError(
                 f"input has inconsistent input_size: got {input.size(1)} "
                 f"expected {self.input_size}")
-        for k, state in enumerate(hx):
+        for k, state in enumerate([h0, c0]):
             if input.size(0) != state.size(0):
                 raise RuntimeError(
                     f"Input batch size {input.size(0)} doesn't match hidden{k} batch size "
@@ -424,9 +500,25 @@ class FusedLSTMCell(nn.Module):
                     f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, "
                     f"expected {self.hidden_size}")
         weight = weights[0]
-        if input.dtype != weight.dtype:
-            raise RuntimeError(
-                f"LSTMCell input dtype ({input.dtype}) does not match weight dtype "
-                f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert model: "
-                f"model.to({input.dtype})")
-        _check_attributes(input, hx, weights)
+        if not torch.jit.is_scripting():  # TorchScript cannot print a dtype; the op checks
+            if input.dtype != weight.dtype:
+                raise RuntimeError(
+                    f"LSTMCell input dtype ({input.dtype}) does not match weight dtype "
+                    f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
+                    f"model: model.to({input.dtype})")
+        _check_attributes(input, [h0, c0], weights)
+
+
+def _lstm_cell(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+               b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The op fused_lstm::cell_forward's (h, c), or ONNX's form of it under ONNX export, as
+    _lstm. The op's C++ autograd differentiates it; its workspace (gates, cells) stays there."""
+    if torch.jit.is_scripting():
+        h, c, _, _ = torch.ops.fused_lstm.cell_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return h, c
+    else:
+        if torch.onnx.is_in_onnx_export():
+            return _onnx.lstm_cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        h, c, _, _ = torch.ops.fused_lstm.cell_forward.default(input, h0, c0, w_ih, w_hh, b_ih,
+                                                               b_hh)
+        return h, c
