@@ -9,6 +9,7 @@ no CUDA toolkit."""
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -58,16 +59,23 @@ def _extension():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is inline code that splits work across threads only where the
+    # including file is compiled with OpenMP; without it every "parallel" step ran on one thread.
+    # The link resolves to the libgomp.so.1 torch has already loaded (same soname), so torch's
+    # thread pool and torch.set_num_threads govern ours.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp
+    link = openmp
     if not with_cuda:
-        return CppExtension("fused_lstm._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("fused_lstm._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += [os.path.relpath(p, ROOT) for p in
                 sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
     nvcc = ["-O3", "-lineinfo"]
     extra = _pip_cuda_includes()
-    return CUDAExtension("fused_lstm._C", sources,
+    return CUDAExtension("fused_lstm._C", sources, extra_link_args=link,
                          extra_compile_args={"cxx": cxx + ["-DFUSED_LSTM_CUDA"] + extra,
                                              "nvcc": nvcc + extra})
 

@@ -3,8 +3,12 @@
 // device. Their autograd, and the whole-LSTM op lstm over them: autograd.cpp.
 // Shapes and layouts: see lstm_common.h and fused_lstm/reference.py, which implements the same
 // signatures in PyTorch ops.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <set>
 
 TORCH_LIBRARY(fused_lstm, m) {
   // One layer, one direction. Returns (output, h_n, c_n, gates, cells); gates and cells are the
@@ -53,4 +57,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm native kernels; importing this module registers torch.ops.fused_lstm";
   // The error a second backward through the handwritten backwards raises, for the tests to match.
   m.attr("DOUBLE_BACKWARD_ERROR") = pybind11::str(fused_lstm::kDoubleBackwardError);
+  // at::parallel_for is inline: it runs on one thread in a file compiled without OpenMP, which is
+  // how the kernels' threaded steps once ran. This file is compiled with the kernels' flags.
+  m.def("parallel_for_threads", [] {
+    std::mutex mutex;
+    std::set<int> seen;
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      const std::lock_guard<std::mutex> lock(mutex);
+      seen.insert(at::get_thread_num());
+    });
+    return seen.size();
+  }, "how many threads at::parallel_for runs a split of get_num_threads() pieces on in the kernels");
 }

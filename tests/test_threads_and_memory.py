@@ -117,3 +117,15 @@ def test_identical_calls_give_identical_bits(backend, threads, B, H):
         torch.set_num_threads(saved)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_kernels_split_work_across_threads():
+    """The CPU kernels' threaded steps really run on several threads: at::parallel_for is inline
+    code that stays on one thread unless the extension is compiled with OpenMP, which it once
+    was not."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fused_lstm._C.parallel_for_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
