@@ -15,9 +15,9 @@ import torch
 import torch.utils.deterministic as _fill
 
 from . import _backend  # noqa: F401  (loads fused_lstm._C, which declares the ops)
+from ._library import KERNEL_OPS
 from ._redirect import redirect
 
-_OPS = ("layer_forward", "layer_backward", "cell_forward", "cell_backward")
 ORDERS = ("forward", "reverse", "shuffle")
 
 
@@ -57,13 +57,14 @@ def emulated_cuda(order: str = "forward", seed: int = 0) -> Iterator[EmulatorRun
     ``cell_backward`` on CPU tensors run the CUDA kernels under the emulator. ``order`` (one of
     :data:`ORDERS`) is the order of each launch's blocks and of a block's runnable threads
     between synchronisation points; ``"shuffle"`` draws it from ``seed``. Yields an
-    :class:`EmulatorRun`. Not thread-safe (like :func:`fused_lstm.reference_only`)."""
+    :class:`EmulatorRun`. Not thread-safe: the emulator's order and torch's deterministic-fill
+    setting it switches on are process-wide."""
     emu = _emulator()
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     emu.set_order(order, seed)
     run = EmulatorRun()
-    table = {f"fused_lstm::{name}": getattr(emu, name) for name in _OPS}
+    table = {f"fused_lstm::{name}": getattr(emu, name) for name in KERNEL_OPS}
     # Fresh tensors (torch.empty, the kernels' output buffers) start NaN, as shared memory does,
     # so an element a kernel fails to write shows up instead of reading as stale memory.
     saved = torch.are_deterministic_algorithms_enabled(), _fill.fill_uninitialized_memory
