@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import split_direction_weights
 
 # PyTorch stacks the gates' rows as i, f, g, o; ONNX's LSTM as i, o, f, g (its "c").
 _ONNX_GATE_ORDER = [0, 3, 1, 2]
@@ -41,6 +40,15 @@ _ONNX_GATE_ORDER = [0, 3, 1, 2]
 PACKED_SEQUENCE_ERROR = (
     "fused_lstm: torch.onnx.export of FusedLSTM with a PackedSequence input is not supported; "
     "export the model with a padded tensor input instead")
+
+
+def split_direction_weights(weights, has_bias: bool, has_proj: bool):
+    """One direction's slice of nn.LSTM's flat weights, ``[w_ih, w_hh, (b_ih, b_hh), (w_hr)]``,
+    as the layer functions take them: ``(w_ih, w_hh, b_ih, b_hh, w_hr)``, None where absent."""
+    w_ih, w_hh = weights[0], weights[1]
+    b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
+    w_hr = weights[-1] if has_proj else None
+    return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
 def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor,

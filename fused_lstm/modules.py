@@ -278,15 +278,6 @@ class FusedLSTM(nn.Module):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _prepare(self, input, hx) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
-        """_validate for Python callers (fused_lstm.trace), from forward's arguments: returns the
-        op's input, batch sizes (None unless packed) and (h_0, c_0)."""
-        batch_sizes = sorted_indices = None
-        if isinstance(input, PackedSequence):
-            input, batch_sizes, sorted_indices, _ = input
-        x, h0, c0 = self._validate(input, batch_sizes, sorted_indices, hx)
-        return x, batch_sizes, (h0, c0)
-
     def _validate(self, data: Tensor, batch_sizes: Optional[Tensor],
                   sorted_indices: Optional[Tensor], hx: Optional[Tuple[Tensor, Tensor]]
                   ) -> Tuple[Tensor, Tensor, Tensor]:

@@ -38,15 +38,6 @@ def step_rows(input: Tensor, batch_sizes: Tensor | None, reverse: bool) -> list[
     return steps[::-1] if reverse else steps
 
 
-def split_direction_weights(weights, has_bias: bool, has_proj: bool):
-    """One direction's slice of nn.LSTM's flat weights, ``[w_ih, w_hh, (b_ih, b_hh), (w_hr)]``,
-    as the layer functions take them: ``(w_ih, w_hh, b_ih, b_hh, w_hr)``, None where absent."""
-    w_ih, w_hh = weights[0], weights[1]
-    b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
-    w_hr = weights[-1] if has_proj else None
-    return w_ih, w_hh, b_ih, b_hh, w_hr
-
-
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 

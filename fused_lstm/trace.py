@@ -3,20 +3,18 @@
 The lectures draw i, f, g, o, c and h step by step to show why an LSTM remembers. The fused
 forward already writes the gate activations and cell states into the workspace it keeps for the
 backward, so the trace is that workspace, reshaped, rather than a second implementation of the
-cell in Python that could disagree with the kernels: gate_trace runs the module's layers itself,
-calling the kernel op ``layer_forward`` per layer and direction as the ``lstm`` op does, and keeps
-what each call returns.
+cell in Python that could disagree with the kernels: gate_trace runs the module and, through
+``fused_lstm._redirect``, keeps what each of the ``lstm`` op's ``layer_forward`` calls returns.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from . import _redirect
 from .modules import FusedLSTM
-from .reference import split_direction_weights
 
 GATES = ("i", "f", "g", "o")
 
@@ -42,28 +40,22 @@ def gate_trace(module: FusedLSTM | nn.LSTM, input: Tensor | PackedSequence,
             f"gate_trace expects a FusedLSTM or nn.LSTM module, got {type(module).__name__}")
     H = module.hidden_size
     traces: dict[str, list[Tensor]] = {k: [] for k in (*GATES, "c", "h")}
-    with torch.no_grad():
-        x, batch_sizes, (h0, c0) = module._prepare(input, hx)
-        D = 2 if module.bidirectional else 1
-        for layer in range(module.num_layers):
-            outs = []
-            for d in range(D):
-                k = layer * D + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = split_direction_weights(
-                    module.all_weights[k], module.bias, module.proj_size > 0)
-                y, _, _, gates, cells = torch.ops.fused_lstm.layer_forward(
-                    x, batch_sizes, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1)
-                outs.append(y)
-                acts = gates.unflatten(-1, (4, H)).unbind(-2)
-                for name, act in zip(GATES, acts):
-                    traces[name].append(act)
-                traces["c"].append(cells)
-                # Without a projection the layer output is h itself; with one, h is the
-                # pre-projection o * tanh(c), which the workspace holds the factors of.
-                traces["h"].append(acts[3] * cells.tanh() if module.proj_size else y)
-            x = torch.cat(outs, -1)
-            if module.training and module.dropout > 0 and layer < module.num_layers - 1:
-                x = F.dropout(x, module.dropout, training=True)  # the op's dropout, same draws
+
+    def tap(*args):
+        # Each layer and direction's kernel call, in h_n's order: keep what it returned.
+        y, h, c, gates, cells = torch.ops.fused_lstm.layer_forward(*args)
+        acts = gates.unflatten(-1, (4, H)).unbind(-2)
+        for name, act in zip(GATES, acts):
+            traces[name].append(act)
+        traces["c"].append(cells)
+        # Without a projection the layer output is h itself; with one, h is the pre-projection
+        # o * tanh(c), which the workspace holds the factors of.
+        traces["h"].append(acts[3] * cells.tanh() if module.proj_size else y)
+        return y, h, c, gates, cells
+
+    with torch.no_grad(), _redirect.redirect({"fused_lstm::layer_forward": tap},
+                                             applies=lambda args: True):
+        module(input, hx)
 
     packed = isinstance(input, PackedSequence)
     unbatched = not packed and input.dim() == 2
