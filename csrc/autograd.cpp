@@ -36,15 +36,18 @@ using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 
+// The regularisers and resets that end layer_forward's and layer_backward's arguments.
+#define FL_EXTRAS_SIG \
+  const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&
 using LayerForwardSig = Tensors5(const Tensor&, const optional<Tensor>&, const Tensor&,
                                  const Tensor&, const Tensor&, const Tensor&,
                                  const optional<Tensor>&, const optional<Tensor>&,
-                                 const optional<Tensor>&, bool);
+                                 const optional<Tensor>&, bool, FL_EXTRAS_SIG);
 using LayerBackwardSig = Tensors7(const optional<Tensor>&, const optional<Tensor>&,
                                   const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
                                   const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                   const optional<Tensor>&, const Tensor&, const Tensor&,
-                                  const Tensor&, bool);
+                                  const Tensor&, bool, FL_EXTRAS_SIG);
 using CellForwardSig = Tensors4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                 const Tensor&, const optional<Tensor>&, const optional<Tensor>&);
 using CellBackwardSig = Tensors6(const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
@@ -124,10 +127,15 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
                                const optional<Tensor>& batch_sizes, const Tensor& h0,
                                const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
                                const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                               const optional<Tensor>& w_hr, bool reverse) {
+                               const optional<Tensor>& w_hr, bool reverse,
+                               const optional<Tensor>& recurrent_mask,
+                               const optional<Tensor>& zoneout_cell,
+                               const optional<Tensor>& zoneout_hidden,
+                               const optional<Tensor>& reset) {
     const Below below;
     auto [y, h, c, gates, cells] =
-        ops().layer_forward.call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+        ops().layer_forward.call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                 recurrent_mask, zoneout_cell, zoneout_hidden, reset);
     // The workspace is saved state for the backward, not a differentiable result; an unused
     // output's gradient reaches the backward undefined rather than as zeros.
     ctx->mark_non_differentiable({gates, cells});
@@ -135,7 +143,9 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value();
-    ctx->save_for_backward({input, h0, c0, w_ih, w_hh, w_hr.value_or(Tensor()), y, gates, cells});
+    ctx->save_for_backward({input, h0, c0, w_ih, w_hh, w_hr.value_or(Tensor()), y, gates, cells,
+                            recurrent_mask.value_or(Tensor()), zoneout_cell.value_or(Tensor()),
+                            zoneout_hidden.value_or(Tensor()), reset.value_or(Tensor())});
     return {y, h, c, gates, cells};
   }
 
@@ -150,13 +160,15 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
       const Below below;
       auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = ops().layer_backward.call(
           opt(grad[0]), opt(grad[1]), opt(grad[2]), input, batch_sizes, h0, c0, w_ih, w_hh,
-          opt(w_hr), y, gates, cells, ctx->saved_data["reverse"].toBool());
+          opt(w_hr), y, gates, cells, ctx->saved_data["reverse"].toBool(), opt(saved[9]),
+          opt(saved[10]), opt(saved[11]), opt(saved[12]));
       g = {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
     }
     g = refuse_double_backward(g, concat({{grad[0], grad[1], grad[2]}, saved}));
     const Tensor db = ctx->saved_data["has_bias"].toBool() ? g[5] : Tensor();
+    // batch_sizes, reverse, the masks and the resets are constants.
     return {g[0], Tensor(), g[1], g[2], g[3], g[4], db, db, w_hr.defined() ? g[6] : Tensor(),
-            Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -164,13 +176,17 @@ Tensors5 layer_forward_autograd(const Tensor& input, const optional<Tensor>& bat
                                 const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
                                 const Tensor& w_hh, const optional<Tensor>& b_ih,
                                 const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                                bool reverse) {
+                                bool reverse, const optional<Tensor>& recurrent_mask,
+                                const optional<Tensor>& zoneout_cell,
+                                const optional<Tensor>& zoneout_hidden,
+                                const optional<Tensor>& reset) {
   if (!torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)) {
     const Below below;
     return ops().layer_forward.call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                   reverse);
+                                   reverse, recurrent_mask, zoneout_cell, zoneout_hidden, reset);
   }
-  auto out = LayerForward::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse);
+  auto out = LayerForward::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
+                                 recurrent_mask, zoneout_cell, zoneout_hidden, reset);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -228,10 +244,15 @@ Tensors7 layer_backward_autograd(const optional<Tensor>& grad_output,
                                  const optional<Tensor>& batch_sizes, const Tensor& h0,
                                  const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
                                  const optional<Tensor>& w_hr, const Tensor& output,
-                                 const Tensor& gates, const Tensor& cells, bool reverse) {
+                                 const Tensor& gates, const Tensor& cells, bool reverse,
+                                 const optional<Tensor>& recurrent_mask,
+                                 const optional<Tensor>& zoneout_cell,
+                                 const optional<Tensor>& zoneout_hidden,
+                                 const optional<Tensor>& reset) {
   const Below below;
   return ops().layer_backward.call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
-                                  w_ih, w_hh, w_hr, output, gates, cells, reverse);
+                                  w_ih, w_hh, w_hr, output, gates, cells, reverse, recurrent_mask,
+                                  zoneout_cell, zoneout_hidden, reset);
 }
 
 Tensors6 cell_backward_autograd(const optional<Tensor>& grad_h, const optional<Tensor>& grad_c,
@@ -251,7 +272,7 @@ Tensors6 cell_backward_autograd(const optional<Tensor>& grad_h, const optional<T
 struct LstmConfig {
   bool has_biases, has_proj, train, bidirectional;
   int64_t num_layers;
-  double dropout;
+  double dropout, recurrent_dropout, zoneout_cell, zoneout_hidden, weight_drop;
   int64_t dirs() const { return bidirectional ? 2 : 1; }
   int64_t per_dir() const { return 2 + 2 * has_biases + has_proj; }
   bool drops_after(int64_t layer) const {
@@ -273,13 +294,21 @@ DirWeights dir_weights(const LstmConfig& cfg, at::TensorList params, int64_t ind
   return dw;
 }
 
+void check_rate(double p, const char* name, bool one_allowed) {
+  TORCH_CHECK(p >= 0 && (one_allowed ? p <= 1 : p < 1), "fused_lstm: ", name, " must be in [0, ",
+              one_allowed ? "1]" : "1)", ", got ", p);
+}
+
 void check_lstm_args(const LstmConfig& cfg, const Tensor& input,
                      const optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
-                     at::TensorList params) {
+                     at::TensorList params, const optional<Tensor>& reset) {
   TORCH_CHECK(cfg.num_layers > 0, "fused_lstm: num_layers must be positive, got ",
               cfg.num_layers);
-  TORCH_CHECK(cfg.dropout >= 0 && cfg.dropout <= 1, "fused_lstm: dropout must be in [0, 1], got ",
-              cfg.dropout);
+  check_rate(cfg.dropout, "dropout", true);
+  check_rate(cfg.recurrent_dropout, "recurrent_dropout", false);
+  check_rate(cfg.zoneout_cell, "zoneout_cell", true);
+  check_rate(cfg.zoneout_hidden, "zoneout_hidden", true);
+  check_rate(cfg.weight_drop, "weight_drop", false);
   const int64_t n = cfg.num_layers * cfg.dirs();
   TORCH_CHECK(static_cast<int64_t>(params.size()) == n * cfg.per_dir(), "fused_lstm: params must "
               "hold ", cfg.per_dir(), " tensors per layer and direction (", n * cfg.per_dir(),
@@ -303,27 +332,104 @@ void check_lstm_args(const LstmConfig& cfg, const Tensor& input,
                     "fused_lstm: hx must have input.size(1) = ", input.sym_size(1), " rows, got ",
                     hx.sym_size(1));
   }
+  if (reset) {
+    const auto want = input.sym_sizes().slice(0, input.dim() - 1);
+    TORCH_CHECK(reset->scalar_type() == at::kBool, "fused_lstm: reset must be a bool tensor, got ",
+                reset->scalar_type());
+    TORCH_CHECK(reset->device() == input.device(), "fused_lstm: reset must be on the device of "
+                "input (", input.device(), "), got ", reset->device());
+    TORCH_CHECK(reset->dim() == input.dim() - 1, "fused_lstm: reset must have input's shape "
+                "without its last dimension, ", want, ", got ", reset->sym_sizes());
+    for (int64_t k = 0; k < reset->dim(); ++k) {
+      TORCH_SYM_CHECK(reset->sym_size(k).sym_eq(want[k]), "fused_lstm: reset must have input's "
+                      "shape without its last dimension, ", want, ", got ", reset->sym_sizes());
+    }
+  }
 }
 
 // The dropout of ATen's RNNs (at::dropout on the CPU): a mask from torch's generator, scaled by
 // 1 / (1 - p), multiplied in. The scaled mask is kept for the backward.
 Tensor dropout_noise(const Tensor& x, double p) {
   if (p == 1) return at::zeros_like(x);
-  return at::empty_like(x).bernoulli_(1 - p).div_(1 - p);
+  return at::empty_like(x, at::MemoryFormat::Contiguous).bernoulli_(1 - p).div_(1 - p);
+}
+
+// A zoneout weight for layer_forward: per step and unit keep masks drawn at `rate` in training,
+// shaped like the layer's cells (width H) or output (width Hr); the rate itself in eval.
+optional<Tensor> zoneout_weights(const LstmConfig& cfg, double rate, const Tensor& input,
+                                 const c10::SymInt& width) {
+  if (rate == 0) return std::nullopt;
+  if (!cfg.train) return at::scalar_tensor(rate, input.options());
+  auto sizes = input.sym_sizes().vec();
+  sizes.back() = width;
+  return at::empty_symint(sizes, input.options()).bernoulli_(rate);
+}
+
+// reset as the reverse direction visits the rows: a row's flag is that of the same batch row
+// at the next step (where it is active there), since the sequence starting there takes no
+// state from this one.
+Tensor reset_for_reverse(const Tensor& reset, const optional<Tensor>& batch_sizes) {
+  if (!batch_sizes) {
+    return at::cat({reset.slice(0, 1), at::zeros_like(reset.slice(0, 0, 1))}, 0);
+  }
+  const auto bs = batch_sizes->contiguous();
+  const int64_t* p = bs.const_data_ptr<int64_t>();
+  const int64_t T = bs.numel(), N = reset.size(0);
+  std::vector<int64_t> src;
+  src.reserve(N);
+  for (int64_t t = 0, start = 0; t < T; start += p[t], ++t) {
+    for (int64_t b = 0; b < p[t]; ++b) {
+      src.push_back(t + 1 < T && b < p[t + 1] ? start + p[t] + b : N);  // N: a false
+    }
+  }
+  TORCH_CHECK(static_cast<int64_t>(src.size()) == N, "fused_lstm: input has ", N,
+              " rows but batch_sizes sum to ", src.size());
+  const Tensor index = at::tensor(src, at::kLong).to(reset.device());
+  return at::cat({reset, at::zeros({1}, reset.options())}).index_select(0, index);
+}
+
+// The regularisers of one layer and direction as layer_forward takes them, and the weight-drop
+// mask applied to its w_hh (undefined where off).
+struct DirRegularisers {
+  Tensor weight_mask;
+  optional<Tensor> recurrent_mask, zoneout_cell, zoneout_hidden;
+};
+
+DirRegularisers draw_regularisers(const LstmConfig& cfg, const Tensor& x, const Tensor& h0,
+                                  const DirWeights& w) {
+  DirRegularisers r;
+  if (cfg.train && cfg.weight_drop > 0) r.weight_mask = dropout_noise(w.w_hh, cfg.weight_drop);
+  if (cfg.train && cfg.recurrent_dropout > 0) {
+    r.recurrent_mask = dropout_noise(h0, cfg.recurrent_dropout);
+  }
+  r.zoneout_cell = zoneout_weights(cfg, cfg.zoneout_cell, x, w.w_hh.sym_size(0) / 4);
+  r.zoneout_hidden = zoneout_weights(cfg, cfg.zoneout_hidden, x, h0.sym_size(-1));
+  return r;
+}
+
+Tensor dropped(const Tensor& w_hh, const Tensor& weight_mask) {
+  return weight_mask.defined() ? w_hh * weight_mask : w_hh;
 }
 
 // The forward of lstm, and what its backward needs: per layer and direction (in hx's order) the
-// output and workspace layer_forward returned, per layer the dropout noise applied after it
-// (undefined where none).
+// output and workspace layer_forward returned and the regularisers drawn, per layer the dropout
+// noise applied after it (undefined where none), the resets of each direction.
 struct LstmRun {
   Tensor output, h_n, c_n;
   std::vector<Tensor> ys, gates, cells, noise;
+  std::vector<DirRegularisers> regs;
+  optional<Tensor> resets[2];
 };
 
 LstmRun run_lstm(const LstmConfig& cfg, const Tensor& input, const optional<Tensor>& batch_sizes,
-                 const Tensor& hx, const Tensor& cx, at::TensorList params) {
-  check_lstm_args(cfg, input, batch_sizes, hx, cx, params);
+                 const Tensor& hx, const Tensor& cx, at::TensorList params,
+                 const optional<Tensor>& reset) {
+  check_lstm_args(cfg, input, batch_sizes, hx, cx, params, reset);
   LstmRun run;
+  if (reset) {
+    run.resets[0] = reset;
+    if (cfg.bidirectional) run.resets[1] = reset_for_reverse(*reset, batch_sizes);
+  }
   std::vector<Tensor> h_n, c_n;
   Tensor x = input;
   for (int64_t layer = 0; layer < cfg.num_layers; ++layer) {
@@ -331,15 +437,19 @@ LstmRun run_lstm(const LstmConfig& cfg, const Tensor& input, const optional<Tens
     for (int64_t d = 0; d < cfg.dirs(); ++d) {
       const int64_t k = layer * cfg.dirs() + d;
       const DirWeights w = dir_weights(cfg, params, k);
+      const Tensor h0 = hx.select(0, k);
+      DirRegularisers r = draw_regularisers(cfg, x, h0, w);
       auto [y, h, c, gates, cells] = ops().layer_forward.call(
-          x, batch_sizes, hx.select(0, k), cx.select(0, k), w.w_ih, w.w_hh, w.b_ih, w.b_hh,
-          w.w_hr, d == 1);
+          x, batch_sizes, h0, cx.select(0, k), w.w_ih, dropped(w.w_hh, r.weight_mask), w.b_ih,
+          w.b_hh, w.w_hr, d == 1, r.recurrent_mask, r.zoneout_cell, r.zoneout_hidden,
+          run.resets[d]);
       outs.push_back(y);
       h_n.push_back(h);
       c_n.push_back(c);
       run.ys.push_back(y);
       run.gates.push_back(gates);
       run.cells.push_back(cells);
+      run.regs.push_back(std::move(r));
     }
     x = outs.size() == 1 ? outs[0] : at::cat(outs, -1);
     if (cfg.drops_after(layer)) {
@@ -365,43 +475,50 @@ Tensor layer_input(const LstmConfig& cfg, int64_t layer, const variable_list& ys
   return mask.defined() ? x * mask : x;
 }
 
-LstmConfig config(bool has_biases, bool has_proj, int64_t num_layers, double dropout, bool train,
-                  bool bidirectional) {
-  return {has_biases, has_proj, train, bidirectional, num_layers, dropout};
-}
-
 void save_config(AutogradContext* ctx, const LstmConfig& cfg) {
   auto& s = ctx->saved_data;
   s["has_biases"] = cfg.has_biases, s["has_proj"] = cfg.has_proj, s["train"] = cfg.train;
   s["bidirectional"] = cfg.bidirectional, s["num_layers"] = cfg.num_layers;
-  s["dropout"] = cfg.dropout;
+  s["dropout"] = cfg.dropout, s["recurrent_dropout"] = cfg.recurrent_dropout;
+  s["zoneout_cell"] = cfg.zoneout_cell, s["zoneout_hidden"] = cfg.zoneout_hidden;
+  s["weight_drop"] = cfg.weight_drop;
 }
 
 LstmConfig load_config(AutogradContext* ctx) {
   auto& s = ctx->saved_data;
-  return config(s["has_biases"].toBool(), s["has_proj"].toBool(), s["num_layers"].toInt(),
-                s["dropout"].toDouble(), s["train"].toBool(), s["bidirectional"].toBool());
+  return {s["has_biases"].toBool(),        s["has_proj"].toBool(),
+          s["train"].toBool(),             s["bidirectional"].toBool(),
+          s["num_layers"].toInt(),         s["dropout"].toDouble(),
+          s["recurrent_dropout"].toDouble(), s["zoneout_cell"].toDouble(),
+          s["zoneout_hidden"].toDouble(),  s["weight_drop"].toDouble()};
 }
+
+// Saved per layer and direction, after input, hx, cx and params.
+constexpr int64_t kSavedPerDir = 7;
 
 struct Lstm : public torch::autograd::Function<Lstm> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input,
                                const optional<Tensor>& batch_sizes, const Tensor& hx,
-                               const Tensor& cx, at::TensorList params, bool has_biases,
-                               bool has_proj, int64_t num_layers, double dropout, bool train,
-                               bool bidirectional) {
+                               const Tensor& cx, at::TensorList params, const LstmConfig& cfg,
+                               const optional<Tensor>& reset) {
     const Below below;
-    const LstmConfig cfg = config(has_biases, has_proj, num_layers, dropout, train, bidirectional);
-    LstmRun run = run_lstm(cfg, input, batch_sizes, hx, cx, params);
+    LstmRun run = run_lstm(cfg, input, batch_sizes, hx, cx, params, reset);
     ctx->set_materialize_grads(false);
     ctx->saved_data["batch_sizes"] = batch_sizes;
     save_config(ctx, cfg);
-    // input, hx, cx, params, then per layer and direction y, gates, cells, then the noise.
+    // input, hx, cx, params, then per layer and direction y, gates, cells and the regularisers,
+    // then the noise, then the resets of each direction.
     variable_list saved{input, hx, cx};
     saved.insert(saved.end(), params.begin(), params.end());
     for (size_t k = 0; k < run.ys.size(); ++k) {
-      saved.insert(saved.end(), {run.ys[k], run.gates[k], run.cells[k]});
+      const DirRegularisers& r = run.regs[k];
+      saved.insert(saved.end(), {run.ys[k], run.gates[k], run.cells[k], r.weight_mask,
+                                 r.recurrent_mask.value_or(Tensor()),
+                                 r.zoneout_cell.value_or(Tensor()),
+                                 r.zoneout_hidden.value_or(Tensor())});
     }
     saved.insert(saved.end(), run.noise.begin(), run.noise.end());
+    saved.insert(saved.end(), {run.resets[0].value_or(Tensor()), run.resets[1].value_or(Tensor())});
     ctx->save_for_backward(saved);
     return {run.output, run.h_n, run.c_n};
   }
@@ -414,13 +531,17 @@ struct Lstm : public torch::autograd::Function<Lstm> {
     const Tensor &input = saved[0], &hx = saved[1], &cx = saved[2];
     const variable_list params(saved.begin() + 3, saved.begin() + 3 + n_params);
     variable_list ys, gates, cells;
+    std::vector<DirRegularisers> regs;
     for (int64_t k = 0; k < L * D; ++k) {
-      const auto* s = &saved[3 + n_params + 3 * k];
+      const auto* s = &saved[3 + n_params + kSavedPerDir * k];
       ys.push_back(s[0]);
       gates.push_back(s[1]);
       cells.push_back(s[2]);
+      regs.push_back({s[3], opt(s[4]), opt(s[5]), opt(s[6])});
     }
-    const variable_list noise(saved.begin() + 3 + n_params + 3 * L * D, saved.end());
+    const auto noise_begin = saved.begin() + 3 + n_params + kSavedPerDir * L * D;
+    const variable_list noise(noise_begin, saved.end() - 2);
+    const optional<Tensor> resets[2] = {opt(saved.end()[-2]), opt(saved.end()[-1])};
     const Tensor &grad_output = grad[0], &grad_h_n = grad[1], &grad_c_n = grad[2];
     const c10::SymInt Hr = hx.sym_size(-1);
 
@@ -435,19 +556,21 @@ struct Lstm : public torch::autograd::Function<Lstm> {
         for (int64_t d = 0; d < D; ++d) {
           const int64_t k = layer * D + d;
           const DirWeights w = dir_weights(cfg, params, k);
+          const DirRegularisers& r = regs[k];
           optional<Tensor> dy;
           if (dx.defined()) dy = D == 1 ? dx : dx.narrow_symint(-1, d * Hr, Hr);
           auto [gx, gh0, gc0, gw_ih, gw_hh, gb, gw_hr] = ops().layer_backward.call(
               dy, grad_h_n.defined() ? opt(grad_h_n.select(0, k)) : std::nullopt,
               grad_c_n.defined() ? opt(grad_c_n.select(0, k)) : std::nullopt, x, batch_sizes,
-              hx.select(0, k), cx.select(0, k), w.w_ih, w.w_hh, w.w_hr, ys[k], gates[k],
-              cells[k], d == 1);
+              hx.select(0, k), cx.select(0, k), w.w_ih, dropped(w.w_hh, r.weight_mask), w.w_hr,
+              ys[k], gates[k], cells[k], d == 1, r.recurrent_mask, r.zoneout_cell,
+              r.zoneout_hidden, resets[d]);
           dx_below = dx_below.defined() ? dx_below + gx : gx;
           dh0[k] = gh0;
           dc0[k] = gc0;
           Tensor* g = &grads[3 + k * cfg.per_dir()];
           g[0] = gw_ih;
-          g[1] = gw_hh;
+          g[1] = dropped(gw_hh, r.weight_mask);
           if (cfg.has_biases) g[2] = g[3] = gb;
           if (cfg.has_proj) g[cfg.per_dir() - 1] = gw_hr;
         }
@@ -458,35 +581,43 @@ struct Lstm : public torch::autograd::Function<Lstm> {
       grads[2] = at::stack(dc0);
     }
     grads = refuse_double_backward(grads, concat({{grad_output, grad_h_n, grad_c_n}, saved}));
-    // lstm's arguments: input, batch_sizes, hx, cx, params..., then six flags.
+    // Function::apply's arguments: input, batch_sizes, hx, cx, params..., cfg, reset.
     variable_list out{grads[0], Tensor(), grads[1], grads[2]};
     out.insert(out.end(), grads.begin() + 3, grads.end());
-    out.resize(out.size() + 6);
+    out.resize(out.size() + 2);
     return out;
   }
 };
 
+// lstm's arguments after params, as one config.
+#define FL_LSTM_CONFIG_ARGS                                                                   \
+  bool has_biases, bool has_proj, int64_t num_layers, double dropout, bool train,            \
+      bool bidirectional, const optional<Tensor>& reset, double recurrent_dropout,            \
+      double zoneout_cell, double zoneout_hidden, double weight_drop
+#define FL_LSTM_CONFIG                                                                        \
+  LstmConfig {                                                                                \
+    has_biases, has_proj, train, bidirectional, num_layers, dropout, recurrent_dropout,       \
+        zoneout_cell, zoneout_hidden, weight_drop                                             \
+  }
+
 Tensors3 lstm_composite(const Tensor& input, const optional<Tensor>& batch_sizes, const Tensor& hx,
-                        const Tensor& cx, at::TensorList params, bool has_biases, bool has_proj,
-                        int64_t num_layers, double dropout, bool train, bool bidirectional) {
-  LstmRun run = run_lstm(config(has_biases, has_proj, num_layers, dropout, train, bidirectional),
-                         input, batch_sizes, hx, cx, params);
+                        const Tensor& cx, at::TensorList params, FL_LSTM_CONFIG_ARGS) {
+  LstmRun run = run_lstm(FL_LSTM_CONFIG, input, batch_sizes, hx, cx, params, reset);
   return {run.output, run.h_n, run.c_n};
 }
 
 Tensors3 lstm_autograd(const Tensor& input, const optional<Tensor>& batch_sizes, const Tensor& hx,
-                       const Tensor& cx, at::TensorList params, bool has_biases, bool has_proj,
-                       int64_t num_layers, double dropout, bool train, bool bidirectional) {
+                       const Tensor& cx, at::TensorList params, FL_LSTM_CONFIG_ARGS) {
   // Nothing to differentiate: the kernel below autograd, no workspace kept. It calls
   // layer_forward itself rather than redispatching lstm, so that a TorchDispatchMode that
   // replaces the kernel ops (fused_lstm.reference_only) sees every call.
   if (!torch::autograd::compute_requires_grad(input, hx, cx, params)) {
     const Below below;
     return lstm_composite(input, batch_sizes, hx, cx, params, has_biases, has_proj, num_layers,
-                          dropout, train, bidirectional);
+                          dropout, train, bidirectional, reset, recurrent_dropout, zoneout_cell,
+                          zoneout_hidden, weight_drop);
   }
-  auto out = Lstm::apply(input, batch_sizes, hx, cx, params, has_biases, has_proj, num_layers,
-                         dropout, train, bidirectional);
+  auto out = Lstm::apply(input, batch_sizes, hx, cx, params, FL_LSTM_CONFIG, reset);
   return {out[0], out[1], out[2]};
 }
 

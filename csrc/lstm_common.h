@@ -123,6 +123,48 @@ inline StepLayout make_steps(const at::Tensor& input, const std::optional<at::Te
   return L;
 }
 
+// layer_forward / layer_backward's regularisers and resets (meanings: ops.cpp); each may be
+// absent. Checked against the layer: dtype and device of input, and their shapes.
+struct Regularisers {
+  std::optional<at::Tensor> recurrent_mask, zoneout_cell, zoneout_hidden, reset;
+  bool any() const { return recurrent_mask || zoneout_cell || zoneout_hidden || reset; }
+};
+
+// input's leading shape (T, B) or (N) with `width` appended.
+inline std::vector<int64_t> lead_with(const at::Tensor& input, int64_t width) {
+  auto sizes = input.sizes().vec();
+  sizes.back() = width;
+  return sizes;
+}
+
+inline void check_zoneout(const std::optional<at::Tensor>& z, const char* name,
+                          const at::Tensor& input, int64_t width) {
+  if (!z) return;
+  const auto want = lead_with(input, width);
+  TORCH_CHECK(z->dim() == 0 || z->sizes() == at::IntArrayRef(want), "fused_lstm: ", name,
+              " must be a 0-dim rate or a mask of shape ", at::IntArrayRef(want), ", got ",
+              z->sizes());
+  check_same(*z, name, input);
+}
+
+inline void check_regularisers(const Regularisers& r, const LayerDims& d,
+                               const at::Tensor& input) {
+  if (r.recurrent_mask) {
+    FL_CHECK_SHAPE(*r.recurrent_mask, d.B, d.Hr);
+    check_same(*r.recurrent_mask, "recurrent_mask", input);
+  }
+  check_zoneout(r.zoneout_cell, "zoneout_cell", input, d.H);
+  check_zoneout(r.zoneout_hidden, "zoneout_hidden", input, d.Hr);
+  if (r.reset) {
+    const auto want = input.sizes().slice(0, input.dim() - 1);
+    TORCH_CHECK(r.reset->scalar_type() == at::kBool && r.reset->sizes() == want,
+                "fused_lstm: reset must be a bool tensor of shape ", want, ", got ",
+                r.reset->scalar_type(), " ", r.reset->sizes());
+    TORCH_CHECK(r.reset->device() == input.device(), "fused_lstm: reset must be on the device "
+                "of input (", input.device(), "), got ", r.reset->device());
+  }
+}
+
 // Where each row's h_{t-1} comes from, for rebuilding H_prev with one gather instead of saving
 // it: src[r] >= 0 is a row of the layer's output (the previously visited step, where that batch
 // row was active), src[r] < 0 is row -1 - src[r] of h0 (the row's first visited step).
@@ -176,9 +218,7 @@ inline void check_grads(const std::optional<at::Tensor>& grad_output,
 
 // A (rows, width) buffer viewed in input's leading shape: (T, B, width) padded, (N, width) packed.
 inline at::Tensor shaped_like_input(const at::Tensor& input, const at::Tensor& t) {
-  auto sizes = input.sizes().vec();
-  sizes.back() = t.size(1);
-  return t.view(sizes);
+  return t.view(lead_with(input, t.size(1)));
 }
 
 // layer_backward's sequence tensors as contiguous (rows, width) matrices; dy is undefined when
@@ -241,8 +281,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_forward(
     const std::optional<at::Tensor>& b_hh) {
   const BelowAutograd below_autograd;
   check_cell_args(input, h0, c0);
-  auto [output, h, c, gates, cells] = LayerForward(input.unsqueeze(0), std::nullopt, h0, c0, w_ih,
-                                                   w_hh, b_ih, b_hh, std::nullopt, false);
+  auto [output, h, c, gates, cells] =
+      LayerForward(input.unsqueeze(0), std::nullopt, h0, c0, w_ih, w_hh, b_ih, b_hh, std::nullopt,
+                   false, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   return {h, c, gates.squeeze(0), cells.squeeze(0)};
 }
 
@@ -268,7 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
       LayerBackward(std::nullopt, grad_h, grad_c, input.unsqueeze(0), std::nullopt, h0, c0, w_ih,
                     w_hh, std::nullopt, h0.unsqueeze(0), gates.unsqueeze(0),
-                    cells.unsqueeze(0), false);
+                    cells.unsqueeze(0), false, std::nullopt, std::nullopt, std::nullopt,
+                    std::nullopt);
   return {grad_input.squeeze(0), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias};
 }
 

@@ -132,6 +132,25 @@ FL_HD UnitBackward<acc_t> unit_backward(acc_t dm, acc_t dc, acc_t i, acc_t f, ac
   return r;
 }
 
+// Zoneout (Krueger et al. 2016): the state kept from the previous step with weight d (a 0/1
+// keep mask in training, the rate in eval), the plain update with 1 - d.
+template <typename acc_t>
+FL_HD acc_t zoneout_mix(acc_t d, acc_t prev, acc_t next) {
+  return d * prev + (acc_t(1) - d) * next;
+}
+
+// Its backward: a gradient g of the mixed state goes (1 - d) g to the plain update and d g to
+// the previous step's state.
+template <typename acc_t>
+struct ZoneoutGrad {
+  acc_t update, prev;
+};
+
+template <typename acc_t>
+FL_HD ZoneoutGrad<acc_t> zoneout_grad(acc_t d, acc_t g) {
+  return {(acc_t(1) - d) * g, d * g};
+}
+
 // m_t recomputed from the saved o and c_t (the projection's weight gradient needs it).
 template <typename acc_t>
 FL_HD acc_t unit_m(acc_t o, acc_t c) {

@@ -13,17 +13,33 @@
 TORCH_LIBRARY(fused_lstm, m) {
   // One layer, one direction. Returns (output, h_n, c_n, gates, cells); gates and cells are the
   // workspace layer_backward needs.
+  //
+  // The regularisers and resets, each None for off (lstm_common.h checks them):
+  //   recurrent_mask (B, Hr): h_{t-1} of batch row b enters the recurrent product (only) as
+  //     h_{t-1} * recurrent_mask[b] (variational recurrent dropout's scaled mask).
+  //   zoneout_cell: c_t = d c_{t-1} + (1 - d) (f c_{t-1} + i g), where d is the 0-dim
+  //     zoneout_cell itself (a rate, in eval) or its element at c_t's row and unit (a keep mask
+  //     shaped like cells, in training); cells saves this c_t.
+  //   zoneout_hidden: h_t = d h_{t-1} + (1 - d) h~_t likewise, h~_t the layer's plain output
+  //     (after the projection); shaped like output, and output is h_t.
+  //   reset (bool, input's shape without the features): where true, the step of that row
+  //     starts from zero state instead of the state of the previously visited step (or h0,
+  //     c0). The rows are in the order of visit: for reverse = true, the caller passes a row's
+  //     flag meaning "no state from the step after it" (lstm does).
   m.def(
       "layer_forward(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
-      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, "
+      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, "
+      "Tensor? reset=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Handwritten backward of layer_forward. Any incoming gradient may be None (unused output).
   // Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias
-  // is the gradient of b_ih and of b_hh alike, grad_w_hr is empty without a projection.
+  // is the gradient of b_ih and of b_hh alike, grad_w_hr is empty without a projection. The
+  // regularisers and resets are the forward's.
   m.def(
       "layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
-      "Tensor output, Tensor gates, Tensor cells, bool reverse) "
+      "Tensor output, Tensor gates, Tensor cells, bool reverse, Tensor? recurrent_mask=None, "
+      "Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, Tensor? reset=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One step of nn.LSTMCell (no projection): input (B, I), h0 and c0 (B, H). Returns (h, c,
   // gates, cells); gates (B, 4H), the activations i, f, g, o, and cells (B, H), c again, are the
@@ -43,10 +59,19 @@ TORCH_LIBRARY(fused_lstm, m) {
   // nn.LSTM's dropout between layers (training only, never after the last). input (T, B, I), or
   // packed data (N, I) with batch_sizes; hx (L*D, B, Hr), cx (L*D, B, H); params in nn.LSTM's
   // _flat_weights order. Returns (output, h_n, c_n). Its kernel and autograd: autograd.cpp.
+  //
+  // The regularisers (README, "Regularisers and resets"), drawn from the generator of input's
+  // device in training: recurrent_dropout (one mask per call, layer, direction and batch row),
+  // zoneout_cell and zoneout_hidden (rates; per step and unit masks in training, the
+  // expectation in eval), weight_drop (DropConnect on each w_hh, one mask per call). reset
+  // (bool, input's shape without the features, as the user's sequence: true where a row starts
+  // a new sequence at that step, in every layer and direction).
   m.def(
       "lstm(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, "
       "bool has_biases, bool has_proj, int num_layers, float dropout, bool train, "
-      "bool bidirectional) -> (Tensor, Tensor, Tensor)");
+      "bool bidirectional, *, Tensor? reset=None, float recurrent_dropout=0., "
+      "float zoneout_cell=0., float zoneout_hidden=0., float weight_drop=0.) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace fused_lstm {

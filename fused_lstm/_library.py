@@ -27,8 +27,11 @@ def _check_devices(input: Tensor, **tensors: Tensor | None) -> None:
 
 def register() -> None:
     @torch.library.register_fake("fused_lstm::layer_forward")
-    def _(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-        _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
+    def _(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, recurrent_mask=None,
+          zoneout_cell=None, zoneout_hidden=None, reset=None):
+        _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
+                       recurrent_mask=recurrent_mask, zoneout_cell=zoneout_cell,
+                       zoneout_hidden=zoneout_hidden, reset=reset)
         H, Hr = w_hh.shape[0] // 4, w_hh.shape[1]
         lead = input.shape[:-1]
         return (input.new_empty(*lead, Hr), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
@@ -36,10 +39,12 @@ def register() -> None:
 
     @torch.library.register_fake("fused_lstm::layer_backward")
     def _(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
-          output, gates, cells, reverse):
+          output, gates, cells, reverse, recurrent_mask=None, zoneout_cell=None,
+          zoneout_hidden=None, reset=None):
         _check_devices(input, grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n,
                        h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, output=output,
-                       gates=gates, cells=cells)
+                       gates=gates, cells=cells, recurrent_mask=recurrent_mask,
+                       zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden, reset=reset)
         grad_w_hr: Tensor = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty(0)
         return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
                 w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
@@ -61,8 +66,10 @@ def register() -> None:
 
     @torch.library.register_fake("fused_lstm::lstm")
     def _(input, batch_sizes, hx, cx, params, has_biases, has_proj, num_layers, dropout, train,
-          bidirectional):
-        _check_devices(input, hx=hx, cx=cx, **{f"params[{k}]": p for k, p in enumerate(params)})
+          bidirectional, *, reset=None, recurrent_dropout=0.0, zoneout_cell=0.0,
+          zoneout_hidden=0.0, weight_drop=0.0):
+        _check_devices(input, hx=hx, cx=cx, reset=reset,
+                       **{f"params[{k}]": p for k, p in enumerate(params)})
         D = 2 if bidirectional else 1
         return (input.new_empty(*input.shape[:-1], D * hx.shape[-1]), hx.new_empty(hx.shape),
                 cx.new_empty(cx.shape))

@@ -15,6 +15,9 @@ batch rows are active. ``h0 (B, Hr)`` and ``c0 (B, H)`` are the initial states.
 
 The forward returns ``output (…, Hr)``, ``h_n (B, Hr)``, ``c_n (B, H)`` and the workspace the
 backward needs: ``gates (…, 4H)`` (the activations i, f, g, o) and ``cells (…, H)`` (c_t).
+
+The layer functions also take the ops' regularisers and resets (``recurrent_mask``,
+``zoneout_cell``, ``zoneout_hidden``, ``reset``), with the meanings ``csrc/ops.cpp`` gives them.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _per_row(z: Tensor | None, rows: slice) -> Tensor | None:
+    """A zoneout weight for the rows of a step: the 0-dim rate itself, or the mask's rows."""
+    return z if z is None or z.dim() == 0 else _flat(z)[rows]
+
+
+def _mix(d: Tensor, prev: Tensor, new: Tensor) -> Tensor:
+    # lstm_gates.h's zoneout_mix, in the same order of operations.
+    return d * prev + (1 - d) * new
+
+
+def _entering_state(h: Tensor, c: Tensor, reset: Tensor | None, rows: slice
+                    ) -> tuple[Tensor, Tensor]:
+    """The state a step starts from: the previous one's, zeros where reset is set."""
+    if reset is None:
+        return h, c
+    keep = ~reset.reshape(-1)[rows, None]
+    return torch.where(keep, h, 0), torch.where(keep, c, 0)
+
+
 def layer_forward(
     input: Tensor,
     batch_sizes: Tensor | None,
@@ -53,6 +75,10 @@ def layer_forward(
     b_hh: Tensor | None,
     w_hr: Tensor | None,
     reverse: bool,
+    recurrent_mask: Tensor | None = None,
+    zoneout_cell: Tensor | None = None,
+    zoneout_hidden: Tensor | None = None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     H = w_hh.shape[0] // 4
     x = _flat(input)
@@ -65,13 +91,19 @@ def layer_forward(
     h, c = h0.clone(), c0.clone()
     for start, bs in step_rows(input, batch_sizes, reverse):
         rows = slice(start, start + bs)
-        z = gates[rows] + h[:bs] @ w_hh.t()
+        h_prev, c_prev = _entering_state(h[:bs], c[:bs], reset, rows)
+        h_in = h_prev if recurrent_mask is None else h_prev * recurrent_mask[:bs]
+        z = gates[rows] + h_in @ w_hh.t()
         i, f, g, o = z.chunk(4, dim=1)
         i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-        c_new = f * c[:bs] + i * g
+        c_new = f * c_prev + i * g
         h_new = o * c_new.tanh()
         if w_hr is not None:
             h_new = h_new @ w_hr.t()
+        if zoneout_cell is not None:
+            c_new = _mix(_per_row(zoneout_cell, rows), c_prev, c_new)
+        if zoneout_hidden is not None:
+            h_new = _mix(_per_row(zoneout_hidden, rows), h_prev, h_new)
         gates[rows] = torch.cat([i, f, g, o], dim=1)
         cells[rows] = c_new
         output[rows] = h_new
@@ -89,16 +121,16 @@ def layer_forward(
 
 def previous_states(
     input: Tensor, batch_sizes: Tensor | None, h0: Tensor, c0: Tensor,
-    output: Tensor, cells: Tensor, reverse: bool,
+    output: Tensor, cells: Tensor, reverse: bool, reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """h_{t-1} and c_{t-1} of every row, rebuilt from the saved outputs instead of being saved."""
+    """The state every row's step started from (h_{t-1} and c_{t-1}, zeros where reset), rebuilt
+    from the saved outputs instead of being saved."""
     y, cs = _flat(output), _flat(cells)
     h_prev, c_prev = torch.empty_like(y), torch.empty_like(cs)
     h, c = h0.clone(), c0.clone()
     for start, bs in step_rows(input, batch_sizes, reverse):
         rows = slice(start, start + bs)
-        h_prev[rows] = h[:bs]
-        c_prev[rows] = c[:bs]
+        h_prev[rows], c_prev[rows] = _entering_state(h[:bs], c[:bs], reset, rows)
         h[:bs] = y[rows]
         c[:bs] = cs[rows]
     return h_prev, c_prev
@@ -119,47 +151,72 @@ def layer_backward(
     gates: Tensor,
     cells: Tensor,
     reverse: bool,
+    recurrent_mask: Tensor | None = None,
+    zoneout_cell: Tensor | None = None,
+    zoneout_hidden: Tensor | None = None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    H = w_hh.shape[0] // 4
     x, acts, cs = _flat(input), _flat(gates), _flat(cells)
-    h_prev, c_prev = previous_states(input, batch_sizes, h0, c0, output, cells, reverse)
+    h_prev, c_prev = previous_states(input, batch_sizes, h0, c0, output, cells, reverse, reset)
     dy = None if grad_output is None else _flat(grad_output)
 
     dh = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.clone()
     dc = torch.zeros_like(c0) if grad_c_n is None else grad_c_n.clone()
     dz_all = torch.empty_like(acts)
-    # With a projection, dW_hr needs the total gradient reaching each h_t.
+    h_in = h_prev.clone()  # what entered the recurrent product, for dW_hh
+    # With a projection, dW_hr needs the gradient reaching each projection output and m_t.
     dh_all = torch.empty_like(h_prev) if w_hr is not None else None
+    m_all = torch.empty_like(cs) if w_hr is not None else None
 
     for start, bs in reversed(step_rows(input, batch_sizes, reverse)):
         rows = slice(start, start + bs)
         dh_t = dh[:bs] if dy is None else dh[:bs] + dy[rows]
+        dh_kept = None
+        if zoneout_hidden is not None:
+            d = _per_row(zoneout_hidden, rows)
+            dh_t, dh_kept = (1 - d) * dh_t, d * dh_t
+        i, f, g, o = acts[rows].chunk(4, dim=1)
+        cp = c_prev[rows]
+        # With zoneout, cells holds the mixed state: the plain update is recomputed.
+        c_upd = cs[rows] if zoneout_cell is None else f * cp + i * g
+        tc = c_upd.tanh()
         if dh_all is not None:
             dh_all[rows] = dh_t
+            m_all[rows] = o * tc
             dm = dh_t @ w_hr
         else:
             dm = dh_t
-        i, f, g, o = acts[rows].chunk(4, dim=1)
-        tc = cs[rows].tanh()
+        dc_in, dc_kept = dc[:bs], None
+        if zoneout_cell is not None:
+            d = _per_row(zoneout_cell, rows)
+            dc_in, dc_kept = (1 - d) * dc_in, d * dc_in
         d_o = dm * tc
-        dc_t = dc[:bs] + dm * o * (1 - tc * tc)
-        di, dg, df = dc_t * g, dc_t * i, dc_t * c_prev[rows]
-        dc[:bs] = dc_t * f
+        dc_t = dc_in + dm * o * (1 - tc * tc)
+        di, dg, df = dc_t * g, dc_t * i, dc_t * cp
+        dc_prev = dc_t * f
+        if dc_kept is not None:
+            dc_prev = dc_prev + dc_kept
         dz = torch.cat(
             [di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), d_o * o * (1 - o)], dim=1
         )
         dz_all[rows] = dz
-        dh[:bs] = dz @ w_hh
+        dh_prev = dz @ w_hh
+        if recurrent_mask is not None:
+            dh_prev = dh_prev * recurrent_mask[:bs]
+            h_in[rows] = h_prev[rows] * recurrent_mask[:bs]
+        if dh_kept is not None:
+            dh_prev = dh_prev + dh_kept
+        if reset is not None:
+            keep = ~reset.reshape(-1)[rows, None]
+            dh_prev, dc_prev = torch.where(keep, dh_prev, 0), torch.where(keep, dc_prev, 0)
+        dh[:bs] = dh_prev
+        dc[:bs] = dc_prev
 
     grad_input = (dz_all @ w_ih).reshape(input.shape)
     grad_w_ih = dz_all.t() @ x
-    grad_w_hh = dz_all.t() @ h_prev
+    grad_w_hh = dz_all.t() @ h_in
     grad_bias = dz_all.sum(0)
-    if w_hr is not None:
-        m = acts[:, 3 * H:] * cs.tanh()
-        grad_w_hr = dh_all.t() @ m
-    else:
-        grad_w_hr = x.new_empty(0)
+    grad_w_hr = dh_all.t() @ m_all if w_hr is not None else x.new_empty(0)
     return grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
 
 

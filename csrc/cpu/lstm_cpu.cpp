@@ -557,13 +557,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse) {
+    const std::optional<at::Tensor>& w_hr, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
   const BelowAutograd below_autograd;
   const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
+  check_regularisers(regs, d, input);
+  TORCH_CHECK(!regs.any(), "fused_lstm: the CPU kernels do not implement the regularisers yet");
   if (is_reduced(input)) {
     auto r = layer_forward_cpu(input.to(at::kFloat), batch_sizes, h0.to(at::kFloat),
                                c0.to(at::kFloat), w_ih.to(at::kFloat), w_hh.to(at::kFloat),
-                               to_float(b_ih), to_float(b_hh), to_float(w_hr), reverse);
+                               to_float(b_ih), to_float(b_hh), to_float(w_hr), reverse,
+                               to_float(recurrent_mask), to_float(zoneout_cell),
+                               to_float(zoneout_hidden), reset);
     const auto dt = input.scalar_type();
     return {std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt),
             std::get<3>(r).to(dt), std::get<4>(r).to(dt)};
@@ -656,17 +663,23 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
                    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
-                   const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
+                   const at::Tensor& gates, const at::Tensor& cells, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
   const BelowAutograd below_autograd;
   const LayerDims d =
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
+  check_regularisers(regs, d, input);
+  TORCH_CHECK(!regs.any(), "fused_lstm: the CPU kernels do not implement the regularisers yet");
   check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
   if (is_reduced(input)) {
     auto r = layer_backward_cpu(to_float(grad_output), to_float(grad_h_n), to_float(grad_c_n),
                                 input.to(at::kFloat), batch_sizes, h0.to(at::kFloat),
                                 c0.to(at::kFloat), w_ih.to(at::kFloat), w_hh.to(at::kFloat),
                                 to_float(w_hr), output.to(at::kFloat), gates.to(at::kFloat),
-                                cells.to(at::kFloat), reverse);
+                                cells.to(at::kFloat), reverse, to_float(recurrent_mask),
+                                to_float(zoneout_cell), to_float(zoneout_hidden), reset);
     const auto dt = input.scalar_type();
     return {std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt),
             std::get<3>(r).to(dt), std::get<4>(r).to(dt), std::get<5>(r).to(dt),

@@ -276,9 +276,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse) {
+    const std::optional<at::Tensor>& w_hr, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
   const BelowAutograd below_autograd;
   const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
+  check_regularisers(regs, d, input);
+  TORCH_CHECK(!regs.any(), "fused_lstm: the CUDA kernels do not implement the regularisers yet");
   gpu::check_device(input);
   check_batch_fits_grid(d.B);
   const gpu::DeviceGuard guard(input.device());
@@ -351,10 +356,15 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
                     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
                     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
-                    const at::Tensor& gates, const at::Tensor& cells, bool reverse) {
+                    const at::Tensor& gates, const at::Tensor& cells, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
   const BelowAutograd below_autograd;
   const LayerDims d =
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
+  check_regularisers(regs, d, input);
+  TORCH_CHECK(!regs.any(), "fused_lstm: the CUDA kernels do not implement the regularisers yet");
   check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
   gpu::check_device(input);
   check_batch_fits_grid(d.B);

@@ -10,9 +10,23 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm's CUDA kernels run on CPU tensors by a CUDA emulator (for tests)";
-  // The ops' own signatures (csrc/ops.cpp), called with the dispatcher's positional arguments.
-  m.def("layer_forward", &fused_lstm::layer_forward_cuda);
-  m.def("layer_backward", &fused_lstm::layer_backward_cuda);
+  // The ops' own signatures (csrc/ops.cpp), called with the dispatcher's positional arguments,
+  // which leave out trailing ones equal to their defaults: the regularisers and resets.
+  namespace py = pybind11;
+  const auto regularisers = [](auto... leading) {
+    return std::make_tuple(leading..., py::arg("recurrent_mask") = py::none(),
+                           py::arg("zoneout_cell") = py::none(),
+                           py::arg("zoneout_hidden") = py::none(), py::arg("reset") = py::none());
+  };
+  std::apply([&](auto... a) { m.def("layer_forward", &fused_lstm::layer_forward_cuda, a...); },
+             regularisers(py::arg("input"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"),
+                          py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+                          py::arg("w_hr"), py::arg("reverse")));
+  std::apply([&](auto... a) { m.def("layer_backward", &fused_lstm::layer_backward_cuda, a...); },
+             regularisers(py::arg("grad_output"), py::arg("grad_h_n"), py::arg("grad_c_n"),
+                          py::arg("input"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"),
+                          py::arg("w_ih"), py::arg("w_hh"), py::arg("w_hr"), py::arg("output"),
+                          py::arg("gates"), py::arg("cells"), py::arg("reverse")));
   m.def("cell_forward", &fused_lstm::cell_forward<&fused_lstm::layer_forward_cuda>);
   m.def("cell_backward", &fused_lstm::cell_backward<&fused_lstm::layer_backward_cuda>);
   m.def("set_order", [](const std::string& order, uint64_t seed) {
