@@ -40,6 +40,10 @@ _ONNX_GATE_ORDER = [0, 3, 1, 2]
 PACKED_SEQUENCE_ERROR = (
     "fused_lstm: torch.onnx.export of FusedLSTM with a PackedSequence input is not supported; "
     "export the model with a padded tensor input instead")
+REGULARISER_ERROR = (
+    "fused_lstm: torch.onnx.export of FusedLSTM with reset or zoneout (or, in training mode, "
+    "recurrent_dropout or weight_drop) is not supported: ONNX's LSTM has no such inputs; export "
+    "in eval mode with zoneout=0 and no reset")
 
 
 def split_direction_weights(weights, has_bias: bool, has_proj: bool):

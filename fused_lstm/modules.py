@@ -61,10 +61,25 @@ class FusedLSTM(nn.Module):
     Same constructor, parameters (names, shapes, order, initialisation), inputs (batched,
     unbatched, ``batch_first``, :class:`~torch.nn.utils.rnn.PackedSequence`), outputs and errors
     as ``nn.LSTM``; ``load_state_dict`` works both ways. See ``FusedLSTM.from_lstm``.
+
+    Keyword-only regularisers, fused into the kernels (README, "Regularisers and resets"); each
+    can be changed later, like ``dropout``, and is identity at its default:
+
+    * ``recurrent_dropout`` (0 <= p < 1): variational dropout of h_{t-1} where it enters the
+      recurrent product, one mask per call, layer, direction and batch row (Gal & Ghahramani).
+    * ``zoneout`` (a rate in [0, 1], or a pair (cell, hidden)): each step and unit keeps its
+      previous c and h with that probability in training, and mixes them by the rate in eval
+      (Krueger et al.).
+    * ``weight_drop`` (0 <= p < 1): DropConnect on every ``weight_hh``, one mask per call
+      (Merity et al.'s AWD-LSTM).
+
+    ``forward(input, hx=None, reset=None)``: ``reset`` (bool, the input's shape without its
+    feature dimension) marks where a batch row starts a new sequence; no state crosses it.
     """
 
     __constants__ = ["input_size", "hidden_size", "num_layers", "bias", "batch_first",
                      "dropout", "bidirectional", "proj_size"]
+    _REGULARISERS = ("recurrent_dropout", "zoneout", "weight_drop")
 
     def __init__(
         self,
@@ -78,6 +93,10 @@ class FusedLSTM(nn.Module):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        recurrent_dropout: float = 0.0,
+        zoneout: float | tuple[float, float] = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
@@ -113,6 +132,9 @@ class FusedLSTM(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
+        self.recurrent_dropout = recurrent_dropout
+        self.zoneout = zoneout
+        self.weight_drop = weight_drop
 
         factory = {"device": device, "dtype": dtype}
         num_directions = 2 if bidirectional else 1
@@ -138,6 +160,16 @@ class FusedLSTM(nn.Module):
                 self._flat_weights_names += names
                 self._all_weights.append(names)
         self.reset_parameters()
+
+    def __setattr__(self, name: str, value) -> None:
+        # The regularisers are validated whenever they are set, not only by the constructor.
+        if name in FusedLSTM._REGULARISERS:
+            value = _regulariser_value(name, value)
+            if name == "zoneout":
+                # What the forward reads: (cell, hidden), one type whatever was given.
+                rates = value if isinstance(value, tuple) else (value, value)
+                super().__setattr__("_zoneout_rates", rates)
+        super().__setattr__(name, value)
 
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM) -> "FusedLSTM":
@@ -191,7 +223,12 @@ class FusedLSTM(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
-        return s.format(**self.__dict__)
+        s = s.format(**self.__dict__)
+        for name in FusedLSTM._REGULARISERS:
+            value = getattr(self, name)
+            if value != 0 and value != (0, 0):
+                s += f", {name}={value}"
+        return s
 
     # -- validation, with nn.LSTM's messages ------------------------------------------------
 
@@ -241,16 +278,18 @@ class FusedLSTM(nn.Module):
     # TorchScript compiles forward once for each of these signatures (as nn.LSTM's); Python
     # calls the definition below them.
     @torch.jit._overload_method  # noqa: F811
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None,
+                reset: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         pass
 
     @torch.jit._overload_method  # noqa: F811
-    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None,
+                reset: Optional[Tensor] = None) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         pass
 
-    def forward(self, input, hx=None):  # noqa: F811
+    # reset is meant to be passed by keyword; it is not keyword-only because TorchScript cannot
+    # compile keyword-only arguments with defaults.
+    def forward(self, input, hx=None, reset=None):  # noqa: F811
         batch_sizes: Optional[Tensor] = None
         sorted_indices: Optional[Tensor] = None
         unsorted_indices: Optional[Tensor] = None
@@ -259,13 +298,16 @@ class FusedLSTM(nn.Module):
         else:
             data = input
         x, h0, c0 = self._validate(data, batch_sizes, sorted_indices, hx)
+        if reset is not None:
+            reset = self._validate_reset(reset, data, batch_sizes, sorted_indices)
         weights = self._weights()
         if not torch.jit.is_scripting():
             dtype = _autocast_dtype(x, via_cudnn=True)
             x, h0, c0, *weights = _cast(dtype, x, h0, c0, *weights)
         output, h_n, c_n = _lstm(
             x, batch_sizes, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
-            self.dropout, self.training, self.bidirectional)
+            self.dropout, self.training, self.bidirectional, reset, self.recurrent_dropout,
+            self._zoneout_rates[0], self._zoneout_rates[1], self.weight_drop)
 
         if isinstance(input, PackedSequence):
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -325,21 +367,94 @@ class FusedLSTM(nn.Module):
         x = data.transpose(0, 1) if (self.batch_first and not is_packed) else data
         return x, h0, c0
 
+    def _validate_reset(self, reset: Tensor, data: Tensor, batch_sizes: Optional[Tensor],
+                        sorted_indices: Optional[Tensor]) -> Tensor:
+        """reset as the op takes it: time-major (T, B) rows, or the packed rows of a
+        PackedSequence (from reset padded (T, B), or (B, T) with batch_first, in the original
+        batch order; entries past a sequence's end are ignored)."""
+        if not torch.jit.is_scripting():
+            if not isinstance(reset, Tensor):
+                raise TypeError(f"FusedLSTM: reset must be a bool tensor, got "
+                                f"{type(reset).__name__}")
+        if batch_sizes is not None:
+            steps, batch = batch_sizes.size(0), int(batch_sizes[0])
+            want = [batch, steps] if self.batch_first else [steps, batch]
+            layout = "(B, T)" if self.batch_first else "(T, B)"
+            what = f"padded {layout} for a PackedSequence input"
+        else:
+            want = list(data.shape[:-1])
+            layout = "(T,)" if data.dim() == 2 else ("(B, T)" if self.batch_first else "(T, B)")
+            what = f"{layout}, the input's shape without its feature dimension"
+        if list(reset.shape) != want:
+            raise ValueError(f"FusedLSTM: reset must have shape {what}, {want}; got "
+                             f"{list(reset.shape)}")
+        if reset.dtype != torch.bool:
+            if torch.jit.is_scripting():  # TorchScript cannot print a dtype
+                raise ValueError("FusedLSTM: reset must be a bool tensor")
+            else:
+                raise ValueError(f"FusedLSTM: reset must be a bool tensor, got {reset.dtype}")
+        if reset.device != data.device:
+            raise RuntimeError(f"FusedLSTM: reset must be on the input's device ({data.device}), "
+                               f"got {reset.device}")
+        if self.batch_first:
+            reset = reset.transpose(0, 1)
+        if batch_sizes is None:
+            return reset if data.dim() == 3 else reset.unsqueeze(1)
+        # The packed rows: step t holds the first batch_sizes[t] rows in sorted order.
+        sorted_reset = _apply_permutation(reset, sorted_indices)
+        steps_idx = torch.arange(sorted_reset.size(1), device=batch_sizes.device)
+        active = steps_idx.unsqueeze(0) < batch_sizes.unsqueeze(1)
+        return sorted_reset[active.to(reset.device)]
+
+
+def _regulariser_value(name: str, value):
+    """A regulariser's value, checked: a float, or for zoneout a float or a pair of them."""
+    if name == "zoneout" and isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"zoneout should be a number or a pair (cell, hidden) of numbers in "
+                             f"range [0, 1], got {value!r}")
+        return (_rate(name, value[0], closed=True), _rate(name, value[1], closed=True))
+    return _rate(name, value, closed=name == "zoneout")
+
+
+def _rate(name: str, value, closed: bool) -> float:
+    rule = "[0, 1]" if closed else "[0, 1)"
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1
+            or (not closed and value == 1)):
+        raise ValueError(f"{name} should be a number in range {rule} representing the "
+                         f"probability of an element being dropped" if name != "zoneout" else
+                         f"zoneout should be a number or a pair (cell, hidden) of numbers in "
+                         f"range {rule}, the probability of a unit keeping its previous state; "
+                         f"got {value!r}")
+    return float(value)
+
 
 def _lstm(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor,
           weights: List[Tensor], has_biases: bool, has_proj: bool, num_layers: int,
-          dropout: float, train: bool, bidirectional: bool) -> Tuple[Tensor, Tensor, Tensor]:
+          dropout: float, train: bool, bidirectional: bool, reset: Optional[Tensor] = None,
+          recurrent_dropout: float = 0.0, zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0,
+          weight_drop: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """The op fused_lstm::lstm. No exporter can convert the fused ops: under ONNX export the same
     call builds ONNX's LSTM operator instead. TorchScript compiles the overload packet only
     (the op has one overload); eager mode calls the overload itself, which is what
     __torch_function__ modes and torch.compile see."""
     if torch.jit.is_scripting():
-        return torch.ops.fused_lstm.lstm(x, batch_sizes, h0, c0, weights, has_biases, has_proj,
-                                         num_layers, dropout, train, bidirectional)
+        return torch.ops.fused_lstm.lstm(
+            x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers, dropout, train,
+            bidirectional, reset=reset, recurrent_dropout=recurrent_dropout,
+            zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden, weight_drop=weight_drop)
     else:
-        op = _onnx.lstm if torch.onnx.is_in_onnx_export() else torch.ops.fused_lstm.lstm.default
-        return op(x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers, dropout,
-                  train, bidirectional)
+        if torch.onnx.is_in_onnx_export():
+            # ONNX's LSTM has none of them; in eval, dropouts are the identity and export.
+            if (reset is not None or zoneout_cell > 0 or zoneout_hidden > 0
+                    or (train and (recurrent_dropout > 0 or weight_drop > 0))):
+                raise RuntimeError(_onnx.REGULARISER_ERROR)
+            return _onnx.lstm(x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers,
+                              dropout, train, bidirectional)
+        return torch.ops.fused_lstm.lstm.default(
+            x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers, dropout, train,
+            bidirectional, reset=reset, recurrent_dropout=recurrent_dropout,
+            zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden, weight_drop=weight_drop)
 
 
 def _known_unequal(have: int, want: int) -> bool:
