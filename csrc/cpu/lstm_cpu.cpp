@@ -399,14 +399,55 @@ struct StepProduct {
   }
 };
 
+// A layer's regularisers and resets (meanings: ops.cpp) as the step loops read them: raw
+// pointers taken once per call, null where not given. The zoneout weights of row r (a row of
+// the whole sequence) and unit j are at [r * ld + j]: a mask's element, or with ld = 0 a rate
+// spread over one row, so that the loops read a rate and a mask alike. Without zoneout_cell,
+// zc is a row of zeros (a rate of 0) for the backward, which always mixes when any is given.
+template <typename T>
+struct StepRegs {
+  at::Tensor held[5];  // the contiguous copies the pointers point into
+  const T *mask = nullptr, *zc = nullptr, *zh = nullptr, *zeros = nullptr;
+  const bool* reset = nullptr;
+  int64_t zc_ld = 0, zh_ld = 0;
+  bool zoneout_cell = false;
+
+  StepRegs(const Regularisers& r, const LayerDims& d, const at::TensorOptions& opts) {
+    held[0] = at::zeros({d.H}, opts);
+    zeros = held[0].const_data_ptr<T>();
+    zc = zeros;
+    if (r.recurrent_mask) {
+      held[1] = r.recurrent_mask->contiguous();
+      mask = held[1].const_data_ptr<T>();
+    }
+    zoneout_cell = r.zoneout_cell.has_value();
+    if (zoneout_cell) zc = weights(*r.zoneout_cell, d.H, held[2], zc_ld);
+    if (r.zoneout_hidden) zh = weights(*r.zoneout_hidden, d.Hr, held[3], zh_ld);
+    if (r.reset) {
+      held[4] = r.reset->contiguous();
+      reset = held[4].const_data_ptr<bool>();
+    }
+  }
+
+  static const T* weights(const at::Tensor& z, int64_t width, at::Tensor& held, int64_t& ld) {
+    const bool rate = z.dim() == 0;
+    held = rate ? z.expand({width}).contiguous() : z.reshape({-1, width}).contiguous();
+    ld = rate ? 0 : width;
+    return held.const_data_ptr<T>();
+  }
+};
+
 // Gate math of rows b0..b1 of one step: z (bs, 4H) holds the pre-activations and receives the
 // activations; c (bs, H) is c_{t-1} in, c_t out; cell (bs, H) saves c_t; m (bs, H) gets m_t.
 // slope (4H) is gate_slope of each column. The four gates are one pass over the row's 4H
 // contiguous values, which is whole registers for any even H and independent work throughout;
 // a pass per gate would leave a partial register at the end of each of the seeds' H = 4..20.
-template <typename T>
+// With Zoneout, c_t mixes c_{t-1} and the plain update with the weights of row b at
+// zc[b * zc_ld] (StepRegs), and m_t stays that of the plain update.
+template <typename T, bool Zoneout>
 FL_CPU_CLONES void forward_pointwise_rows(T* __restrict z, T* __restrict c, T* __restrict cell,
-                                          T* __restrict m, const T* __restrict slope, int64_t H,
+                                          T* __restrict m, const T* __restrict slope,
+                                          const T* __restrict zc, int64_t zc_ld, int64_t H,
                                           int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     T* __restrict zr = z + b * 4 * H;
@@ -418,10 +459,12 @@ FL_CPU_CLONES void forward_pointwise_rows(T* __restrict z, T* __restrict c, T* _
     T* __restrict cr = c + b * H;
     T* __restrict cellr = cell + b * H;
     T* __restrict mr = m + b * H;
+    const T* __restrict dr = Zoneout ? zc + b * zc_ld : nullptr;
     for (int64_t j = 0; j < H; ++j) {
       const CellUpdate<T> u = cell_update<T>(i[j], f[j], g[j], o[j], cr[j]);
-      cr[j] = u.c;
-      cellr[j] = u.c;
+      const T ct = Zoneout ? zoneout_mix<T>(dr[j], cr[j], u.c) : u.c;
+      cr[j] = ct;
+      cellr[j] = ct;
       mr[j] = u.m;
     }
   }
@@ -431,10 +474,15 @@ FL_CPU_CLONES void forward_pointwise_rows(T* __restrict z, T* __restrict c, T* _
 // activations and c_t; row b takes c_{t-1} from prev_cell (the previously visited step) when
 // b < prev_size, else from c0. dm (bs, H) is dL/dm_t; dc (bs, H) is dL/dc_t in, dL/dc_{t-1}
 // out; dz (bs, 4H) receives dL/dz; m, when not null, receives m_t (for dW_hr).
-template <typename T>
+// With Regs, c_{t-1} is zero where reset[b] is set (reset may be null), and dL/dc_t splits
+// between the plain update, recomputed from the activations and c_{t-1} (cell holds the mixed
+// state), and c_{t-1} by the zoneout weights of row b at zc[b * zc_ld] (StepRegs).
+template <typename T, bool Regs>
 FL_CPU_CLONES void backward_pointwise_rows(const T* __restrict act, const T* __restrict cell,
                                            const T* __restrict prev_cell, int64_t prev_size,
-                                           const T* __restrict c0, const T* __restrict dm,
+                                           const T* __restrict c0, const bool* __restrict reset,
+                                           const T* __restrict zeros, const T* __restrict zc,
+                                           int64_t zc_ld, const T* __restrict dm,
                                            T* __restrict dc, T* __restrict dz, T* __restrict m,
                                            int64_t H, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -443,7 +491,11 @@ FL_CPU_CLONES void backward_pointwise_rows(const T* __restrict act, const T* __r
     const T* __restrict g = i + 2 * H;
     const T* __restrict o = i + 3 * H;
     const T* __restrict cr = cell + b * H;
-    const T* __restrict cp = b < prev_size ? prev_cell + b * H : c0 + b * H;
+    const T* __restrict cp = Regs && reset && reset[b] ? zeros
+                             : b < prev_size           ? prev_cell + b * H
+                                                       : c0 + b * H;
+    const T* __restrict dr = Regs ? zc + b * zc_ld : nullptr;
+    const auto plain_c = [&](int64_t j) { return Regs ? f[j] * cp[j] + i[j] * g[j] : cr[j]; };
     const T* __restrict dmr = dm + b * H;
     T* __restrict dcr = dc + b * H;
     T* __restrict di = dz + b * 4 * H;
@@ -451,28 +503,44 @@ FL_CPU_CLONES void backward_pointwise_rows(const T* __restrict act, const T* __r
     T* __restrict dg = di + 2 * H;
     T* __restrict d_o = di + 3 * H;
     for (int64_t j = 0; j < H; ++j) {
-      const auto u = unit_backward<T>(dmr[j], dcr[j], i[j], f[j], g[j], o[j], cr[j], cp[j]);
+      const ZoneoutGrad<T> split = Regs ? zoneout_grad<T>(dr[j], dcr[j]) : ZoneoutGrad<T>{dcr[j]};
+      const auto u = unit_backward<T>(dmr[j], split.update, i[j], f[j], g[j], o[j], plain_c(j),
+                                      cp[j]);
       di[j] = u.di;
       df[j] = u.df;
       dg[j] = u.dg;
       d_o[j] = u.do_;
-      dcr[j] = u.dc_prev;
+      dcr[j] = Regs ? u.dc_prev + split.prev : u.dc_prev;
     }
     if (m) {
       T* __restrict mr = m + b * H;
-      for (int64_t j = 0; j < H; ++j) mr[j] = unit_m<T>(o[j], cr[j]);
+      for (int64_t j = 0; j < H; ++j) mr[j] = unit_m<T>(o[j], plain_c(j));
     }
   }
 }
 
+// Zeroes rows b < bs of a (rows, width) state where flags[b] is set.
 template <typename T>
+void zero_reset_rows(const bool* flags, int64_t bs, T* state, int64_t width) {
+  for (int64_t b = 0; b < bs; ++b) {
+    if (flags[b]) std::fill_n(state + b * width, width, T(0));
+  }
+}
+
+// The recurrence over the steps. Regs says whether regs (not null then) holds any regulariser
+// or reset: without, no step does any of their work. With them, a step first zeroes the state of
+// its reset rows and reads h_{t-1} * recurrent_mask from h_in in the product; the pointwise pass
+// mixes c_t; h_t mixes the finished output row (after the projection) with h_{t-1} as it
+// entered, which h still holds until the step's end.
+template <typename T, bool Regs>
 void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at::Tensor& cells,
                   at::Tensor& output, at::Tensor& h, at::Tensor& c, const at::Tensor& w_hh,
-                  const std::optional<at::Tensor>& w_hr) {
+                  const std::optional<at::Tensor>& w_hr, const StepRegs<T>* regs) {
   const int64_t H = d.H, Hr = d.Hr;
   at::Tensor m = d.proj ? at::empty({d.B, H}, h.options()) : at::Tensor();
+  const at::Tensor h_in = Regs && regs->mask ? at::empty({d.B, Hr}, h.options()) : h;
   // gates already holds x W_ih^T + b; this adds h_{t-1} W_hh^T.
-  const StepProduct<T> recurrent(w_hh, h, gates, d.B);
+  const StepProduct<T> recurrent(w_hh, h_in, gates, d.B);
   const std::optional<StepProduct<T>> projection =
       d.proj ? std::optional<StepProduct<T>>(std::in_place, *w_hr, m, output, d.B) : std::nullopt;
   T* pz = gates.data_ptr<T>();
@@ -481,19 +549,47 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
   T* ph = h.data_ptr<T>();
   T* pc = c.data_ptr<T>();
   T* pm = d.proj ? m.data_ptr<T>() : nullptr;
+  T* ph_in = h_in.data_ptr<T>();
+  const bool zoneout_cell = Regs && regs->zoneout_cell;
   std::vector<T> slope(static_cast<size_t>(4 * H));
   for (int64_t k = 0; k < 4 * H; ++k) slope[k] = gate_slope<T>(k, H);
 
   for (size_t s = 0; s < L.start.size(); ++s) {
     const int64_t start = L.start[s], bs = L.size[s];
+    if constexpr (Regs) {
+      if (regs->reset) {
+        zero_reset_rows(regs->reset + start, bs, ph, Hr);
+        zero_reset_rows(regs->reset + start, bs, pc, H);
+      }
+      if (regs->mask) {
+        for (int64_t k = 0; k < bs * Hr; ++k) ph_in[k] = ph[k] * regs->mask[k];
+      }
+    }
     recurrent(0, start, bs, /*accumulate=*/true);
     T* m_out = d.proj ? pm : py + start * Hr;
     for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
-      forward_pointwise_rows<T>(pz + start * 4 * H, pc, pcell + start * H, m_out, slope.data(), H,
-                                b0, b1);
+      if (zoneout_cell) {
+        forward_pointwise_rows<T, true>(pz + start * 4 * H, pc, pcell + start * H, m_out,
+                                        slope.data(), regs->zc + start * regs->zc_ld,
+                                        regs->zc_ld, H, b0, b1);
+      } else {
+        forward_pointwise_rows<T, false>(pz + start * 4 * H, pc, pcell + start * H, m_out,
+                                         slope.data(), nullptr, 0, H, b0, b1);
+      }
     });
     if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
-    std::memcpy(ph, py + start * Hr, sizeof(T) * bs * Hr);
+    T* y = py + start * Hr;
+    if constexpr (Regs) {
+      if (regs->zh) {
+        for (int64_t b = 0; b < bs; ++b) {
+          const T* dr = regs->zh + (start + b) * regs->zh_ld;
+          for (int64_t j = 0; j < Hr; ++j) {
+            y[b * Hr + j] = zoneout_mix<T>(dr[j], ph[b * Hr + j], y[b * Hr + j]);
+          }
+        }
+      }
+    }
+    std::memcpy(ph, y, sizeof(T) * bs * Hr);
   }
 }
 
@@ -564,7 +660,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
   check_regularisers(regs, d, input);
-  TORCH_CHECK(!regs.any(), "fused_lstm: the CPU kernels do not implement the regularisers yet");
   if (is_reduced(input)) {
     auto r = layer_forward_cpu(input.to(at::kFloat), batch_sizes, h0.to(at::kFloat),
                                c0.to(at::kFloat), w_ih.to(at::kFloat), w_hh.to(at::kFloat),
@@ -597,19 +692,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
           b_ih ? bih.const_data_ptr<scalar_t>() : nullptr,
           b_hh ? bhh.const_data_ptr<scalar_t>() : nullptr, gates.data_ptr<scalar_t>());
     }
-    forward_loop<scalar_t>(L, d, gates, cells, output, h, c, whh, whr);
+    if (regs.any()) {
+      const StepRegs<scalar_t> step_regs(regs, d, x.options());
+      forward_loop<scalar_t, true>(L, d, gates, cells, output, h, c, whh, whr, &step_regs);
+    } else {
+      forward_loop<scalar_t, false>(L, d, gates, cells, output, h, c, whh, whr, nullptr);
+    }
   });
   return {shaped_like_input(input, output), h, c, shaped_like_input(input, gates),
           shaped_like_input(input, cells)};
 }
 
-template <typename T>
+// The reverse recurrence; Regs and regs as in forward_loop. With them, dL/dh_t splits by
+// zoneout_hidden into what reaches the plain output (the projection and the gates) and what is
+// kept for h_{t-1} (dh_kept); the pointwise pass splits dL/dc_t likewise; dL/dh_{t-1} is then
+// (dz W_hh) * recurrent_mask + the kept part, and nothing flows on from a reset row.
+template <typename T, bool Regs>
 void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const at::Tensor& gates,
                    const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, at::Tensor& dz_all, at::Tensor& dh,
-                   at::Tensor& dc, at::Tensor& dh_all, at::Tensor& m_all) {
+                   at::Tensor& dc, at::Tensor& dh_all, at::Tensor& m_all,
+                   const StepRegs<T>* regs) {
   const int64_t H = d.H, Hr = d.Hr;
   at::Tensor dm = d.proj ? at::empty({d.B, H}, dh.options()) : dh;
+  at::Tensor dh_kept = Regs && regs->zh ? at::empty({d.B, Hr}, dh.options()) : at::Tensor();
+  T* pkept = dh_kept.defined() ? dh_kept.data_ptr<T>() : nullptr;
   // dh_{t-1} = dz W_hh and dm = dh W_hr: products with the transposed weights.
   const StepProduct<T> recurrent(w_hh.t(), dz_all, dh, d.B);
   const std::optional<StepProduct<T>> projection =
@@ -631,17 +738,49 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
       const T* dyr = dy + start * Hr;
       for (int64_t k = 0; k < bs * Hr; ++k) pdh[k] += dyr[k];
     }
+    if constexpr (Regs) {
+      if (regs->zh) {
+        for (int64_t b = 0; b < bs; ++b) {
+          const T* dr = regs->zh + (start + b) * regs->zh_ld;
+          for (int64_t j = 0; j < Hr; ++j) {
+            const ZoneoutGrad<T> split = zoneout_grad<T>(dr[j], pdh[b * Hr + j]);
+            pdh[b * Hr + j] = split.update;
+            pkept[b * Hr + j] = split.prev;
+          }
+        }
+      }
+    }
     if (projection) {
       std::memcpy(pdh_all + start * Hr, pdh, sizeof(T) * bs * Hr);
       (*projection)(0, 0, bs, /*accumulate=*/false);
     }
     for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
-      backward_pointwise_rows<T>(pact + start * 4 * H, pcell + start * H,
-                                 pcell + prev_start * H, prev_size, pc0, pdm, pdc,
-                                 pdz + start * 4 * H, pm_all ? pm_all + start * H : nullptr, H,
-                                 b0, b1);
+      if constexpr (Regs) {
+        backward_pointwise_rows<T, true>(
+            pact + start * 4 * H, pcell + start * H, pcell + prev_start * H, prev_size, pc0,
+            regs->reset ? regs->reset + start : nullptr, regs->zeros,
+            regs->zc + start * regs->zc_ld, regs->zc_ld, pdm, pdc, pdz + start * 4 * H,
+            pm_all ? pm_all + start * H : nullptr, H, b0, b1);
+      } else {
+        backward_pointwise_rows<T, false>(pact + start * 4 * H, pcell + start * H,
+                                          pcell + prev_start * H, prev_size, pc0, nullptr,
+                                          nullptr, nullptr, 0, pdm, pdc, pdz + start * 4 * H,
+                                          pm_all ? pm_all + start * H : nullptr, H, b0, b1);
+      }
     });
     recurrent(start, 0, bs, /*accumulate=*/false);
+    if constexpr (Regs) {
+      if (regs->mask) {
+        for (int64_t k = 0; k < bs * Hr; ++k) pdh[k] *= regs->mask[k];
+      }
+      if (pkept) {
+        for (int64_t k = 0; k < bs * Hr; ++k) pdh[k] += pkept[k];
+      }
+      if (regs->reset) {
+        zero_reset_rows(regs->reset + start, bs, pdh, Hr);
+        zero_reset_rows(regs->reset + start, bs, pdc, H);
+      }
+    }
   }
 }
 
@@ -653,6 +792,19 @@ void gather_h_prev(const StepLayout& L, int64_t Hr, const T* py, const T* ph0, T
   for (int64_t r = 0; r < L.rows; ++r) {
     const T* from = src[r] >= 0 ? py + src[r] * Hr : ph0 + (-1 - src[r]) * Hr;
     std::memcpy(out + r * Hr, from, sizeof(T) * Hr);
+  }
+}
+
+// Turns gather_h_prev's h_{t-1} into what entered the recurrent product (for dW_hh): zero at
+// the reset rows, times recurrent_mask.
+template <typename T>
+void regularise_h_prev(const StepLayout& L, int64_t Hr, const StepRegs<T>& regs, T* h_prev) {
+  for (size_t s = 0; s < L.start.size(); ++s) {
+    const int64_t start = L.start[s];
+    if (regs.reset) zero_reset_rows(regs.reset + start, L.size[s], h_prev + start * Hr, Hr);
+    if (!regs.mask) continue;
+    T* hr = h_prev + start * Hr;
+    for (int64_t k = 0; k < L.size[s] * Hr; ++k) hr[k] *= regs.mask[k];
   }
 }
 
@@ -671,7 +823,6 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
   check_regularisers(regs, d, input);
-  TORCH_CHECK(!regs.any(), "fused_lstm: the CPU kernels do not implement the regularisers yet");
   check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
   if (is_reduced(input)) {
     auto r = layer_backward_cpu(to_float(grad_output), to_float(grad_h_n), to_float(grad_c_n),
@@ -707,10 +858,18 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
     grad_w_hr = at::empty({0}, opts);
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_lstm_layer_backward_cpu", [&] {
-    backward_loop<scalar_t>(L, d, dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr, acts,
-                            cs, c0c, whh, w_hr, dz, dh, dc, dh_all, m_all);
+    const scalar_t* pdy = dy.defined() ? dy.const_data_ptr<scalar_t>() : nullptr;
     gather_h_prev<scalar_t>(L, d.Hr, y.const_data_ptr<scalar_t>(), h0c.const_data_ptr<scalar_t>(),
                             h_prev.data_ptr<scalar_t>());
+    if (regs.any()) {
+      const StepRegs<scalar_t> step_regs(regs, d, opts);
+      backward_loop<scalar_t, true>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all,
+                                    m_all, &step_regs);
+      regularise_h_prev<scalar_t>(L, d.Hr, step_regs, h_prev.data_ptr<scalar_t>());
+    } else {
+      backward_loop<scalar_t, false>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all,
+                                     m_all, nullptr);
+    }
     if (!small) return;
     const at::Tensor x = seq.x.contiguous(), wih = w_ih.contiguous();
     for (at::Tensor* t : {&grad_input, &grad_w_ih, &grad_w_hh, &grad_bias}) {
