@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from typing import Optional
 
 import pytest
 import torch
@@ -538,3 +539,25 @@ def test_layer_ops_opcheck(extras):
         if t is not None:
             t.requires_grad_()
     torch.library.opcheck(torch.ops.fused_lstm.layer_forward, args)
+
+
+class _Scriptable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = FusedLSTM(I, H, 2, bidirectional=True, recurrent_dropout=0.2, zoneout=0.3,
+                              weight_drop=0.2, dtype=F64)
+
+    def forward(self, x, reset: Optional[torch.Tensor] = None):
+        return self.lstm(x, reset=reset)[0]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+@pytest.mark.parametrize("training", [True, False])
+def test_torchscript_runs_the_options_and_reset(training):
+    model = _Scriptable().train(training)
+    scripted = torch.jit.script(model)
+    x, reset = torch.randn(5, 2, I, dtype=F64), make_reset(5, 2, "cpu")
+    torch.manual_seed(4)
+    want = model(x, reset)
+    torch.manual_seed(4)
+    torch.testing.assert_close(scripted(x, reset), want, atol=0, rtol=0)
