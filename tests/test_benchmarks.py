@@ -59,3 +59,18 @@ def test_ops_timing_prints_each_configuration(capsys):
     assert all("forward" in line and "backward" in line and "one step" in line for line in lines)
     with pytest.raises(SystemExit):
         module.main(["--only", "cell-B1"])
+
+
+def test_regulariser_costs_print_a_ratio_per_option(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("benchmarks_regularisers",
+                                                  ROOT / "benchmarks" / "regularisers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--reps", "1", "--only", "seed-chars", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "regularisers.json").read_text())
+    (row,) = report["rows"]
+    assert row["config"] == "seed-chars" and set(row["ratios"]) == set(module.OPTIONS)
+    assert all(r > 0 for r in row["ratios"].values())
+    assert "| seed-chars |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--only", "cell-B1"])
