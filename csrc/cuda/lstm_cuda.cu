@@ -14,6 +14,12 @@
 // so each step adds launches: forward one at::mm (y = m W_hr^T); backward one at::mm
 // (dm = dh W_hr) and one pointwise launch for the gate backward (the fused kernel then only
 // produces dh). Acceptable for now; a grid-wide barrier (persistent kernel) would remove them.
+//
+// The regularisers and resets (ops.cpp) run in the kernels' kRegs instantiations, chosen once
+// per call, so that the default path keeps its launches and arithmetic. They add no launches
+// except with both zoneout_hidden and a projection, where the forward mixes h_t after the
+// y = m W_hr^T product in one more pointwise launch per step; and the backward's dW_hh operand
+// is masked by ATen ops after the loop.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -69,6 +75,7 @@ struct ForwardStep {
   T* m;           // (B, H) with projection, else nullptr
   T* h_n;         // (B, Hr), written without projection
   acc_t* c_run;   // (B, H)
+  StepRegs<T> regs;
   int64_t H, Hr, start, bs, prev_start, prev_size;
 };
 
@@ -76,7 +83,8 @@ struct ForwardStep {
 // unit j = x * kWarps + w (rows j, H+j, 2H+j, 3H+j of W_hh) for batch rows [y*BT, y*BT + BT);
 // the block stages those rows of h_{t-1} in shared memory, kChunk columns at a time, and each
 // lane accumulates every kWarpSize-th column. Lane r then applies the gate math for row y*BT+r.
-template <typename T, typename acc_t, int BT>
+// kRegs: the staged h_{t-1} is the entering state times recurrent_mask (see forward_unit).
+template <typename T, typename acc_t, int BT, bool kRegs>
 __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T, acc_t> p) {
   FL_SHARED_ARRAY(acc_t, sx, BT * kChunk);
   const int lane = threadIdx.x % kWarpSize;
@@ -94,9 +102,14 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardSte
     for (int i = threadIdx.x; i < BT * kChunk; i += kThreads) {
       const int r = i / kChunk, k = i % kChunk;
       const int64_t b = b0 + r;
-      sx[i] = (b < p.bs && k < kc)
-                  ? load_h_prev<T, acc_t>(b, k0 + k, p.Hr, p.prev_start, p.prev_size, p.out, p.h0)
-                  : acc_t(0);
+      if (!(b < p.bs && k < kc)) {
+        sx[i] = acc_t(0);
+      } else if constexpr (kRegs) {
+        sx[i] = recurrent_h<T, acc_t>(p.regs, p.start + b, b, k0 + k, p.Hr, p.prev_start,
+                                      p.prev_size, p.out, p.h0);
+      } else {
+        sx[i] = load_h_prev<T, acc_t>(b, k0 + k, p.Hr, p.prev_start, p.prev_size, p.out, p.h0);
+      }
     }
     __syncthreads();
     if (j < p.H) lane_dot<4, BT>(p.w_hh + j * p.Hr + k0, p.H * p.Hr, sx, kChunk, kc, lane,
@@ -107,9 +120,28 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardSte
   if (j < p.H && lane < BT && b < p.bs) {
     const acc_t rec[4] = {pick<BT>(acc[0], lane), pick<BT>(acc[1], lane),
                           pick<BT>(acc[2], lane), pick<BT>(acc[3], lane)};
-    forward_unit<T, acc_t>(p.start + b, b, j, p.H, rec, p.gates, p.cells, p.c_run, p.m, p.out,
-                           p.h_n);
+    const acc_t h_prev = kRegs && p.m == nullptr && p.regs.zh.on()
+                             ? entering_h<T, acc_t>(p.regs, p.start + b, b, j, p.Hr, p.prev_start,
+                                                    p.prev_size, p.out, p.h0)
+                             : acc_t(0);
+    forward_unit<T, acc_t, kRegs>(p.start + b, b, j, p.H, rec, p.gates, p.cells, p.c_run, p.m,
+                                  p.out, p.h_n, p.regs, h_prev);
   }
+}
+
+// Projection with zoneout_hidden only: h_t = mix(d, h_{t-1}, y) over this step's rows of out,
+// one thread per (b, k), after the host's y = m W_hr^T. It reads the previous step's rows, which
+// no thread of this launch writes.
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kThreads) zoneout_hidden_kernel(const ForwardStep<T, acc_t> p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= p.bs * p.Hr) return;
+  const int64_t b = i / p.Hr, k = i - b * p.Hr, row = p.start + b;
+  const acc_t h_prev = entering_h<T, acc_t>(p.regs, row, b, k, p.Hr, p.prev_start, p.prev_size,
+                                            p.out, p.h0);
+  T& y = p.out[row * p.Hr + k];
+  y = static_cast<T>(zoneout_mix(p.regs.zh.template at<acc_t>(row, k), h_prev,
+                                 static_cast<acc_t>(y)));
 }
 
 // ---- backward step --------------------------------------------------------------------------
@@ -128,6 +160,8 @@ struct BackwardStep {
   T* m_all;         // (rows, H) with projection
   T* grad_h0;       // (B, Hr)
   acc_t* dc_run;    // (B, H)
+  acc_t* dh_keep;   // (B, Hr) with zoneout_hidden
+  StepRegs<T> regs;
   int64_t H, Hr, start, bs, next_start, next_size, prev_start, prev_size;
 };
 
@@ -138,7 +172,9 @@ struct BackwardStep {
 //                        unit u (Hr == H), else dh_all for the host's dm = dh W_hr
 //   bs <= b < next_size: the next step was b's first visited one, so dot is grad_h0[b].
 // The call after the loop (bs = 0, next = the first visited step) produces the rest of grad_h0.
-template <typename T, typename acc_t, int BT, bool kFuseUnit>
+// kRegs: dot becomes carried_dh (recurrent mask, zoneout_hidden's kept part, resets), and dh_t
+// is split by zoneout_hidden (split_dh) before the gate backward or dh_all.
+template <typename T, typename acc_t, int BT, bool kFuseUnit, bool kRegs>
 __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T, acc_t> p) {
   FL_SHARED_ARRAY(acc_t, sx, BT * kChunk);
   const int lane = threadIdx.x % kWarpSize;
@@ -167,13 +203,17 @@ __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardS
   warp_allreduce<1, BT>(acc);
   const int64_t b = b0 + lane;
   if (u >= p.Hr || lane >= BT) return;
-  const acc_t dot = pick<BT>(acc[0], lane);
+  acc_t dot = pick<BT>(acc[0], lane);
+  if constexpr (kRegs) {
+    if (b < p.next_size) dot = carried_dh(p.regs, dot, p.next_start + b, b, u, p.Hr, p.dh_keep);
+  }
   if (b < p.bs) {
     const int64_t row = p.start + b;
-    const acc_t dh = step_dh<T, acc_t>(dot, row, b, u, p.Hr, p.next_size, p.dy, p.ghn);
+    acc_t dh = step_dh<T, acc_t>(dot, row, b, u, p.Hr, p.next_size, p.dy, p.ghn);
+    if constexpr (kRegs) dh = split_dh(p.regs, dh, row, b, u, p.Hr, p.dh_keep);
     if constexpr (kFuseUnit) {
-      backward_unit<T, acc_t>(row, prev_row(b, p.prev_start, p.prev_size), b, u, p.H, dh, p.acts,
-                              p.cells, p.c0, p.dc_run, p.dz, nullptr);
+      backward_unit<T, acc_t, kRegs>(row, prev_row(b, p.prev_start, p.prev_size), b, u, p.H, dh,
+                                     p.acts, p.cells, p.c0, p.dc_run, p.dz, nullptr, p.regs);
     } else {
       p.dh_all[row * p.Hr + u] = static_cast<T>(dh);
     }
@@ -183,14 +223,14 @@ __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardS
 }
 
 // Projection only: the gate backward of this step, one thread per (b, j), from dm = dh W_hr.
-template <typename T, typename acc_t>
+template <typename T, typename acc_t, bool kRegs>
 __global__ void __launch_bounds__(kThreads) backward_unit_kernel(const BackwardStep<T, acc_t> p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.bs * p.H) return;
   const int64_t b = i / p.H, j = i - b * p.H;
-  backward_unit<T, acc_t>(p.start + b, prev_row(b, p.prev_start, p.prev_size), b, j, p.H,
-                          static_cast<acc_t>(p.dm[b * p.H + j]), p.acts, p.cells, p.c0, p.dc_run,
-                          p.dz, p.m_all);
+  backward_unit<T, acc_t, kRegs>(p.start + b, prev_row(b, p.prev_start, p.prev_size), b, j, p.H,
+                                 static_cast<acc_t>(p.dm[b * p.H + j]), p.acts, p.cells, p.c0,
+                                 p.dc_run, p.dz, p.m_all, p.regs);
 }
 
 // out (n, width) = rows of a or b chosen by src (gather_offset).
@@ -226,6 +266,57 @@ void with_batch_tile(int64_t B, const F& f) {
   } else {
     f(std::integral_constant<int, 8>{});
   }
+}
+
+// The kernels' kRegs, a compile-time constant so that the default path is the code it was.
+template <typename F>
+void with_regs(bool any, const F& f) {
+  if (any) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// The regularisers as contiguous tensors, alive for the launches that read them (StepRegs
+// points into them); undefined where absent.
+struct RegBuffers {
+  at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden, reset;
+
+  explicit RegBuffers(const Regularisers& r)
+      : recurrent_mask(contiguous(r.recurrent_mask)), zoneout_cell(contiguous(r.zoneout_cell)),
+        zoneout_hidden(contiguous(r.zoneout_hidden)), reset(contiguous(r.reset)) {}
+
+  template <typename T>
+  StepRegs<T> view() const {
+    StepRegs<T> v;
+    v.recurrent_mask = recurrent_mask.defined() ? recurrent_mask.const_data_ptr<T>() : nullptr;
+    v.reset = reset.defined() ? reset.const_data_ptr<bool>() : nullptr;
+    v.zc = zoneout_weight<T>(zoneout_cell);
+    v.zh = zoneout_weight<T>(zoneout_hidden);
+    return v;
+  }
+
+ private:
+  static at::Tensor contiguous(const std::optional<at::Tensor>& t) {
+    return t ? t->contiguous() : at::Tensor();
+  }
+  // A 0-dim rate is read through strides 0 (ZoneoutWeight).
+  template <typename T>
+  static ZoneoutWeight<T> zoneout_weight(const at::Tensor& z) {
+    if (!z.defined()) return {};
+    const bool rate = z.dim() == 0;
+    return {z.const_data_ptr<T>(), rate ? 0 : z.size(-1), rate ? 0 : 1};
+  }
+};
+
+// The batch row of every row of the sequence, i.e. its index within its step.
+std::vector<int64_t> batch_rows(const StepLayout& L) {
+  std::vector<int64_t> b(static_cast<size_t>(L.rows));
+  for (size_t s = 0; s < L.start.size(); ++s) {
+    for (int64_t r = 0; r < L.size[s]; ++r) b[L.start[s] + r] = r;
+  }
+  return b;
 }
 
 // Batch tiles go along gridDim.y, which CUDA caps at 65535 blocks.
@@ -283,12 +374,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
   check_regularisers(regs, d, input);
-  TORCH_CHECK(!regs.any(), "fused_lstm: the CUDA kernels do not implement the regularisers yet");
   gpu::check_device(input);
   check_batch_fits_grid(d.B);
   const gpu::DeviceGuard guard(input.device());
   const NoAutocast no_autocast;
   const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
+  const RegBuffers reg_buffers(regs);
   const auto opts = input.options();
   const at::Tensor x = input.reshape({-1, d.I});
   // One GEMM for every step's input projection; the step kernels add the recurrent part and
@@ -320,10 +411,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     p.m = d.proj ? m.data_ptr<scalar_t>() : nullptr;
     p.h_n = h_n.data_ptr<scalar_t>();
     p.c_run = c_run.data_ptr<acc_t>();
+    p.regs = reg_buffers.view<scalar_t>();
     p.H = d.H;
     p.Hr = d.Hr;
-    with_batch_tile(d.B, [&](auto bt) {
+    with_batch_tile(d.B, [&](auto bt) { with_regs(regs.any(), [&](auto regs_on) {
       constexpr int BT = decltype(bt)::value;
+      constexpr bool kRegs = decltype(regs_on)::value;
       for (size_t s = 0; s < L.start.size(); ++s) {
         p.start = L.start[s];
         p.bs = L.size[s];
@@ -331,14 +424,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
         p.prev_size = s > 0 ? L.size[s - 1] : 0;
         if (p.bs == 0) continue;  // batch size 0: a launch with an empty grid is an error
         const dim3 grid(blocks_for(d.H, kWarps), blocks_for(p.bs, BT));
-        FL_LAUNCH((forward_step_kernel<scalar_t, acc_t, BT>), grid, kThreads, 0, stream, p);
+        FL_LAUNCH((forward_step_kernel<scalar_t, acc_t, BT, kRegs>), grid, kThreads, 0, stream,
+                  p);
         if (d.proj) {
           // Extra launch per step: y = m W_hr^T needs all of m (see the top of the file).
           at::Tensor y = output.narrow(0, p.start, p.bs);
           at::mm_out(y, m.narrow(0, 0, p.bs), whr_t);
+          // And zoneout_hidden's mix needs all of y: one more (see the top of the file).
+          if (p.regs.zh.on()) {
+            FL_LAUNCH((zoneout_hidden_kernel<scalar_t, acc_t>), blocks_for(p.bs * d.Hr, kThreads),
+                      kThreads, 0, stream, p);
+          }
         }
       }
-    });
+    }); });
   });
 
   if (d.proj && !L.start.empty()) {
@@ -364,13 +463,13 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
   const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
   check_regularisers(regs, d, input);
-  TORCH_CHECK(!regs.any(), "fused_lstm: the CUDA kernels do not implement the regularisers yet");
   check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
   gpu::check_device(input);
   check_batch_fits_grid(d.B);
   const gpu::DeviceGuard guard(input.device());
   const NoAutocast no_autocast;
   const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
+  const RegBuffers reg_buffers(regs);
   const int64_t S = static_cast<int64_t>(L.start.size());
   const auto opts = input.options();
   const FlatSequence seq = flatten_sequence(d, input, gates, cells, output, grad_output);
@@ -381,6 +480,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
   // The running dc stays in the accumulation type across steps (grad_c0 at the end).
   at::Tensor dc_run = at::zeros({d.B, d.H}, opts.dtype(acc_type_of(input.scalar_type())));
   if (grad_c_n) dc_run.copy_(*grad_c_n);
+  at::Tensor dh_keep = zoneout_hidden ? at::empty({d.B, d.Hr}, dc_run.options()) : at::Tensor();
   // With steps every row of grad_h0 is written by exactly one launch (see backward_step_kernel);
   // without any, dL/dh0 is grad_h_n itself.
   at::Tensor grad_h0 = S > 0 ? at::empty({d.B, d.Hr}, opts)
@@ -408,20 +508,23 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
     p.m_all = d.proj ? m_all.data_ptr<scalar_t>() : nullptr;
     p.grad_h0 = grad_h0.data_ptr<scalar_t>();
     p.dc_run = dc_run.data_ptr<acc_t>();
+    p.dh_keep = dh_keep.defined() ? dh_keep.data_ptr<acc_t>() : nullptr;
+    p.regs = reg_buffers.view<scalar_t>();
     p.H = d.H;
     p.Hr = d.Hr;
-    with_batch_tile(d.B, [&](auto bt) {
+    with_batch_tile(d.B, [&](auto bt) { with_regs(regs.any(), [&](auto regs_on) {
       constexpr int BT = decltype(bt)::value;
+      constexpr bool kRegs = decltype(regs_on)::value;
       const auto launch_step = [&]() {
         if (std::max(p.bs, p.next_size) == 0) return;  // batch size 0: nothing to launch
         const dim3 grid(blocks_for(d.Hr, kWarps),
                         blocks_for(std::max(p.bs, p.next_size), BT));
         if (d.proj) {
-          FL_LAUNCH((backward_step_kernel<scalar_t, acc_t, BT, false>), grid, kThreads, 0, stream,
-                    p);
+          FL_LAUNCH((backward_step_kernel<scalar_t, acc_t, BT, false, kRegs>), grid, kThreads, 0,
+                    stream, p);
         } else {
-          FL_LAUNCH((backward_step_kernel<scalar_t, acc_t, BT, true>), grid, kThreads, 0, stream,
-                    p);
+          FL_LAUNCH((backward_step_kernel<scalar_t, acc_t, BT, true, kRegs>), grid, kThreads, 0,
+                    stream, p);
         }
       };
       for (int64_t s = S - 1; s >= 0; --s) {
@@ -437,8 +540,8 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
           if (p.bs == 0) continue;
           at::Tensor dm_rows = dm.narrow(0, 0, p.bs);
           at::mm_out(dm_rows, dh_all.narrow(0, p.start, p.bs), whr);
-          FL_LAUNCH((backward_unit_kernel<scalar_t, acc_t>), blocks_for(p.bs * d.H, kThreads),
-                    kThreads, 0, stream, p);
+          FL_LAUNCH((backward_unit_kernel<scalar_t, acc_t, kRegs>),
+                    blocks_for(p.bs * d.H, kThreads), kThreads, 0, stream, p);
         }
       }
       if (S > 0) {
@@ -450,10 +553,17 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
         p.prev_start = p.prev_size = 0;
         launch_step();
       }
-    });
+    }); });
   });
 
-  const at::Tensor h_prev = gather_rows(y, h0c, h_prev_sources(L), d.Hr);
+  // dW_hh's operand is what entered the recurrent product: the entering state (zero after a
+  // reset) times the recurrent mask.
+  at::Tensor h_prev = gather_rows(y, h0c, h_prev_sources(L), d.Hr);
+  if (reg_buffers.recurrent_mask.defined()) {
+    h_prev.mul_(reg_buffers.recurrent_mask.index_select(
+        0, index_to_device(batch_rows(L), input.device())));
+  }
+  if (reg_buffers.reset.defined()) h_prev.masked_fill_(reg_buffers.reset.view({-1, 1}), 0);
   auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
       sequence_grads(d, input, seq, w_ih, dz, h_prev, dh_all, m_all);
   return {grad_input, grad_h0, dc_run.to(input.scalar_type()), grad_w_ih, grad_w_hh, grad_bias,

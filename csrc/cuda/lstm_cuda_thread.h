@@ -13,6 +13,9 @@
 //   m      (B, H)     m_t of the current step (projection only)
 //   dz     (rows, G)  dL/dz          dh_all (rows, Hr)  dL/dh_t (projection only)
 //   m_all  (rows, H)  m_t recomputed in the backward (projection only)
+//   dh_keep (B, Hr)   acc_t: the part of dL/dh_t that zoneout_hidden keeps for h_{t-1}
+// The regularisers and resets (StepRegs): recurrent_mask (B, Hr), reset (rows), zoneout weights
+// (rows, H) / (rows, Hr) masks or 0-dim rates.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +49,49 @@ FL_HD acc_t load_h_prev(int64_t b, int64_t k, int64_t Hr, int64_t prev_start, in
   return static_cast<acc_t>(r >= 0 ? out[r * Hr + k] : h0[b * Hr + k]);
 }
 
+// A zoneout weight d at (row, k): an element of a (rows, width) mask (ld = width, inc = 1) or
+// the 0-dim rate itself (ld = inc = 0), read where it is used so that a rate on the device needs
+// no host synchronisation. p == nullptr: no zoneout.
+template <typename T>
+struct ZoneoutWeight {
+  const T* p = nullptr;
+  int64_t ld = 0, inc = 0;
+  FL_HD bool on() const { return p != nullptr; }
+  template <typename acc_t>
+  FL_HD acc_t at(int64_t row, int64_t k) const {
+    return static_cast<acc_t>(p[row * ld + k * inc]);
+  }
+};
+
+// The regularisers and resets of one layer call (ops.cpp); any of them may be absent (nullptr).
+// Only the kernels' kRegs instantiations read them, so the default path stays as it was.
+template <typename T>
+struct StepRegs {
+  const T* recurrent_mask = nullptr;  // (B, Hr)
+  const bool* reset = nullptr;        // (rows): that row's step starts from the zero state
+  ZoneoutWeight<T> zc, zh;            // cells (rows, H), hidden (rows, Hr)
+  FL_HD bool fresh(int64_t row) const { return reset != nullptr && reset[row]; }
+};
+
+// Component k of the state h_{t-1} that the step of `row` (batch row b) starts from: zero after a
+// reset, unmasked (what zoneout_hidden keeps).
+template <typename T, typename acc_t>
+FL_HD acc_t entering_h(const StepRegs<T>& regs, int64_t row, int64_t b, int64_t k, int64_t Hr,
+                       int64_t prev_start, int64_t prev_size, const T* out, const T* h0) {
+  return regs.fresh(row) ? acc_t(0)
+                         : load_h_prev<T, acc_t>(b, k, Hr, prev_start, prev_size, out, h0);
+}
+
+// What enters the recurrent product: the entering state times recurrent_mask[b].
+template <typename T, typename acc_t>
+FL_HD acc_t recurrent_h(const StepRegs<T>& regs, int64_t row, int64_t b, int64_t k, int64_t Hr,
+                        int64_t prev_start, int64_t prev_size, const T* out, const T* h0) {
+  const acc_t h = entering_h<T, acc_t>(regs, row, b, k, Hr, prev_start, prev_size, out, h0);
+  return regs.recurrent_mask != nullptr
+             ? h * static_cast<acc_t>(regs.recurrent_mask[b * Hr + k])
+             : h;
+}
+
 // A lane's slice of NG x BT dot products over one staged tile of kc elements:
 //   acc[g][r] += sum_{k = lane, lane + nlanes, ... < kc} w[g * group_stride + k] * x[r * ldx + k]
 // w points at column k0 of the first weight row, x at the staged tile (BT rows, ldx apart).
@@ -70,25 +116,40 @@ FL_HD void lane_dot(const T* w, int64_t group_stride, const acc_t* x, int ldx, i
 // rec holds h_{t-1} W_hh^T for the four gates. Without projection (m == nullptr) h_t goes to
 // out and h_n; with it m_t goes to m and the host multiplies by W_hr afterwards.
 // c_run is read and written only by this (b, j), so updating it in place is race-free.
-template <typename T, typename acc_t>
+// kRegs: a reset row starts from c_{t-1} = 0, zoneout_cell mixes c_t (m_t is of the plain
+// update), and without projection zoneout_hidden mixes h_t with h_prev, the entering h_{t-1}[b, j]
+// (with projection the host mixes after the product).
+template <typename T, typename acc_t, bool kRegs>
 FL_HD void forward_unit(int64_t row, int64_t b, int64_t j, int64_t H, const acc_t (&rec)[4],
-                        T* gates, T* cells, acc_t* c_run, T* m, T* out, T* h_n) {
+                        T* gates, T* cells, acc_t* c_run, T* m, T* out, T* h_n,
+                        const StepRegs<T>& regs, acc_t h_prev) {
   T* z = gates + row * 4 * H;
+  acc_t c_prev = c_run[b * H + j];
+  if constexpr (kRegs) {
+    if (regs.fresh(row)) c_prev = acc_t(0);
+  }
   const UnitForward<acc_t> u = unit_forward<acc_t>(
       static_cast<acc_t>(z[j]) + rec[0], static_cast<acc_t>(z[H + j]) + rec[1],
       static_cast<acc_t>(z[2 * H + j]) + rec[2], static_cast<acc_t>(z[3 * H + j]) + rec[3],
-      c_run[b * H + j]);
+      c_prev);
   z[j] = static_cast<T>(u.i);
   z[H + j] = static_cast<T>(u.f);
   z[2 * H + j] = static_cast<T>(u.g);
   z[3 * H + j] = static_cast<T>(u.o);
-  cells[row * H + j] = static_cast<T>(u.c);
-  c_run[b * H + j] = u.c;
+  acc_t c = u.c, h = u.m;
+  if constexpr (kRegs) {
+    if (regs.zc.on()) c = zoneout_mix(regs.zc.template at<acc_t>(row, j), c_prev, c);
+    if (m == nullptr && regs.zh.on()) {
+      h = zoneout_mix(regs.zh.template at<acc_t>(row, j), h_prev, h);
+    }
+  }
+  cells[row * H + j] = static_cast<T>(c);
+  c_run[b * H + j] = c;
   if (m != nullptr) {
-    m[b * H + j] = static_cast<T>(u.m);
+    m[b * H + j] = static_cast<T>(h);
   } else {
-    out[row * H + j] = static_cast<T>(u.m);
-    h_n[b * H + j] = static_cast<T>(u.m);
+    out[row * H + j] = static_cast<T>(h);
+    h_n[b * H + j] = static_cast<T>(h);
   }
 }
 
@@ -104,26 +165,64 @@ FL_HD acc_t step_dh(acc_t dot, int64_t row, int64_t b, int64_t u, int64_t Hr, in
   return dh;
 }
 
+// With regularisers, the part of dL/dh_{t-1} that batch row b (active in the next visited step,
+// next_row its row there) gets from that step, in place of its bare recurrent product `dot`:
+// dot through recurrent_mask, plus what zoneout_hidden kept there (dh_keep), and nothing where
+// that step started from a reset state.
+template <typename T, typename acc_t>
+FL_HD acc_t carried_dh(const StepRegs<T>& regs, acc_t dot, int64_t next_row, int64_t b, int64_t u,
+                       int64_t Hr, const acc_t* dh_keep) {
+  if (regs.fresh(next_row)) return acc_t(0);
+  if (regs.recurrent_mask != nullptr) dot *= static_cast<acc_t>(regs.recurrent_mask[b * Hr + u]);
+  return regs.zh.on() ? dot + dh_keep[b * Hr + u] : dot;
+}
+
+// zoneout_hidden's split of dh = dL/dh_t at (row, u) of batch row b: returns the part of the
+// plain update and leaves the kept part in dh_keep for the previous step (carried_dh), which
+// only this (b, u) reads and writes.
+template <typename T, typename acc_t>
+FL_HD acc_t split_dh(const StepRegs<T>& regs, acc_t dh, int64_t row, int64_t b, int64_t u,
+                     int64_t Hr, acc_t* dh_keep) {
+  if (!regs.zh.on()) return dh;
+  const ZoneoutGrad<acc_t> g = zoneout_grad(regs.zh.template at<acc_t>(row, u), dh);
+  dh_keep[b * Hr + u] = g.prev;
+  return g.update;
+}
+
 // Backward epilogue of unit j of batch row b: dm = dL/dm_t; prow is prev_row() of b (its
 // c_{t-1} is cells[prow] or c0[b]). Writes the four dz of the unit and dc_{t-1} into dc_run
 // (read and written only by this (b, j)); with projection also m_t into m_all for dW_hr.
-template <typename T, typename acc_t>
+// kRegs: c_{t-1} is 0 after a reset, and so is the dc_{t-1} that flows back; with zoneout_cell
+// dc_run splits into the plain update and dc_{t-1}, and the plain update (which cells does not
+// hold) is recomputed from the activations and c_{t-1}.
+template <typename T, typename acc_t, bool kRegs>
 FL_HD void backward_unit(int64_t row, int64_t prow, int64_t b, int64_t j, int64_t H, acc_t dm,
                          const T* acts, const T* cells, const T* c0, acc_t* dc_run, T* dz,
-                         T* m_all) {
+                         T* m_all, const StepRegs<T>& regs) {
   const T* a = acts + row * 4 * H;
-  const acc_t o = static_cast<acc_t>(a[3 * H + j]);
-  const acc_t c = static_cast<acc_t>(cells[row * H + j]);
-  const acc_t c_prev = static_cast<acc_t>(prow >= 0 ? cells[prow * H + j] : c0[b * H + j]);
-  const UnitBackward<acc_t> u = unit_backward<acc_t>(
-      dm, dc_run[b * H + j], static_cast<acc_t>(a[j]), static_cast<acc_t>(a[H + j]),
-      static_cast<acc_t>(a[2 * H + j]), o, c, c_prev);
+  const acc_t i = static_cast<acc_t>(a[j]), f = static_cast<acc_t>(a[H + j]);
+  const acc_t g = static_cast<acc_t>(a[2 * H + j]), o = static_cast<acc_t>(a[3 * H + j]);
+  acc_t c = static_cast<acc_t>(cells[row * H + j]);
+  acc_t c_prev = static_cast<acc_t>(prow >= 0 ? cells[prow * H + j] : c0[b * H + j]);
+  acc_t dc = dc_run[b * H + j], dc_kept = acc_t(0);
+  if constexpr (kRegs) {
+    if (regs.fresh(row)) c_prev = acc_t(0);
+    if (regs.zc.on()) {
+      const ZoneoutGrad<acc_t> split = zoneout_grad(regs.zc.template at<acc_t>(row, j), dc);
+      dc = split.update;
+      dc_kept = split.prev;
+      c = cell_update(i, f, g, o, c_prev).c;
+    }
+  }
+  const UnitBackward<acc_t> u = unit_backward<acc_t>(dm, dc, i, f, g, o, c, c_prev);
   T* d = dz + row * 4 * H;
   d[j] = static_cast<T>(u.di);
   d[H + j] = static_cast<T>(u.df);
   d[2 * H + j] = static_cast<T>(u.dg);
   d[3 * H + j] = static_cast<T>(u.do_);
-  dc_run[b * H + j] = u.dc_prev;
+  acc_t dc_prev = u.dc_prev;
+  if constexpr (kRegs) dc_prev = regs.fresh(row) ? acc_t(0) : dc_prev + dc_kept;
+  dc_run[b * H + j] = dc_prev;
   if (m_all != nullptr) m_all[row * H + j] = static_cast<T>(unit_m<acc_t>(o, c));
 }
 
