@@ -407,25 +407,32 @@ class FusedLSTM(nn.Module):
         return sorted_reset[active.to(reset.device)]
 
 
+# Each regulariser's rule, as its ValueError states it.
+_RULES = {
+    "recurrent_dropout": "recurrent_dropout should be a number in range [0, 1) representing the "
+                         "probability of an element being dropped",
+    "weight_drop": "weight_drop should be a number in range [0, 1) representing the probability "
+                   "of an element being dropped",
+    "zoneout": "zoneout should be a number or a pair (cell, hidden) of numbers in range [0, 1], "
+               "the probability of a unit keeping its previous state",
+}
+
+
 def _regulariser_value(name: str, value):
     """A regulariser's value, checked: a float, or for zoneout a float or a pair of them."""
     if name == "zoneout" and isinstance(value, (tuple, list)):
         if len(value) != 2:
-            raise ValueError(f"zoneout should be a number or a pair (cell, hidden) of numbers in "
-                             f"range [0, 1], got {value!r}")
-        return (_rate(name, value[0], closed=True), _rate(name, value[1], closed=True))
-    return _rate(name, value, closed=name == "zoneout")
+            raise ValueError(f"{_RULES[name]}; got {value!r}")
+        return (_rate(name, value[0]), _rate(name, value[1]))
+    return _rate(name, value)
 
 
-def _rate(name: str, value, closed: bool) -> float:
-    rule = "[0, 1]" if closed else "[0, 1)"
+def _rate(name: str, value) -> float:
+    # zoneout may be 1 (a unit that never updates); a dropout of 1 would zero everything.
+    top_allowed = name == "zoneout"
     if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1
-            or (not closed and value == 1)):
-        raise ValueError(f"{name} should be a number in range {rule} representing the "
-                         f"probability of an element being dropped" if name != "zoneout" else
-                         f"zoneout should be a number or a pair (cell, hidden) of numbers in "
-                         f"range {rule}, the probability of a unit keeping its previous state; "
-                         f"got {value!r}")
+            or (value == 1 and not top_allowed)):
+        raise ValueError(f"{_RULES[name]}; got {value!r}")
     return float(value)
 
 

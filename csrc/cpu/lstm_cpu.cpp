@@ -572,14 +572,11 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
     recurrent(0, start, bs, /*accumulate=*/true);
     T* m_out = d.proj ? pm : py + start * Hr;
     for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
-      if (zoneout_cell) {
-        forward_pointwise_rows<T, true>(pz + start * 4 * H, pc, pcell + start * H, m_out,
-                                        slope.data(), regs->zc + start * regs->zc_ld,
-                                        regs->zc_ld, H, b0, b1);
-      } else {
-        forward_pointwise_rows<T, false>(pz + start * 4 * H, pc, pcell + start * H, m_out,
-                                         slope.data(), nullptr, 0, H, b0, b1);
-      }
+      const auto pass = zoneout_cell ? &forward_pointwise_rows<T, true>
+                                     : &forward_pointwise_rows<T, false>;
+      pass(pz + start * 4 * H, pc, pcell + start * H, m_out, slope.data(),
+           zoneout_cell ? regs->zc + start * regs->zc_ld : nullptr,
+           zoneout_cell ? regs->zc_ld : 0, H, b0, b1);
     });
     if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
     T* y = py + start * Hr;
@@ -820,8 +817,10 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
                    const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
+                   const std::optional<at::Tensor>& recurrent_mask,
+                   const std::optional<at::Tensor>& zoneout_cell,
+                   const std::optional<at::Tensor>& zoneout_hidden,
+                   const std::optional<at::Tensor>& reset) {
   const BelowAutograd below_autograd;
   const LayerDims d =
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);

@@ -268,14 +268,17 @@ void with_batch_tile(int64_t B, const F& f) {
   }
 }
 
-// The kernels' kRegs, a compile-time constant so that the default path is the code it was.
+// with_batch_tile, and the kernels' kRegs (whether any regulariser or reset is given) as a
+// compile-time constant too, so that the default path is the code it was: f(bt, regs_on).
 template <typename F>
-void with_regs(bool any, const F& f) {
-  if (any) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
+void with_tile_and_regs(int64_t B, bool any, const F& f) {
+  with_batch_tile(B, [&](auto bt) {
+    if (any) {
+      f(bt, std::true_type{});
+    } else {
+      f(bt, std::false_type{});
+    }
+  });
 }
 
 // The regularisers as contiguous tensors, alive for the launches that read them (StepRegs
@@ -414,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
     p.regs = reg_buffers.view<scalar_t>();
     p.H = d.H;
     p.Hr = d.Hr;
-    with_batch_tile(d.B, [&](auto bt) { with_regs(regs.any(), [&](auto regs_on) {
+    with_tile_and_regs(d.B, regs.any(), [&](auto bt, auto regs_on) {
       constexpr int BT = decltype(bt)::value;
       constexpr bool kRegs = decltype(regs_on)::value;
       for (size_t s = 0; s < L.start.size(); ++s) {
@@ -437,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
           }
         }
       }
-    }); });
+    });
   });
 
   if (d.proj && !L.start.empty()) {
@@ -456,8 +459,10 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
                     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                     const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
                     const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
+                    const std::optional<at::Tensor>& recurrent_mask,
+                    const std::optional<at::Tensor>& zoneout_cell,
+                    const std::optional<at::Tensor>& zoneout_hidden,
+                    const std::optional<at::Tensor>& reset) {
   const BelowAutograd below_autograd;
   const LayerDims d =
       check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
@@ -512,7 +517,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
     p.regs = reg_buffers.view<scalar_t>();
     p.H = d.H;
     p.Hr = d.Hr;
-    with_batch_tile(d.B, [&](auto bt) { with_regs(regs.any(), [&](auto regs_on) {
+    with_tile_and_regs(d.B, regs.any(), [&](auto bt, auto regs_on) {
       constexpr int BT = decltype(bt)::value;
       constexpr bool kRegs = decltype(regs_on)::value;
       const auto launch_step = [&]() {
@@ -553,7 +558,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
         p.prev_start = p.prev_size = 0;
         launch_step();
       }
-    }); });
+    });
   });
 
   // dW_hh's operand is what entered the recurrent product: the entering state (zero after a
