@@ -50,6 +50,7 @@ using LayerBackwardSig = Tensors7(const optional<Tensor>&, const optional<Tensor
                                   const Tensor&, bool, FL_EXTRAS_SIG);
 using CellForwardSig = Tensors4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                 const Tensor&, const optional<Tensor>&, const optional<Tensor>&);
+using KeepMaskSig = Tensor(const Tensor&, c10::SymIntArrayRef, double, double);
 using CellBackwardSig = Tensors6(const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const Tensor&);
@@ -59,19 +60,21 @@ c10::TypedOperatorHandle<Sig> find(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// The kernel ops, looked up once (they are registered when the library loads).
-struct KernelOps {
+// The ops called here, looked up once (they are registered when the library loads).
+struct Ops {
   c10::TypedOperatorHandle<LayerForwardSig> layer_forward;
   c10::TypedOperatorHandle<LayerBackwardSig> layer_backward;
   c10::TypedOperatorHandle<CellForwardSig> cell_forward;
   c10::TypedOperatorHandle<CellBackwardSig> cell_backward;
+  c10::TypedOperatorHandle<KeepMaskSig> keep_mask;
 };
 
-const KernelOps& ops() {
-  static const KernelOps o{find<LayerForwardSig>("fused_lstm::layer_forward"),
+const Ops& ops() {
+  static const Ops o{find<LayerForwardSig>("fused_lstm::layer_forward"),
                            find<LayerBackwardSig>("fused_lstm::layer_backward"),
                            find<CellForwardSig>("fused_lstm::cell_forward"),
-                           find<CellBackwardSig>("fused_lstm::cell_backward")};
+                           find<CellBackwardSig>("fused_lstm::cell_backward"),
+                           find<KeepMaskSig>("fused_lstm::keep_mask")};
   return o;
 }
 
@@ -354,6 +357,18 @@ Tensor dropout_noise(const Tensor& x, double p) {
   return at::empty_like(x, at::MemoryFormat::Contiguous).bernoulli_(1 - p).div_(1 - p);
 }
 
+// keep_mask's kernel where the device has none of its own: bernoulli_, a counter-based
+// generator in the kernel on CUDA.
+Tensor keep_mask_composite(const Tensor& like, c10::SymIntArrayRef size, double prob,
+                           double value) {
+  return at::empty_symint(size, like.options()).bernoulli_(prob).mul_(value);
+}
+
+// The mask of recurrent dropout or weight drop shaped like x: 0, or 1 / (1 - p) kept.
+Tensor drop_mask(const Tensor& x, double p) {
+  return ops().keep_mask.call(x, x.sym_sizes(), 1 - p, 1 / (1 - p));
+}
+
 // A zoneout weight for layer_forward: per step and unit keep masks drawn at `rate` in training,
 // shaped like the layer's cells (width H) or output (width Hr); the rate itself in eval.
 optional<Tensor> zoneout_weights(const LstmConfig& cfg, double rate, const Tensor& input,
@@ -362,7 +377,7 @@ optional<Tensor> zoneout_weights(const LstmConfig& cfg, double rate, const Tenso
   if (!cfg.train) return at::scalar_tensor(rate, input.options());
   auto sizes = input.sym_sizes().vec();
   sizes.back() = width;
-  return at::empty_symint(sizes, input.options()).bernoulli_(rate);
+  return ops().keep_mask.call(input, sizes, rate, 1);
 }
 
 // reset as the reverse direction visits the rows: a row's flag is that of the same batch row
@@ -398,9 +413,9 @@ struct DirRegularisers {
 DirRegularisers draw_regularisers(const LstmConfig& cfg, const Tensor& x, const Tensor& h0,
                                   const DirWeights& w) {
   DirRegularisers r;
-  if (cfg.train && cfg.weight_drop > 0) r.weight_mask = dropout_noise(w.w_hh, cfg.weight_drop);
+  if (cfg.train && cfg.weight_drop > 0) r.weight_mask = drop_mask(w.w_hh, cfg.weight_drop);
   if (cfg.train && cfg.recurrent_dropout > 0) {
-    r.recurrent_mask = dropout_noise(h0, cfg.recurrent_dropout);
+    r.recurrent_mask = drop_mask(h0, cfg.recurrent_dropout);
   }
   r.zoneout_cell = zoneout_weights(cfg, cfg.zoneout_cell, x, w.w_hh.sym_size(0) / 4);
   r.zoneout_hidden = zoneout_weights(cfg, cfg.zoneout_hidden, x, h0.sym_size(-1));
@@ -633,6 +648,7 @@ TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
   m.impl("lstm", &lstm_composite);
+  m.impl("keep_mask", &keep_mask_composite);
 }
 
 }  // namespace fused_lstm

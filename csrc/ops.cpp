@@ -55,6 +55,12 @@ TORCH_LIBRARY(fused_lstm, m) {
       "cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor input, Tensor h0, Tensor c0, "
       "Tensor w_ih, Tensor w_hh, Tensor gates, Tensor cells) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The regularisers' random masks: a tensor of `size` with like's dtype and device, each
+  // element `value` with probability `prob` and 0 otherwise, drawn from the generator of like's
+  // device. A CPU kernel of its own (cpu/keep_mask.cpp) because bernoulli_'s draws there cost
+  // as much per unit as a seed-sized LSTM step; elsewhere it is bernoulli_ (autograd.cpp).
+  m.def("keep_mask(Tensor like, SymInt[] size, float prob, float value) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
   // A whole nn.LSTM, like aten::lstm: every layer and direction through layer_forward, with
   // nn.LSTM's dropout between layers (training only, never after the last). input (T, B, I), or
   // packed data (N, I) with batch_sizes; hx (L*D, B, Hr), cx (L*D, B, H); params in nn.LSTM's

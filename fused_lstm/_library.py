@@ -74,6 +74,10 @@ def register() -> None:
         return (input.new_empty(*input.shape[:-1], D * hx.shape[-1]), hx.new_empty(hx.shape),
                 cx.new_empty(cx.shape))
 
+    @torch.library.register_fake("fused_lstm::keep_mask")
+    def _(like, size, prob, value):
+        return like.new_empty(size)
+
     for name in KERNEL_OPS:
         torch.library.impl(f"fused_lstm::{name}", "CompositeExplicitAutograd")(
             getattr(reference, name))

@@ -410,6 +410,48 @@ def test_masks_follow_the_specification():
     assert not torch.equal(masks[0], masks[1])
 
 
+keep_mask = torch.ops.fused_lstm.keep_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prob", [0.0, 0.1, 0.5, 0.93, 1.0])
+def test_keep_mask_values_and_rate(dtype, prob):
+    n = 20001  # odd: the last element is half of a hash
+    m = keep_mask(torch.empty(0, dtype=dtype), [n], prob, 4 / 3)
+    assert m.shape == (n,) and m.dtype == dtype and m.is_contiguous()
+    assert set(m.unique().tolist()) <= {0.0, torch.tensor(4 / 3, dtype=dtype).item()}
+    kept = (m != 0).double()
+    # within 5 standard deviations of a Bernoulli(prob) mean
+    assert abs(kept.mean().item() - prob) <= 5 * (prob * (1 - prob) / n) ** 0.5
+    # the two halves of a hash decide neighbours: they must be independent too
+    both = (kept[:-1:2] * kept[1::2]).mean().item()
+    assert abs(both - prob ** 2) <= 5 * (prob ** 2 * (1 - prob ** 2) / (n // 2)) ** 0.5
+    assert keep_mask(torch.empty(0), [3, 0], prob, 1.0).shape == (3, 0)
+
+
+def test_keep_mask_is_torch_generator_seeded_and_thread_independent():
+    like = torch.empty(0)
+    size = [300, 1000]  # several threads' shares
+    torch.manual_seed(5)
+    a, b = keep_mask(like, size, 0.5, 1.0), keep_mask(like, size, 0.5, 1.0)
+    assert not torch.equal(a, b)  # the generator advanced
+    with contextlib.ExitStack() as stack:
+        saved = torch.get_num_threads()
+        stack.callback(torch.set_num_threads, saved)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(5)
+            assert torch.equal(keep_mask(like, size, 0.5, 1.0), a)
+
+
+def test_keep_mask_opcheck_and_errors():
+    # opcheck compares runs of the op: only the draws that do not depend on the generator
+    for prob in (0.0, 1.0):
+        torch.library.opcheck(keep_mask, (torch.empty(2), [3, 4], prob, 2.0))
+    with pytest.raises(RuntimeError, match=r"keep_mask's prob must be in \[0, 1\], got 1.5"):
+        keep_mask(torch.empty(0), [3], 1.5, 1.0)
+
+
 def test_eval_mode_drops_nothing_and_zoneout_takes_its_expectation():
     torch.manual_seed(0)
     lstm = nn.LSTM(I, H, 2, dtype=F64)
