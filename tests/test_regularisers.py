@@ -131,6 +131,37 @@ def test_layer_ops_in_float32(kernels, packed):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=0)
 
 
+def max_error(got, want):
+    return max((a.double() - b).abs().max().item() for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_ops_in_half_precision(kernels, dtype, packed):
+    """float16 and bfloat16 kernels, forward and backward, with every regulariser and reset:
+    within twice PyTorch's own error at that precision (the reference's plain PyTorch ops and
+    their autograd run in it), both against the float64 reference."""
+    args = layer_case("all", True, packed, False, kernels, dtype=dtype)
+    args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+              for a in args]
+
+    def forward_and_grads(fn, args, leaves):
+        y, h_n, c_n, *_ = out = fn(*args)
+        grads = [torch.ones_like(t) * 0.5 for t in (y, h_n, c_n)]
+        return out[:3], torch.autograd.grad([y, h_n, c_n], leaves, grads)
+
+    def leaves_of(args):
+        return [t.requires_grad_() for t in float_leaves(args) if t is not None]
+
+    want = forward_and_grads(reference.layer_forward, args64, leaves_of(args64))
+    own = forward_and_grads(reference.layer_forward, args, leaves_of(args))
+    got = forward_and_grads(torch.ops.fused_lstm.layer_forward, args, float_leaves(args))
+    for part in (0, 1):  # values, gradients
+        assert all(t.dtype == dtype for t in got[part])
+        own_error = max_error(own[part], want[part])
+        assert max_error(got[part], want[part]) <= 2 * own_error, (part, own_error)
+
+
 def test_layer_op_checks_the_regularisers():
     args = layer_case("all", False, False, False, "cpu")
     for k, bad, match in [(10, torch.ones(2, H, dtype=F64), "recurrent_mask must have shape"),
