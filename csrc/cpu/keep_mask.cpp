@@ -18,6 +18,8 @@
 #include <cstring>
 #include <mutex>
 
+#include "clones.h"
+
 namespace fused_lstm {
 namespace {
 
@@ -37,21 +39,31 @@ template <> struct BitsOf<2> { using type = uint16_t; };
 template <> struct BitsOf<4> { using type = uint32_t; };
 template <> struct BitsOf<8> { using type = uint64_t; };
 
+// Elements [2 j0, 2 j1) of the mask, two per hash: compiled per ISA, the loop vectorises where
+// the ISA has 64-bit multiplies (AVX-512: 0.16 ns an element against 0.7 on AVX2 here).
+template <class Bits>
+FL_CPU_CLONES void fill_pairs(Bits* __restrict p, int64_t j0, int64_t j1, uint64_t seed,
+                              uint64_t threshold, Bits on) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint64_t z = splitmix64(seed + static_cast<uint64_t>(j + 1) * kGolden);
+    p[2 * j] = on & static_cast<Bits>(-static_cast<Bits>((z & 0xFFFFFFFFull) < threshold));
+    p[2 * j + 1] = on & static_cast<Bits>(-static_cast<Bits>((z >> 32) < threshold));
+  }
+}
+
 template <class T>
 void fill(T* out, int64_t n, uint64_t seed, uint64_t threshold, T value) {
   using Bits = typename BitsOf<sizeof(T)>::type;
   Bits on;
   std::memcpy(&on, &value, sizeof on);
   Bits* p = reinterpret_cast<Bits*>(out);
-  at::parallel_for(0, (n + 1) / 2, 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const uint64_t z = splitmix64(seed + static_cast<uint64_t>(j + 1) * kGolden);
-      p[2 * j] = on & static_cast<Bits>(-static_cast<Bits>((z & 0xFFFFFFFFull) < threshold));
-      if (2 * j + 1 < n) {  // all but an odd n's last
-        p[2 * j + 1] = on & static_cast<Bits>(-static_cast<Bits>((z >> 32) < threshold));
-      }
-    }
+  at::parallel_for(0, n / 2, 1 << 15, [&](int64_t begin, int64_t end) {
+    fill_pairs(p, begin, end, seed, threshold, on);
   });
+  if (n % 2) {  // the last element: the low half of one more hash
+    const uint64_t z = splitmix64(seed + static_cast<uint64_t>(n / 2 + 1) * kGolden);
+    p[n - 1] = on & static_cast<Bits>(-static_cast<Bits>((z & 0xFFFFFFFFull) < threshold));
+  }
 }
 
 uint64_t draw_seed() {

@@ -18,6 +18,7 @@
 
 #include "../lstm_common.h"
 #include "../lstm_gates.h"
+#include "clones.h"
 
 namespace fused_lstm {
 namespace {
@@ -32,14 +33,6 @@ constexpr int64_t kGemmRows = 256;
 // threads: waking the pool and joining it costs a few microseconds, about 1 << 18 FMAs here.
 constexpr int64_t kParallelWork = 1 << 19;
 
-// The row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked once at load time
-// (GCC function multiversioning), so one build runs everywhere at the machine's best width.
-// Only these functions and what they inline get the wider ISA: ATen's inline code is untouched.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FL_CPU_CLONES
-#endif
 #if defined(__clang__)
 #define FL_UNROLL _Pragma("unroll")
 #else
