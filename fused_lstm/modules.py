@@ -52,7 +52,9 @@ def _autocast_dtype(x: Tensor, via_cudnn: bool) -> torch.dtype | None:
 
 def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> list[Tensor]:
     # Tensor.to is differentiable: float32 weights get float32 gradients back.
-    return [t if dtype is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors]
+    if dtype is None:
+        return list(tensors)
+    return [t if t.dtype == torch.float64 else t.to(dtype) for t in tensors]
 
 
 class FusedLSTM(nn.Module):
@@ -329,7 +331,7 @@ class FusedLSTM(nn.Module):
         is_packed = batch_sizes is not None
         if batch_sizes is not None:
             if not torch.jit.is_scripting():
-                if torch.onnx.is_in_onnx_export():
+                if _onnx.exporting():
                     raise RuntimeError(_onnx.PACKED_SEQUENCE_ERROR)
             mini_batch = int(batch_sizes[0])
             is_batched = True
@@ -451,7 +453,7 @@ def _lstm(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor,
             bidirectional, reset=reset, recurrent_dropout=recurrent_dropout,
             zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden, weight_drop=weight_drop)
     else:
-        if torch.onnx.is_in_onnx_export():
+        if _onnx.exporting():
             # ONNX's LSTM has none of them; in eval, dropouts are the identity and export.
             if (reset is not None or zoneout_cell > 0 or zoneout_hidden > 0
                     or (train and (recurrent_dropout > 0 or weight_drop > 0))):
@@ -486,18 +488,19 @@ def _check_attributes(input: Tensor, states: List[Tensor], weights: List[Tensor]
     only; on the CPU a float64 input with a float32 h_0 fails inside a matmul, and a float32 c_0
     next to a float64 input and h_0 is silently promoted. FusedLSTM and FusedLSTMCell check
     everywhere. TorchScript compiles the device checks; the op checks the dtypes there."""
+    device = input.device
     for state in states:
         if not torch.jit.is_scripting():
             if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
                 raise RuntimeError(
                     "Input and hidden tensors are not the same dtype, found input tensor with "
                     f"{_type_name(input)} and hidden tensor with {_type_name(state)}")
-        if state.device != input.device:
+        if state.device != device:
             raise RuntimeError(
                 "Input and hidden tensors are not at the same device, found input tensor at "
                 f"{input.device} and hidden tensor at {state.device}")
     for w in weights:
-        if w.device != input.device:
+        if w.device != device:
             raise RuntimeError(
                 "Input and parameter tensors are not at the same device, found input tensor "
                 f"at {input.device} and parameter tensor at {w.device}")
@@ -603,15 +606,17 @@ class FusedLSTMCell(nn.Module):
             raise RuntimeError(
                 f"input has inconsistent input_size: got {input.size(1)} "
                 f"expected {self.input_size}")
-        for k, state in enumerate([h0, c0]):
-            if input.size(0) != state.size(0):
-                raise RuntimeError(
-                    f"Input batch size {input.size(0)} doesn't match hidden{k} batch size "
-                    f"{state.size(0)}")
-            if state.size(1) != self.hidden_size:
-                raise RuntimeError(
-                    f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, "
-                    f"expected {self.hidden_size}")
+        B, H = input.size(0), self.hidden_size
+        if h0.size(0) != B or h0.size(1) != H or c0.size(0) != B or c0.size(1) != H:
+            for k, state in enumerate([h0, c0]):
+                if B != state.size(0):
+                    raise RuntimeError(
+                        f"Input batch size {B} doesn't match hidden{k} batch size "
+                        f"{state.size(0)}")
+                if state.size(1) != H:
+                    raise RuntimeError(
+                        f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, "
+                        f"expected {H}")
         weight = weights[0]
         if not torch.jit.is_scripting():  # TorchScript cannot print a dtype; the op checks
             if input.dtype != weight.dtype:
@@ -630,7 +635,7 @@ def _lstm_cell(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         h, c, _, _ = torch.ops.fused_lstm.cell_forward(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
         return h, c
     else:
-        if torch.onnx.is_in_onnx_export():
+        if _onnx.exporting():
             return _onnx.lstm_cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
         h, c, _, _ = torch.ops.fused_lstm.cell_forward.default(input, h0, c0, w_ih, w_hh, b_ih,
                                                                b_hh)

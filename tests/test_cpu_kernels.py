@@ -65,6 +65,17 @@ def test_blas_rows_threshold(threads, B):
     check_parity(B, 24, I=3, T=2, threads=threads)
 
 
+# A one-step call reads W_hh (and W_hr) in place: dot products eight outputs at a time in the
+# forward (4H = 12, 20, 36: a remainder of 4 or none), axpys over W_hh's rows in the backward;
+# from 2**19 multiply-adds split across threads (B = 1, H = 400), from 2**20 a thread's share
+# goes to BLAS (B = 40, H = 200).
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B, H, proj", [(1, 3, 0), (1, 5, 2), (3, 9, 0), (7, 20, 4), (1, 400, 0),
+                                        (40, 200, 0), (300, 24, 0)])
+def test_one_step_reads_the_weights_in_place(threads, B, H, proj):
+    check_parity(B, H, proj, T=1, threads=threads, bidirectional=True)
+
+
 def test_packed_sequence_down_to_one_row():
     """Batch sizes 7, 5, 2, 1: the panels' row tiles shrink step by step to a single row."""
     ref = nn.LSTM(4, 10, dtype=torch.float64)
