@@ -76,6 +76,26 @@ def test_one_step_reads_the_weights_in_place(threads, B, H, proj):
     check_parity(B, H, proj, T=1, threads=threads, bidirectional=True)
 
 
+# A float32 input projection of 2**20 multiply-adds or more goes to oneDNN's matmul
+# (mkldnn::_linear_pointwise) where torch has it: against the float64 nn.LSTM within float32's
+# error, bitwise reproducible, with and without biases, and the op really called.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_float32_input_projection(threads, bias):
+    ref = nn.LSTM(64, 64, bias=bias, dtype=torch.float64)
+    fused = FusedLSTM.from_lstm(ref).float()
+    x = torch.randn(50, 8, 64, dtype=torch.float64)  # 400 x 64 x 256 multiply-adds
+    want = outputs_and_grads(ref, x.requires_grad_(), None, [x])
+    x32 = x.detach().float().requires_grad_()
+    with num_threads(threads), torch.profiler.profile() as prof:
+        got = outputs_and_grads(fused, x32, None, [x32])
+        again = outputs_and_grads(fused, x32, None, [x32])
+    assert_same([w.float() for w in want], got, atol=2e-5)
+    assert_same(got, again, atol=0)
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        assert any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+
+
 def test_packed_sequence_down_to_one_row():
     """Batch sizes 7, 5, 2, 1: the panels' row tiles shrink step by step to a single row."""
     ref = nn.LSTM(4, 10, dtype=torch.float64)

@@ -647,6 +647,16 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
 constexpr int64_t kSmallProjection = 1 << 12;
 constexpr int64_t kSmallGrads = 1 << 16;
 
+// x W_ih^T (+ b_ih + b_hh): the gates' pre-activations from the input, for the whole sequence.
+at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih,
+                            const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh) {
+  const std::optional<at::Tensor> bias =
+      b_ih ? std::optional<at::Tensor>(*b_ih + *b_hh) : std::nullopt;
+  if (use_onednn(x, w_ih.size(0))) return onednn_mm(x, w_ih, bias);
+  return bias ? at::addmm(*bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+}
+
 // z[r] = x[r] W_ih^T (+ b_ih + b_hh) for rows r of x (rows, I); W_ih (G, I); z (rows, G).
 template <typename T>
 void small_input_projection(const T* __restrict x, int64_t rows, int64_t I,
@@ -719,8 +729,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
   const at::Tensor x = input.reshape({-1, d.I});
   const bool small = L.rows * 4 * d.H * d.I < kSmallProjection;
   at::Tensor gates = small ? at::empty({L.rows, 4 * d.H}, x.options())
-                     : b_ih    ? at::addmm(*b_ih + *b_hh, x, w_ih.t())
-                               : at::mm(x, w_ih.t());
+                           : input_projection(x, w_ih, b_ih, b_hh);
   at::Tensor cells = at::empty({L.rows, d.H}, x.options());
   at::Tensor output = at::empty({L.rows, d.Hr}, x.options());
   at::Tensor h = h0.contiguous().clone();
