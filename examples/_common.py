@@ -28,17 +28,22 @@ def water(rnn: torch.nn.Module) -> torch.Tensor | tuple[torch.Tensor, torch.Tens
 
 
 def train(params: Iterable[torch.nn.Parameter], compute_loss: Callable[[], torch.Tensor], *,
-          steps: int, lr: float, every: int = 0, label: str = "") -> list[float]:
+          steps: int, lr: float, every: int = 0, label: str = "",
+          max_grad_norm: float | None = None) -> list[float]:
     """The lectures' loop: full-batch Adam, one step per epoch; returns every step's loss.
 
     ``compute_loss`` runs the forward pass and returns the loss. With ``every``, the loss is
-    printed in seed 001's format every ``every`` steps and after the last one.
+    printed in seed 001's format every ``every`` steps and after the last one. With
+    ``max_grad_norm``, the gradients are clipped to that norm before each step.
     """
+    params = list(params)
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     for step in range(steps):
         loss = compute_loss()
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
