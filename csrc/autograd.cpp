@@ -50,10 +50,10 @@ using LayerBackwardSig = Tensors7(const optional<Tensor>&, const optional<Tensor
                                   const Tensor&, bool, FL_EXTRAS_SIG);
 using CellForwardSig = Tensors4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                 const Tensor&, const optional<Tensor>&, const optional<Tensor>&);
-using KeepMaskSig = Tensor(const Tensor&, c10::SymIntArrayRef, double, double);
 using CellBackwardSig = Tensors6(const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                  const Tensor&, const Tensor&);
+using KeepMaskSig = Tensor(const Tensor&, c10::SymIntArrayRef, double, double);
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> find(const char* name) {
@@ -71,10 +71,10 @@ struct Ops {
 
 const Ops& ops() {
   static const Ops o{find<LayerForwardSig>("fused_lstm::layer_forward"),
-                           find<LayerBackwardSig>("fused_lstm::layer_backward"),
-                           find<CellForwardSig>("fused_lstm::cell_forward"),
-                           find<CellBackwardSig>("fused_lstm::cell_backward"),
-                           find<KeepMaskSig>("fused_lstm::keep_mask")};
+                     find<LayerBackwardSig>("fused_lstm::layer_backward"),
+                     find<CellForwardSig>("fused_lstm::cell_forward"),
+                     find<CellBackwardSig>("fused_lstm::cell_backward"),
+                     find<KeepMaskSig>("fused_lstm::keep_mask")};
   return o;
 }
 
