@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
-from fused_lstm import FusedLSTM, native_backends
+from fused_lstm import FusedLSTM, native_backends, reference
 from helpers import assert_same, outputs_and_grads
 
 pytestmark = pytest.mark.skipif("cpu" not in native_backends(), reason="needs the CPU kernels")
@@ -56,6 +56,39 @@ def test_panel_tiles(B, H, proj):
 @pytest.mark.parametrize("B, H, proj", [(13, 100, 0), (9, 130, 60), (20, 96, 0)])
 def test_panels_split_across_threads(threads, B, H, proj):
     check_parity(B, H, proj, threads=threads)
+
+
+# Where the gate blocks pad to at most one panel in eight, the forward packs each gate's columns
+# on its own and runs a thread's units' gate math right after their product (StepProduct::fused):
+# at H = 48, three panels of 16 doubles a gate, split 2 + 1 on two threads and 1 + 1 + 1 on
+# three. The packed batch shrinks from 64 rows (a step split across threads) to 3 (on one); the
+# zoneout masks and the recurrent mask go through the same pass.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("regularised", [False, True])
+def test_gate_blocks_fused_with_the_gate_math(threads, regularised):
+    ref = nn.LSTM(5, 48, dtype=torch.float64)
+    fused = FusedLSTM.from_lstm(ref)
+    seqs = [torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+            for n in [4] * 3 + [3] * 20 + [2] * 38 + [1] * 3]
+    if not regularised:
+        with num_threads(threads):
+            assert_same(outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
+                        outputs_and_grads(fused, pack_sequence(seqs), None, seqs), atol=ATOL)
+        return
+    packed = pack_sequence(seqs)
+    rows, B, H = packed.data.shape[0], 64, 48
+    f64 = {"dtype": torch.float64}
+    args = [packed.data.detach(), packed.batch_sizes, torch.randn(B, H, **f64),
+            torch.randn(B, H, **f64), ref.weight_ih_l0.detach(), ref.weight_hh_l0.detach(),
+            ref.bias_ih_l0.detach(), ref.bias_hh_l0.detach(), None, False,
+            torch.bernoulli(torch.full((B, H), 0.7, **f64)) / 0.7,
+            torch.bernoulli(torch.full((rows, H), 0.4, **f64)),
+            torch.bernoulli(torch.full((rows, H), 0.3, **f64)), None]
+    want = reference.layer_forward(*args)
+    with num_threads(threads):
+        got = torch.ops.fused_lstm.layer_forward(*args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
 # 256 rows and more go to BLAS, 255 stay on the panels; both split across threads at H = 24.

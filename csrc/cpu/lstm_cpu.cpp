@@ -273,6 +273,18 @@ inline __attribute__((always_inline)) void panel_tile(const T* __restrict a, int
     FL_UNROLL
     for (int64_t j = 0; j < NV; ++j) acc[r][j] = V{};
   }
+  // The tile's output rows are the step's slice of the input projection, computed for the whole
+  // sequence long before and no longer in cache at sizes where the loop is product-bound:
+  // fetched only at the store, they stalled it (a fifth of the kernel's time at medium).
+  if (accumulate) {
+    FL_UNROLL
+    for (int64_t r = 0; r < R; ++r) {
+      FL_UNROLL
+      for (int64_t j = 0; j < NV * Bytes; j += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(o + r * ldo) + j, 1);
+      }
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     V w[NV];
     FL_UNROLL
@@ -290,31 +302,34 @@ inline __attribute__((always_inline)) void panel_tile(const T* __restrict a, int
 
 // Panels [p0, p1) of out[0:bs, 0:N] (+)= a[0:bs, 0:K] . W^T from the packed panels: each panel
 // is read from cache by all rows before the next (RMain rows a tile, the rest 4, 2, 1), and the
-// rows' split into tiles depends on bs only, so every thread count sums alike.
+// rows' split into tiles depends on bs only, so every thread count sums alike. W's columns come
+// in blocks of Nb, each padded to ppb panels (StepProduct).
 template <typename T, int64_t Bytes, int64_t RMain>
 inline __attribute__((always_inline)) void panel_rows(const T* __restrict a,
                                                       const T* __restrict packed, int64_t K,
-                                                      int64_t N, T* __restrict out, int64_t bs,
-                                                      int64_t p0, int64_t p1, bool accumulate) {
+                                                      int64_t N, int64_t Nb, int64_t ppb,
+                                                      T* __restrict out, int64_t bs, int64_t p0,
+                                                      int64_t p1, bool accumulate) {
   constexpr int64_t NV = 2, L = Bytes / sizeof(T), P = kPanelBytes / sizeof(T);
   for (int64_t p = p0; p < p1; ++p) {
-    for (int64_t j0 = 0; j0 < P && p * P + j0 < N; j0 += NV * L) {
-      const int64_t n0 = p * P + j0;
+    const int64_t local = p % ppb * P, col = p / ppb * Nb + local;
+    for (int64_t j0 = 0; j0 < P && local + j0 < Nb; j0 += NV * L) {
+      const int64_t n = Nb - local - j0;
       const T* w = packed + p * K * P + j0;
-      T* o = out + n0;
+      T* o = out + col + j0;
       int64_t b = 0;
       for (; b + RMain <= bs; b += RMain) {
-        panel_tile<T, RMain, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+        panel_tile<T, RMain, NV, Bytes>(a + b * K, K, w, o + b * N, N, n, accumulate);
       }
       if (bs - b >= 4) {
-        panel_tile<T, 4, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+        panel_tile<T, 4, NV, Bytes>(a + b * K, K, w, o + b * N, N, n, accumulate);
         b += 4;
       }
       if (bs - b >= 2) {
-        panel_tile<T, 2, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+        panel_tile<T, 2, NV, Bytes>(a + b * K, K, w, o + b * N, N, n, accumulate);
         b += 2;
       }
-      if (bs - b >= 1) panel_tile<T, 1, NV, Bytes>(a + b * K, K, w, o + b * N, N, N - n0, accumulate);
+      if (bs - b >= 1) panel_tile<T, 1, NV, Bytes>(a + b * K, K, w, o + b * N, N, n, accumulate);
     }
   }
 }
@@ -323,17 +338,17 @@ inline __attribute__((always_inline)) void panel_rows(const T* __restrict a,
 // AVX-512's 32 registers, 6 x 2 of AVX2's 16, 4 x 2 of SSE's 16.
 template <typename T>
 FL_CPU_CLONES void packed_rows(const T* __restrict a, const T* __restrict packed, int64_t K,
-                               int64_t N, T* __restrict out, int64_t bs, int64_t p0, int64_t p1,
-                               bool accumulate) {
+                               int64_t N, int64_t Nb, int64_t ppb, T* __restrict out, int64_t bs,
+                               int64_t p0, int64_t p1, bool accumulate) {
   static const int64_t reg_bytes = __builtin_cpu_supports("avx512f") ? 64
                                    : __builtin_cpu_supports("avx2")  ? 32
                                                                      : 16;
   if (reg_bytes == 64) {
-    panel_rows<T, 64, 8>(a, packed, K, N, out, bs, p0, p1, accumulate);
+    panel_rows<T, 64, 8>(a, packed, K, N, Nb, ppb, out, bs, p0, p1, accumulate);
   } else if (reg_bytes == 32) {
-    panel_rows<T, 32, 6>(a, packed, K, N, out, bs, p0, p1, accumulate);
+    panel_rows<T, 32, 6>(a, packed, K, N, Nb, ppb, out, bs, p0, p1, accumulate);
   } else {
-    panel_rows<T, 16, 4>(a, packed, K, N, out, bs, p0, p1, accumulate);
+    panel_rows<T, 16, 4>(a, packed, K, N, Nb, ppb, out, bs, p0, p1, accumulate);
   }
 }
 
@@ -358,11 +373,18 @@ inline void for_rows(int64_t rows, int64_t work, const F& f) {
 // W^T whole, zero-padded to whole registers (vec_mat_rows: its sweep reads W^T's rows in order).
 // BLAS re-packs W at every call, which at a step's sizes costs as much as the product. A call
 // of one step (steps = 1) reads W in place instead (direct_rows).
+//
+// With gate_blocks, the panels pad each of W's four gate blocks of N / 4 columns on its own, so
+// that a range of panels in every block covers whole units: `fused` then runs a thread's units'
+// gate math right after their product, in the same parallel region and while their
+// pre-activations are in its cache. It is taken where it adds at most one panel in eight and
+// the batch is below ATen's GEMM (whose columns are W's own).
 template <typename T>
 struct StepProduct {
   static constexpr int64_t kPad = 64 / sizeof(T), kPanel = kPanelBytes / sizeof(T);
   at::Tensor W, Wt;  // W (N, K) as given; Wt: W^T packed as above
   int64_t K, N, ldt, split;
+  int64_t blocks = 1, Nb, ppb;  // column blocks of Nb columns, each padded to ppb panels
   int64_t threads;  // asked once per call: a call into the thread pool costs more than a small step
   bool panels, direct;
   const T *pwt, *pw;
@@ -371,14 +393,21 @@ struct StepProduct {
   T* pout;
 
   StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf,
-              int64_t max_rows, int64_t steps)
+              int64_t max_rows, int64_t steps, bool gate_blocks = false)
       : W(w), K(w.size(1)), N(w.size(0)),
         threads(at::in_parallel_region() ? 1 : at::get_num_threads()),
         panels(max_rows > 1 && steps > 1), direct(steps == 1), pw(w.const_data_ptr<T>()),
         a(&a_buf), out(&out_buf),
         pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
     split = panels ? kPanel : kPad;
-    ldt = (N + split - 1) / split * split;
+    const auto whole = [](int64_t n, int64_t m) { return (n + m - 1) / m; };
+    if (gate_blocks && panels && max_rows < kGemmRows &&
+        4 * whole(N / 4, kPanel) * 8 <= whole(N, kPanel) * 9) {
+      blocks = 4;
+    }
+    Nb = N / blocks;
+    ppb = whole(Nb, split);
+    ldt = blocks * ppb * split;
     if (direct) return;
     Wt = at::empty({K, ldt}, w.options());
     T* pt = Wt.data_ptr<T>();
@@ -389,14 +418,15 @@ struct StepProduct {
       return;
     }
     // A raw loop: at small sizes two ATen calls cost more than a small layer's whole step.
-    // Column n, row k of W^T lives at [n / width][k][n % width] of panels width wide.
+    // Packed column c, row k of W^T lives at [c / width][k][c % width] of panels width wide;
+    // it is column (c / (ppb split)) Nb + c % (ppb split) of W, or padding.
     const int64_t sn = w.stride(0), sk = w.stride(1), width = panels ? kPanel : ldt;
     for (int64_t p = 0; p < ldt / width; ++p) {
       for (int64_t k = 0; k < K; ++k) {
         T* row = pt + (p * K + k) * width;
         for (int64_t j = 0; j < width; ++j) {
-          const int64_t n = p * width + j;
-          row[j] = n < N ? pw[n * sn + k * sk] : T(0);
+          const int64_t c = p * width + j, local = c % (ppb * split);
+          row[j] = local < Nb ? pw[(c / (ppb * split) * Nb + local) * sn + k * sk] : T(0);
         }
       }
     }
@@ -419,11 +449,32 @@ struct StepProduct {
       direct_rows<T>(pa + a0 * K, pw, W.stride(0), W.stride(1), K, pout + r0 * N, N, bs, c0,
                      c0 + n, accumulate);
     } else if (panels) {
-      packed_rows<T>(pa + a0 * K, pwt, K, N, pout + r0 * N, bs, c0 / kPanel, c1 / kPanel,
-                     accumulate);
+      packed_rows<T>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs, c0 / kPanel,
+                     c1 / kPanel, accumulate);
     } else {
       vec_mat_rows<T>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, 0, bs, c0, c1, accumulate);
     }
+  }
+
+  // With gate blocks: the product of each block's panels [u0, u1), then epilogue(j0, j1) for
+  // the block's columns [j0, j1) they cover, a thread's share at a time.
+  template <typename F>
+  void fused(int64_t a0, int64_t r0, int64_t bs, bool accumulate, const F& epilogue) const {
+    const auto units = [&](int64_t u0, int64_t u1) {
+      for (int64_t q = 0; q < blocks; ++q) {
+        packed_rows<T>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs, q * ppb + u0,
+                       q * ppb + u1, accumulate);
+      }
+      if (u0 < u1) epilogue(u0 * split, std::min(u1 * split, Nb));
+    };
+    if (bs * K * N < kParallelWork || threads == 1) {
+      units(0, ppb);
+      return;
+    }
+    const int64_t chunk = (ppb + threads - 1) / threads;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) units(std::min(t * chunk, ppb), std::min((t + 1) * chunk, ppb));
+    });
   }
 
   void operator()(int64_t a0, int64_t r0, int64_t bs, bool accumulate) const {
@@ -483,21 +534,27 @@ struct StepRegs {
   }
 };
 
-// Gate math of rows b0..b1 of one step: z (bs, 4H) holds the pre-activations and receives the
-// activations; c (bs, H) is c_{t-1} in, c_t out; cell (bs, H) saves c_t; m (bs, H) gets m_t.
-// slope (4H) is gate_slope of each column. The four gates are one pass over the row's 4H
-// contiguous values, which is whole registers for any even H and independent work throughout;
-// a pass per gate would leave a partial register at the end of each of the seeds' H = 4..20.
+// Gate math of units [j0, j1) of rows b0..b1 of one step: z (bs, 4H) holds the pre-activations
+// and receives the activations; c (bs, H) is c_{t-1} in, c_t out; cell (bs, H) saves c_t;
+// m (bs, H) gets m_t. slope (4H) is gate_slope of each column. For all units the four gates are
+// one pass over the row's 4H contiguous values, which is whole registers for any even H and
+// independent work throughout; a pass per gate would leave a partial register at the end of
+// each of the seeds' H = 4..20.
 // With Zoneout, c_t mixes c_{t-1} and the plain update with the weights of row b at
 // zc[b * zc_ld] (StepRegs), and m_t stays that of the plain update.
 template <typename T, bool Zoneout>
 FL_CPU_CLONES void forward_pointwise_rows(T* __restrict z, T* __restrict c, T* __restrict cell,
                                           T* __restrict m, const T* __restrict slope,
                                           const T* __restrict zc, int64_t zc_ld, int64_t H,
-                                          int64_t b0, int64_t b1) {
+                                          int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+  const bool all = j0 == 0 && j1 == H;
   for (int64_t b = b0; b < b1; ++b) {
     T* __restrict zr = z + b * 4 * H;
-    for (int64_t k = 0; k < 4 * H; ++k) zr[k] = gate_act<T>(zr[k], slope[k]);
+    for (int64_t q = 0; q < (all ? 1 : 4); ++q) {
+      for (int64_t k = q * H + j0; k < (all ? 4 * H : q * H + j1); ++k) {
+        zr[k] = gate_act<T>(zr[k], slope[k]);
+      }
+    }
     const T* __restrict i = zr;
     const T* __restrict f = zr + H;
     const T* __restrict g = zr + 2 * H;
@@ -506,7 +563,7 @@ FL_CPU_CLONES void forward_pointwise_rows(T* __restrict z, T* __restrict c, T* _
     T* __restrict cellr = cell + b * H;
     T* __restrict mr = m + b * H;
     const T* __restrict dr = Zoneout ? zc + b * zc_ld : nullptr;
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const CellUpdate<T> u = cell_update<T>(i[j], f[j], g[j], o[j], cr[j]);
       const T ct = Zoneout ? zoneout_mix<T>(dr[j], cr[j], u.c) : u.c;
       cr[j] = ct;
@@ -587,7 +644,7 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
   const at::Tensor h_in = Regs && regs->mask ? at::empty({d.B, Hr}, h.options()) : h;
   // gates already holds x W_ih^T + b; this adds h_{t-1} W_hh^T.
   const int64_t steps = static_cast<int64_t>(L.start.size());
-  const StepProduct<T> recurrent(w_hh, h_in, gates, d.B, steps);
+  const StepProduct<T> recurrent(w_hh, h_in, gates, d.B, steps, /*gate_blocks=*/true);
   const std::optional<StepProduct<T>> projection =
       d.proj ? std::optional<StepProduct<T>>(std::in_place, *w_hr, m, output, d.B, steps)
              : std::nullopt;
@@ -613,15 +670,21 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
         for (int64_t k = 0; k < bs * Hr; ++k) ph_in[k] = ph[k] * regs->mask[k];
       }
     }
-    recurrent(0, start, bs, /*accumulate=*/true);
     T* m_out = d.proj ? pm : py + start * Hr;
-    for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
+    const auto pointwise = [&](int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
       const auto pass = zoneout_cell ? &forward_pointwise_rows<T, true>
                                      : &forward_pointwise_rows<T, false>;
       pass(pz + start * 4 * H, pc, pcell + start * H, m_out, slope.data(),
            zoneout_cell ? regs->zc + start * regs->zc_ld : nullptr,
-           zoneout_cell ? regs->zc_ld : 0, H, b0, b1);
-    });
+           zoneout_cell ? regs->zc_ld : 0, H, b0, b1, j0, j1);
+    };
+    if (recurrent.blocks > 1) {
+      recurrent.fused(0, start, bs, /*accumulate=*/true,
+                      [&](int64_t j0, int64_t j1) { pointwise(0, bs, j0, j1); });
+    } else {
+      recurrent(0, start, bs, /*accumulate=*/true);
+      for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) { pointwise(b0, b1, 0, H); });
+    }
     if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
     T* y = py + start * Hr;
     if constexpr (Regs) {
