@@ -91,6 +91,56 @@ def test_gate_blocks_fused_with_the_gate_math(threads, regularised):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+# Where the packed W fits twice in a core's L2 and each thread gets at least 4 rows, a step
+# splits its rows across threads instead, the forward's gate math and the backward's with each
+# thread's product (StepProduct::splits_rows): at H = 96 (295 KB of packed doubles, so on any L2
+# of 1 MB or more) and 16 rows, split 8 + 8 on two threads and 6 + 6 + 4 on three. The packed
+# batch shrinks from 16 rows to 2, through the smallest split (8 rows on two threads) and out of
+# the parallel steps; the reverse direction grows back through them. Regularised, the op's
+# forward and backward against the reference's, every mask and a reset included.
+def row_split_sequences():
+    return [torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+            for n in [6] * 2 + [5] * 4 + [4] * 2 + [3] * 3 + [2] * 3 + [1] * 2]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_split_across_threads(threads):
+    ref = nn.LSTM(5, 96, bidirectional=True, dtype=torch.float64)
+    fused = FusedLSTM.from_lstm(ref)
+    seqs = row_split_sequences()
+    with num_threads(threads):
+        assert_same(outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
+                    outputs_and_grads(fused, pack_sequence(seqs), None, seqs), atol=ATOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_rows_split_regularised(threads, reverse):
+    packed = pack_sequence(row_split_sequences())
+    rows, B, H = packed.data.shape[0], 16, 96
+    f64 = {"dtype": torch.float64}
+    weights = [torch.randn(4 * H, 5, **f64) * 0.3, torch.randn(4 * H, H, **f64) * 0.1,
+               torch.randn(4 * H, **f64), torch.randn(4 * H, **f64)]
+    args = [packed.data.detach(), packed.batch_sizes, torch.randn(B, H, **f64),
+            torch.randn(B, H, **f64), *weights, None, reverse,
+            torch.bernoulli(torch.full((B, H), 0.7, **f64)) / 0.7,
+            torch.bernoulli(torch.full((rows, H), 0.4, **f64)),
+            torch.bernoulli(torch.full((rows, H), 0.3, **f64)),
+            torch.rand(rows) < 0.2]
+    want = reference.layer_forward(*args)
+    with num_threads(threads):
+        got = torch.ops.fused_lstm.layer_forward(*args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    grads = [torch.randn(rows, H, **f64), torch.randn(B, H, **f64), torch.randn(B, H, **f64)]
+    backward_args = [*grads, *args[:6], None, *want[:1], *want[3:], reverse, *args[10:]]
+    want_grads = reference.layer_backward(*backward_args)
+    with num_threads(threads):
+        got_grads = torch.ops.fused_lstm.layer_backward(*backward_args)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
 # 256 rows and more go to BLAS, 255 stay on the panels; both split across threads at H = 24.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("B", [255, 256, 261])

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <vector>
 
+#include <unistd.h>
+
 #include "../lstm_common.h"
 #include "../lstm_gates.h"
 #include "clones.h"
@@ -361,18 +363,33 @@ inline void for_rows(int64_t rows, int64_t work, const F& f) {
   }
 }
 
+// Bytes of one core's L2 cache, asked once (1 MiB where the system does not say).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? static_cast<int64_t>(b) : int64_t{1} << 20;
+  }();
+  return bytes;
+}
+
 // A per-step product out[r0 : r0+bs] (+)= a[a0 : a0+bs] @ W^T with W (N, K), on whole
 // contiguous (rows, K) / (rows, N) buffers. Small steps loop over raw pointers taken once per
 // sequence (a tensor view or data_ptr() per step would cost more than the arithmetic); large
-// ones are ATen GEMMs on views. Threads split the columns, not the rows: each thread then reads
-// only its slice of W at every step, which stays in its own core's cache across the sequence,
-// and a batch of one still gets every core.
+// ones are ATen GEMMs on views. Threads split the columns, where W is too big for the rows'
+// split below: each thread then reads only its slice of W at every step, which stays in its
+// own core's cache across the sequence, and a batch of one still gets every core.
 //
 // W is copied once per call into the layout its loops read: batches of more than one row
 // (max_rows > 1) get W^T in panels of kPanelBytes columns (panel_rows), a batch of one row gets
 // W^T whole, zero-padded to whole registers (vec_mat_rows: its sweep reads W^T's rows in order).
 // BLAS re-packs W at every call, which at a step's sizes costs as much as the product. A call
 // of one step (steps = 1) reads W in place instead (direct_rows).
+//
+// Where the packed W fits twice in a core's L2 and the batch gives each thread a few rows,
+// threads split the rows instead (splits_rows): each reads all of W from its own L2, and writes
+// whole rows of out that no other core touches. Split by columns, two threads each wrote every
+// row's cache lines next to the other's, and with the lines moving between the cores each ran
+// its half of a step (mid-B16: 16 rows, 512 columns) about as slowly as one thread ran all of it.
 //
 // With gate_blocks, the panels pad each of W's four gate blocks of N / 4 columns on its own, so
 // that a range of panels in every block covers whole units: `fused` then runs a thread's units'
@@ -456,18 +473,53 @@ struct StepProduct {
     }
   }
 
-  // With gate blocks: the product of each block's panels [u0, u1), then epilogue(j0, j1) for
-  // the block's columns [j0, j1) they cover, a thread's share at a time.
+  bool parallel(int64_t bs) const { return bs * K * N >= kParallelWork && threads > 1; }
+
+  bool splits_rows(int64_t bs) const {
+    return panels && parallel(bs) && bs < kGemmRows && bs >= 4 * threads &&
+           2 * K * ldt * static_cast<int64_t>(sizeof(T)) <= l2_bytes();
+  }
+
+  // Whether fused runs the product and the epilogue in one pass: by rows, or by units of the
+  // gate blocks.
+  bool fuses(int64_t bs) const { return blocks > 1 || splits_rows(bs); }
+
+  // Rows [b0, b1) of the product, every panel, on the calling thread.
+  void panel_rows_of(int64_t a0, int64_t r0, int64_t b0, int64_t b1, bool accumulate) const {
+    packed_rows<T>(pa + (a0 + b0) * K, pwt, K, N, Nb, ppb, pout + (r0 + b0) * N, b1 - b0, 0,
+                   ldt / kPanel, accumulate);
+  }
+
+  // f(b0, b1) for each thread's rows, in one parallel region.
+  template <typename F>
+  void by_rows(int64_t bs, const F& f) const {
+    const int64_t chunk = (bs + threads - 1) / threads;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) f(std::min(t * chunk, bs), std::min((t + 1) * chunk, bs));
+    });
+  }
+
+  // Where fuses(bs): the product and then epilogue(b0, b1, j0, j1) for rows [b0, b1) and
+  // columns [j0, j1) of each of W's four gates (N / 4 columns each), a thread's share at a time: its rows (splits_rows), else its
+  // units, the product of each block's panels [u0, u1).
   template <typename F>
   void fused(int64_t a0, int64_t r0, int64_t bs, bool accumulate, const F& epilogue) const {
+    if (splits_rows(bs)) {
+      by_rows(bs, [&](int64_t b0, int64_t b1) {
+        if (b0 == b1) return;
+        panel_rows_of(a0, r0, b0, b1, accumulate);
+        epilogue(b0, b1, 0, N / 4);
+      });
+      return;
+    }
     const auto units = [&](int64_t u0, int64_t u1) {
       for (int64_t q = 0; q < blocks; ++q) {
         packed_rows<T>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs, q * ppb + u0,
                        q * ppb + u1, accumulate);
       }
-      if (u0 < u1) epilogue(u0 * split, std::min(u1 * split, Nb));
+      if (u0 < u1) epilogue(0, bs, u0 * split, std::min(u1 * split, Nb));
     };
-    if (bs * K * N < kParallelWork || threads == 1) {
+    if (!parallel(bs)) {
       units(0, ppb);
       return;
     }
@@ -478,8 +530,14 @@ struct StepProduct {
   }
 
   void operator()(int64_t a0, int64_t r0, int64_t bs, bool accumulate) const {
-    if (bs * K * N < kParallelWork || threads == 1) {
+    if (!parallel(bs)) {
       columns(a0, r0, bs, 0, ldt, accumulate);
+      return;
+    }
+    if (splits_rows(bs)) {
+      by_rows(bs, [&](int64_t b0, int64_t b1) {
+        if (b0 < b1) panel_rows_of(a0, r0, b0, b1, accumulate);
+      });
       return;
     }
     // Whole panels per thread; the same split at every step keeps each slice on one core.
@@ -671,22 +729,26 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
       }
     }
     T* m_out = d.proj ? pm : py + start * Hr;
+    T* y = py + start * Hr;
+    // Split by rows, a thread's product reads only its own rows of h: it sets them to h_t itself
+    // where h_t is m_t, rather than leaving the copy to one thread after the region, which read
+    // the other cores' rows of y and then had them read back.
+    const bool own_rows = !d.proj && !(Regs && regs->zh) && recurrent.splits_rows(bs);
     const auto pointwise = [&](int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
       const auto pass = zoneout_cell ? &forward_pointwise_rows<T, true>
                                      : &forward_pointwise_rows<T, false>;
       pass(pz + start * 4 * H, pc, pcell + start * H, m_out, slope.data(),
            zoneout_cell ? regs->zc + start * regs->zc_ld : nullptr,
            zoneout_cell ? regs->zc_ld : 0, H, b0, b1, j0, j1);
+      if (own_rows) std::memcpy(ph + b0 * Hr, y + b0 * Hr, sizeof(T) * (b1 - b0) * Hr);
     };
-    if (recurrent.blocks > 1) {
-      recurrent.fused(0, start, bs, /*accumulate=*/true,
-                      [&](int64_t j0, int64_t j1) { pointwise(0, bs, j0, j1); });
+    if (recurrent.fuses(bs)) {
+      recurrent.fused(0, start, bs, /*accumulate=*/true, pointwise);
     } else {
       recurrent(0, start, bs, /*accumulate=*/true);
       for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) { pointwise(b0, b1, 0, H); });
     }
     if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
-    T* y = py + start * Hr;
     if constexpr (Regs) {
       if (regs->zh) {
         for (int64_t b = 0; b < bs; ++b) {
@@ -697,7 +759,7 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
         }
       }
     }
-    std::memcpy(ph, y, sizeof(T) * bs * Hr);
+    if (!own_rows) std::memcpy(ph, y, sizeof(T) * bs * Hr);
   }
 }
 
@@ -873,7 +935,7 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
       std::memcpy(pdh_all + start * Hr, pdh, sizeof(T) * bs * Hr);
       (*projection)(0, 0, bs, /*accumulate=*/false);
     }
-    for_rows(bs, bs * H * 32, [&](int64_t b0, int64_t b1) {
+    const auto pointwise = [&](int64_t b0, int64_t b1) {
       if constexpr (Regs) {
         backward_pointwise_rows<T, true>(
             pact + start * 4 * H, pcell + start * H, pcell + prev_start * H, prev_size, pc0,
@@ -886,8 +948,18 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
                                           nullptr, nullptr, 0, pdm, pdc, pdz + start * 4 * H,
                                           pm_all ? pm_all + start * H : nullptr, H, b0, b1);
       }
-    });
-    recurrent(start, 0, bs, /*accumulate=*/false);
+    };
+    // A row's dh_{t-1} needs only its own row of dz: split by rows, each thread runs both.
+    if (recurrent.splits_rows(bs)) {
+      recurrent.by_rows(bs, [&](int64_t b0, int64_t b1) {
+        if (b0 == b1) return;
+        pointwise(b0, b1);
+        recurrent.panel_rows_of(start, 0, b0, b1, /*accumulate=*/false);
+      });
+    } else {
+      for_rows(bs, bs * H * 32, pointwise);
+      recurrent(start, 0, bs, /*accumulate=*/false);
+    }
     if constexpr (Regs) {
       if (regs->mask) {
         for (int64_t k = 0; k < bs * Hr; ++k) pdh[k] *= regs->mask[k];
