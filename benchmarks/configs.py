@@ -1,5 +1,6 @@
-"""Benchmark configurations of DESIGN.md §7. B=None means unbatched input; cell=True times
-nn.LSTMCell against FusedLSTMCell stepped over the T steps in a Python loop."""
+"""Benchmark configurations (docs/benchmarks.md, "Configurations"). B=None means unbatched
+input; cell=True times nn.LSTMCell against FusedLSTMCell stepped over the T steps in a Python
+loop."""
 
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ CPU = [
     Config("cell-B8", 200, 8, 4, 20, cell=True),
 ]
 
-# fp16 can give cuDNN its persistent kernel, bf16 never does: DESIGN.md §7 asks for both.
+# fp16 can give cuDNN its persistent kernel, bf16 never does: docs/benchmarks.md asks for both.
 HALVES = ("float16", "bfloat16")
 GPU = [
     Config("fastrnns", 100, 64, 512, 512, dtypes=("float32", "bfloat16")),

@@ -3,7 +3,7 @@
     python benchmarks/run.py [--quick] [--out DIR] [--device cpu|cuda] [--dtype NAME]
                              [--reps N] [--only NAME ...]
 
-For each configuration of DESIGN.md §7 for the device (CUDA when a GPU is visible, else the CPU):
+For each configuration of docs/benchmarks.md for the device (CUDA when a GPU is visible, else the CPU):
 first parity with nn.LSTM from the same weights (the largest absolute difference of the outputs
 and of all gradients), then timings of a training step (forward + backward) and of inference
 (no_grad) for nn.LSTM (cuDNN / oneDNN), FusedLSTM and, on the small CPU configurations, the

@@ -64,7 +64,7 @@ class FusedLSTM(nn.Module):
     unbatched, ``batch_first``, :class:`~torch.nn.utils.rnn.PackedSequence`), outputs and errors
     as ``nn.LSTM``; ``load_state_dict`` works both ways. See ``FusedLSTM.from_lstm``.
 
-    Keyword-only regularisers, fused into the kernels (README, "Regularisers and resets"); each
+    Keyword-only regularisers, fused into the kernels (docs/regularisers.md); each
     can be changed later, like ``dropout``, and is identity at its default:
 
     * ``recurrent_dropout`` (0 <= p < 1): variational dropout of h_{t-1} where it enters the

@@ -5,7 +5,7 @@ The oracles are independent of the code under test:
 * the layer ops against torch.autograd through the reference's forward (which is plain PyTorch
   ops), so the handwritten backwards of every backend are checked against autograd;
 * FusedLSTM against a hand-written step loop, differentiated by autograd, that applies the
-  masks the op drew (read from its layer_forward calls) as the README's formulas say;
+  masks the op drew (read from its layer_forward calls) as docs/regularisers.md's formulas say;
 * resets against nn.LSTM run on each segment on its own;
 * gradcheck of the whole op, with the masks redrawn from the same seed at every call.
 """
@@ -205,8 +205,8 @@ def zoneout_value(z, t, b):
 
 
 def loop_lstm(module: FusedLSTM, x, hx, reset, taken):
-    """What the README says FusedLSTM computes, one step at a time, from the masks the op
-    drew. x (T, B, I) time-major; reset (T, B) or None."""
+    """What docs/regularisers.md says FusedLSTM computes, one step at a time, from the masks
+    the op drew. x (T, B, I) time-major; reset (T, B) or None."""
     T, B = x.shape[:2]
     D = 2 if module.bidirectional else 1
     h0, c0 = hx
