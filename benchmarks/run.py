@@ -5,9 +5,9 @@
 
 For each configuration of docs/benchmarks.md for the device (CUDA when a GPU is visible, else the
 CPU): first parity with nn.LSTM from the same weights (the largest absolute difference of the
-outputs and of all gradients), then timings of a training step (forward + backward) and of inference
-(no_grad) for nn.LSTM (cuDNN / oneDNN), FusedLSTM and, on the small CPU configurations, the pure-
-PyTorch reference. Repetitions are interleaved so that drift in machine load hits every
+outputs and of all gradients), then timings of a training step (forward + backward) and of
+inference (no_grad) for nn.LSTM (cuDNN / oneDNN), FusedLSTM and, on the small CPU configurations,
+the pure-PyTorch reference. Repetitions are interleaved so that drift in machine load hits every
 implementation alike; each figure is the median. The ratio is nn.LSTM time / FusedLSTM time: above
 1, FusedLSTM is faster. In the cell configurations (cell-*) "nn.LSTM" and "FusedLSTM" are
 nn.LSTMCell and FusedLSTMCell stepped over the sequence in a Python loop.
