@@ -15,6 +15,8 @@
 #include <optional>
 #include <vector>
 
+#include "tuning.h"
+
 namespace fused_lstm {
 
 #define FL_CHECK_SHAPE(x, ...)                                                        \
@@ -238,13 +240,6 @@ inline FlatSequence flatten_sequence(const LayerDims& d, const at::Tensor& input
           grad_output ? grad_output->reshape({-1, d.Hr}).contiguous() : at::Tensor()};
 }
 
-// Multiply-adds from which a float32 CPU product goes to oneDNN's matmul rather than to ATen's
-// GEMM (MKL). On the AMD EPYC machine of benchmarks/RESULTS.md MKL runs its AVX2 code (about 170
-// GFLOP/s on two cores) where oneDNN uses AVX-512 (about 380): at medium's sizes 8.9 against
-// 19.6 ms for the input projection (6400 x 256 x 1024), 15.6 against 32.7 for grad_input, 19.1
-// against 21.3 for grad_w_ih; 0.16 against 0.30 ms at 1600 x 64 x 256; even at 200 x 64 x 256.
-constexpr int64_t kOneDnnWork = 1 << 20;
-
 // oneDNN's matmul on dense tensors, as the dispatcher op mkldnn::_linear_pointwise (Inductor's
 // CPU linear), looked up once: a torch built without oneDNN lacks it and ATen's GEMM serves.
 inline const std::optional<c10::OperatorHandle>& onednn_linear() {
@@ -256,7 +251,7 @@ inline const std::optional<c10::OperatorHandle>& onednn_linear() {
 // Whether x (M, K) times a (K, N) operand goes to onednn_linear.
 inline bool use_onednn(const at::Tensor& x, int64_t N) {
   return x.is_cpu() && x.scalar_type() == at::kFloat &&
-         x.size(0) * x.size(1) * N >= kOneDnnWork && onednn_linear();
+         x.size(0) * x.size(1) * N >= tuning::kOneDnnWork && onednn_linear();
 }
 
 // x w^T (+ bias) through onednn_linear; x (M, K), w (N, K), any strides.
@@ -268,15 +263,12 @@ inline at::Tensor onednn_mm(const at::Tensor& x, const at::Tensor& w,
   return stack.back().toTensor();
 }
 
-// a @ b. On the CPU, MKL is several times slower when the product has a handful of columns than
-// at its transpose (measured: 260 us for (2000 x 80) @ (80 x 4), 60 us for the transposed
-// product and the copy back), so a narrow product is computed transposed. From about 64
-// columns on the two are equal; cuBLAS takes either orientation at the same speed. Large float32
-// CPU products go to oneDNN (use_onednn).
+// a @ b. On the CPU a narrow product (tuning::kNarrowColumns) is computed transposed, and large
+// float32 products go to oneDNN (use_onednn); cuBLAS takes either orientation at the same speed.
 inline at::Tensor mm_narrow(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_cpu()) return at::mm(a, b);
   if (use_onednn(a, b.size(1))) return onednn_mm(a, b.t(), std::nullopt);
-  if (b.size(1) >= 32) return at::mm(a, b);
+  if (b.size(1) >= tuning::kNarrowColumns) return at::mm(a, b);
   return at::mm(b.t(), a.t()).t().contiguous();
 }
 

@@ -10,6 +10,8 @@
 #include <mutex>
 #include <set>
 
+#include "tuning.h"
+
 TORCH_LIBRARY(fused_lstm, m) {
   // One layer, one direction. Returns (output, h_n, c_n, gates, cells); gates and cells are the
   // workspace layer_backward needs.
@@ -66,7 +68,7 @@ TORCH_LIBRARY(fused_lstm, m) {
   // packed data (N, I) with batch_sizes; hx (L*D, B, Hr), cx (L*D, B, H); params in nn.LSTM's
   // _flat_weights order. Returns (output, h_n, c_n). Its kernel and autograd: autograd.cpp.
   //
-  // The regularisers (README, "Regularisers and resets"), drawn from the generator of input's
+  // The regularisers (docs/regularisers.md), drawn from the generator of input's
   // device in training: recurrent_dropout (one mask per call, layer, direction and batch row),
   // zoneout_cell and zoneout_hidden (rates; per step and unit masks in training, the
   // expectation in eval), weight_drop (DropConnect on each w_hh, one mask per call). reset
@@ -88,6 +90,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm native kernels; importing this module registers torch.ops.fused_lstm";
   // The error a second backward through the handwritten backwards raises, for the tests to match.
   m.attr("DOUBLE_BACKWARD_ERROR") = pybind11::str(fused_lstm::kDoubleBackwardError);
+  // The CPU kernels' thresholds (tuning.h), for the tests that cross them.
+  {
+    using namespace fused_lstm::tuning;
+    pybind11::dict tuning;
+    for (const auto& [name, value] :
+         {std::pair{"gemm_work", kGemmWork}, {"gemm_rows", kGemmRows},
+          {"parallel_work", kParallelWork}, {"pointwise_weight", kPointwiseWeight},
+          {"row_split_min_rows", kRowSplitMinRows}, {"row_split_copies", kRowSplitCopies},
+          {"default_l2_bytes", kDefaultL2Bytes}, {"sweep_bytes", kSweepBytes},
+          {"panel_bytes", kPanelBytes}, {"pack_copy_elements", kPackCopyElements},
+          {"small_projection", kSmallProjection}, {"small_grads", kSmallGrads},
+          {"onednn_work", kOneDnnWork}, {"narrow_columns", kNarrowColumns}}) {
+      tuning[name] = value;
+    }
+    m.attr("TUNING") = tuning;
+  }
   // at::parallel_for is inline: it runs on one thread in a file compiled without OpenMP, which is
   // how the kernels' threaded steps once ran. This file is compiled with the kernels' flags.
   m.def("parallel_for_threads", [] {

@@ -2,21 +2,32 @@
 its register tiles, panels and thresholds, on 1, 2 and 3 threads, and bitwise reproducible
 from call to call for a given thread count.
 
-The paths (csrc/cpu/lstm_cpu.cpp, StepProduct): a batch of one row reads W^T whole
-(vec_mat_rows); a batch of more rows reads W^T in packed panels of 128 bytes of columns
-(32 float / 16 double), in row tiles of 8 (AVX-512), 6 (AVX2) or 4 (SSE), then 4, 2 and 1; from
-256 rows on a step goes to BLAS; from 2**19 multiply-adds a step its columns are split across
-threads in whole panels."""
+The paths (csrc/cpu/step_product.h, StepProduct): a batch of one row reads W^T whole
+(vec_mat_rows); a batch of more rows reads W^T in packed panels of panel_bytes of columns
+(32 float / 16 double at 128), in row tiles of 8 (AVX-512), 6 (AVX2) or 4 (SSE), then 4, 2 and
+1; from gemm_rows rows on a step goes to BLAS; from parallel_work multiply-adds a step is split
+across threads. The thresholds are csrc/tuning.h's, read through fused_lstm._C.TUNING."""
 
 import contextlib
 
 import pytest
 import torch
 from torch import nn
+
+import fused_lstm
 from torch.nn.utils.rnn import pack_sequence
 
 from fused_lstm import FusedLSTM, native_backends, reference
 from helpers import assert_same, outputs_and_grads
+
+# The kernels' thresholds (csrc/tuning.h), read from the extension so that the sizes below cross
+# the real boundaries. Empty without the CPU kernels, whose tests are skipped then.
+TUNING = fused_lstm._C.TUNING if "cpu" in native_backends() else {}
+
+
+def rows_to_reach(work, per_row):
+    """The fewest rows whose work, per_row multiply-adds a row, reaches the threshold work."""
+    return -(-work // per_row)
 
 pytestmark = pytest.mark.skipif("cpu" not in native_backends(), reason="needs the CPU kernels")
 
@@ -50,11 +61,13 @@ def test_panel_tiles(B, H, proj):
     check_parity(B, H, proj, bidirectional=True)
 
 
-# Steps of 2**19 multiply-adds or more: the panels split across threads, unevenly with 3 (and
-# with 2 when the panels are odd in number: 4H = 4 * 100 is 25 panels).
+# Steps of parallel_work multiply-adds or more split across threads, unevenly with 3 (and with 2
+# when the panels are odd in number: 4H = 4 * 100 is 25 panels): the fewest rows that reach it,
+# and more.
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B, H, proj", [(13, 100, 0), (9, 130, 60), (20, 96, 0)])
-def test_panels_split_across_threads(threads, B, H, proj):
+@pytest.mark.parametrize("extra_rows, H, proj", [(0, 100, 0), (0, 130, 60), (6, 96, 0)])
+def test_panels_split_across_threads(threads, extra_rows, H, proj):
+    B = rows_to_reach(TUNING["parallel_work"], (proj or H) * 4 * H) + extra_rows
     check_parity(B, H, proj, threads=threads)
 
 
@@ -141,10 +154,13 @@ def test_rows_split_regularised(threads, reverse):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-# 256 rows and more go to BLAS, 255 stay on the panels; both split across threads at H = 24.
+# gemm_rows rows and more go to BLAS, one fewer stay on the panels; both split across threads at
+# H = 24.
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("B", [255, 256, 261])
-def test_blas_rows_threshold(threads, B):
+@pytest.mark.parametrize("extra_rows", [-1, 0, 5])
+def test_blas_rows_threshold(threads, extra_rows):
+    B = TUNING["gemm_rows"] + extra_rows
+    assert B * 24 * 96 >= TUNING["parallel_work"]
     check_parity(B, 24, I=3, T=2, threads=threads)
 
 
@@ -159,15 +175,19 @@ def test_one_step_reads_the_weights_in_place(threads, B, H, proj):
     check_parity(B, H, proj, T=1, threads=threads, bidirectional=True)
 
 
-# A float32 input projection of 2**20 multiply-adds or more goes to oneDNN's matmul
-# (mkldnn::_linear_pointwise) where torch has it: against the float64 nn.LSTM within float32's
-# error, bitwise reproducible, with and without biases, and the op really called.
+# A float32 product over the sequence of onednn_work multiply-adds or more goes to oneDNN's matmul
+# (mkldnn::_linear_pointwise) where torch has it, one step fewer to ATen's GEMM: against the
+# float64 nn.LSTM within float32's error, bitwise reproducible, with and without biases, and
+# the op called exactly where the products reach the threshold.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
-def test_large_float32_input_projection(threads, bias):
+@pytest.mark.parametrize("extra_steps", [-1, 0, 42])
+def test_large_float32_input_projection(threads, bias, extra_steps):
     ref = nn.LSTM(64, 64, bias=bias, dtype=torch.float64)
     fused = FusedLSTM.from_lstm(ref).float()
-    x = torch.randn(50, 8, 64, dtype=torch.float64)  # 400 x 64 x 256 multiply-adds
+    # Rows x 64 x 256 multiply-adds, each product over the sequence the same count.
+    T = rows_to_reach(TUNING["onednn_work"], 8 * 64 * 256) + extra_steps
+    x = torch.randn(T, 8, 64, dtype=torch.float64)
     want = outputs_and_grads(ref, x.requires_grad_(), None, [x])
     x32 = x.detach().float().requires_grad_()
     with num_threads(threads), torch.profiler.profile() as prof:
@@ -176,7 +196,8 @@ def test_large_float32_input_projection(threads, bias):
     assert_same([w.float() for w in want], got, atol=2e-5)
     assert_same(got, again, atol=0)
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        assert any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+        called = any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+        assert called == (extra_steps >= 0)
 
 
 def test_packed_sequence_down_to_one_row():
@@ -202,10 +223,14 @@ def test_bitwise_reproducible(threads, B, H, dtype):
     assert_same(first, second, atol=0)
 
 
-# A call's products over the whole sequence run as loops below 2**12 (the input projection) and
-# 2**16 (the gradients) multiply-adds, ATen GEMMs from there: at I = 4, H = 20 the forward's
-# cross at 13 rows, the backward's at 30.
-@pytest.mark.parametrize("T", [1, 12, 13, 29, 30])
-def test_small_sequence_products_threshold(T):
+# A call's products over the whole sequence run as loops below small_projection (the input
+# projection) and small_grads (the gradients) multiply-adds, ATen GEMMs from there: one row
+# below and at each threshold, at I = 4, H = 20.
+@pytest.mark.parametrize("threshold, extra_rows",
+                         [(None, 0), ("small_projection", -1), ("small_projection", 0),
+                          ("small_grads", -1), ("small_grads", 0)])
+def test_small_sequence_products_threshold(threshold, extra_rows):
+    per_row = {"small_projection": 4 * 20 * 4, "small_grads": 4 * 20 * (2 * 4 + 20)}
+    T = 1 if threshold is None else rows_to_reach(TUNING[threshold], per_row[threshold]) + extra_rows
     check_parity(1, 20, I=4, T=T)
     check_parity(1, 20, I=4, T=T, bidirectional=True)

@@ -1,0 +1,73 @@
+// The CPU kernels' tuning constants, in one place, each with the measurement that set it. The
+// extension exports them to Python as fused_lstm._C.TUNING (ops.cpp), so that the tests which
+// cross a boundary build their sizes from the constant itself: change one here and its tests
+// still cross it. Where a figure came from and how it was taken: benchmarks/HISTORY.md.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_lstm::tuning {
+
+// Multiply-adds of one thread's share of a single row's step product above which ATen's GEMV
+// (MKL) beats the loops.
+constexpr int64_t kGemmWork = int64_t{1} << 20;
+
+// Rows of a step from which ATen's GEMM (MKL) takes over from the packed panels: it re-packs W
+// at every call, which only this many rows pay back (level at 256 rows of H = 512, one thread).
+constexpr int64_t kGemmRows = 256;
+
+// Multiply-adds of one step above which the step is split across threads: waking the pool and
+// joining it costs a few microseconds, about 1 << 18 FMAs here. A step's gate math counts each
+// unit update as kPointwiseWeight multiply-adds against it.
+constexpr int64_t kParallelWork = int64_t{1} << 19;
+constexpr int64_t kPointwiseWeight = 32;
+
+// Threads split a step's rows rather than its columns where each gets at least this many rows
+// and the packed W fits kRowSplitCopies times in a core's L2 (one copy being read, room for
+// the rows and the other thread's traffic). Split by columns, two threads wrote alternating
+// cache lines of every row: at mid-B16 (16 rows, 512 columns) each ran its half of a step
+// about as slowly as one thread ran all of it (rdtsc per thread: 38K cycles for half against
+// 44K for all); split by rows, 24 -> 13 us a step.
+constexpr int64_t kRowSplitMinRows = 4;
+constexpr int64_t kRowSplitCopies = 2;
+
+// A core's L2 where sysconf does not say.
+constexpr int64_t kDefaultL2Bytes = int64_t{1} << 20;
+
+// Bytes of W^T above which a single row's product sweeps W^T's rows in order, which the
+// prefetchers follow, rather than a block of columns at a time down all of K (a strided walk
+// they do not): a batch of one at wide sizes is bound by reading W. (The figure that set it was
+// not recorded; it is a quarter of kDefaultL2Bytes.)
+constexpr int64_t kSweepBytes = int64_t{1} << 18;
+
+// Bytes of columns in one packed panel of a weight: two AVX-512 registers, four AVX2 ones.
+constexpr int64_t kPanelBytes = 128;
+
+// Elements of W^T from which a batch-of-one call packs it with ATen's blocked transposing copy
+// rather than the raw loop, which at small sizes costs less than two ATen calls.
+constexpr int64_t kPackCopyElements = int64_t{1} << 16;
+
+// Multiply-adds below which a call's products over the whole sequence are loops rather than
+// ATen GEMMs: at a FusedLSTMCell step's sizes every ATen call (dispatch, transposed views,
+// allocation, BLAS set-up) costs more than its arithmetic, and the backward made a dozen of
+// them. The input projection's loop sums over I, which does not vectorise: it gives way to BLAS
+// early (measured: 25 % slower than MKL at 799 x 16 x 5, seed-chars). The gradients' loops
+// vectorise over I and H.
+constexpr int64_t kSmallProjection = int64_t{1} << 12;
+constexpr int64_t kSmallGrads = int64_t{1} << 16;
+
+// Multiply-adds from which a float32 CPU product goes to oneDNN's matmul rather than to ATen's
+// GEMM (MKL). On the AMD EPYC machine of benchmarks/HISTORY.md ("After routing large float32
+// products to oneDNN") MKL runs its AVX2 code (about 170 GFLOP/s on two cores) where oneDNN
+// uses AVX-512 (about 380): at medium's sizes 8.9 against 19.6 ms for the input projection
+// (6400 x 256 x 1024), 15.6 against 32.7 for grad_input, 19.1 against 21.3 for grad_w_ih; 0.16
+// against 0.30 ms at 1600 x 64 x 256; even at 200 x 64 x 256.
+constexpr int64_t kOneDnnWork = int64_t{1} << 20;
+
+// Columns below which a product over the sequence is computed transposed: MKL is several times
+// slower when the product has a handful of columns than at its transpose (measured: 260 us for
+// (2000 x 80) @ (80 x 4), 60 us for the transposed product and the copy back); from about 64
+// columns on the two are equal.
+constexpr int64_t kNarrowColumns = 32;
+
+}  // namespace fused_lstm::tuning
