@@ -58,6 +58,7 @@ def _extension():
     with_cuda = _build_cuda()
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+               + sorted(glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     # -fopenmp: at::parallel_for is inline code that splits work across threads only where the
     # including file is compiled with OpenMP; without it every "parallel" step ran on one thread.

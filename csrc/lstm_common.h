@@ -1,12 +1,7 @@
 // Host-side pieces shared by the CPU and CUDA implementations of the ops declared in ops.cpp:
-// argument checks (naming the argument and what is required), the step layout, the ATen work
-// around the per-step loops that is the same on every device, and the cell ops, written once
-// over each backend's layer ops.
-//
-// Buffers of one layer, one direction (N rows: T*B padded, or sum(batch_sizes) packed):
-//   input  (T, B, I) or (N, I)      w_ih (4H, I)   w_hh (4H, Hr)   b_ih, b_hh (4H)   w_hr (Hr, H)
-//   h0     (B, Hr)   c0 (B, H)      output (…, Hr) gates (…, 4H): i, f, g, o activations
-//   cells  (…, H): c_t              Hr = proj_size if w_hr is given, else H
+// argument checks (naming the argument and what is required), the step layout, and the ATen
+// work around the per-step loops that is the same on every device. The buffers' shapes, and the
+// parameter structs these checks fill: layer_ops.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -282,63 +277,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se
   return {mm_narrow(dz, w_ih).view(input.sizes()), mm_narrow(dz.t(), seq.x),
           mm_narrow(dz.t(), h_prev), dz.sum(0),
           d.proj ? mm_narrow(dh_all.t(), m_all) : at::empty({0}, dz.options())};
-}
-
-// ---- cell_forward / cell_backward: one step, input (B, I), h0 and c0 (B, H), no projection ----
-//
-// Each backend runs them as its layer ops on a sequence of one step: a step of the layer is
-// already one fused pass (one launch on CUDA), and the layer's dtypes, checks and batch-size-0
-// handling carry over. A backend instantiates the templates with its layer functions.
-
-// The cell's own ranks and batch, checked before the layer sees input as (1, B, I), so that a
-// wrong one is reported in the cell's terms.
-inline void check_cell_args(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0) {
-  TORCH_CHECK(input.dim() == 2, "fused_lstm: input must be (B, I), got ", input.dim(), "-D");
-  for (const auto& [t, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == input.size(0), "fused_lstm: ", name,
-                " must be (B, H) with B = input.size(0) = ", input.size(0), ", got ",
-                t->sizes());
-  }
-}
-
-template <auto LayerForward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_forward(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh) {
-  const BelowAutograd below_autograd;
-  check_cell_args(input, h0, c0);
-  auto [output, h, c, gates, cells] =
-      LayerForward(input.unsqueeze(0), std::nullopt, h0, c0, w_ih, w_hh, b_ih, b_hh, std::nullopt,
-                   false, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
-  return {h, c, gates.squeeze(0), cells.squeeze(0)};
-}
-
-template <auto LayerBackward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward(
-    const std::optional<at::Tensor>& grad_h, const std::optional<at::Tensor>& grad_c,
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& cells) {
-  const BelowAutograd below_autograd;
-  check_cell_args(input, h0, c0);
-  // layer_backward does not check the workspace it is given (layer_forward's own); the cell's is
-  // checked here, against the layer's dimensions.
-  const LayerDims d = check_layer_args(input.unsqueeze(0), std::nullopt, h0, c0, w_ih, w_hh,
-                                       std::nullopt, std::nullopt, std::nullopt);
-  FL_CHECK_SHAPE(gates, d.B, 4 * d.H);
-  FL_CHECK_SHAPE(cells, d.B, d.H);
-  check_same(gates, "gates", input);
-  check_same(cells, "cells", input);
-  check_grad(grad_h, "grad_h", h0, input);
-  check_grad(grad_c, "grad_c", c0, input);
-  // With one step every h_{t-1} is h0, so layer_backward reads nothing of its output argument
-  // but the shape, which h0 has: the cell need not save h.
-  auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-      LayerBackward(std::nullopt, grad_h, grad_c, input.unsqueeze(0), std::nullopt, h0, c0, w_ih,
-                    w_hh, std::nullopt, h0.unsqueeze(0), gates.unsqueeze(0),
-                    cells.unsqueeze(0), false, std::nullopt, std::nullopt, std::nullopt,
-                    std::nullopt);
-  return {grad_input.squeeze(0), grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias};
 }
 
 }  // namespace fused_lstm

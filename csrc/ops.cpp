@@ -1,8 +1,8 @@
 // The op schemas, declared once. Each device registers its implementation of the four kernel
-// ops with TORCH_LIBRARY_IMPL (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu); the dispatcher picks by
-// device. Their autograd, and the whole-LSTM op lstm over them: autograd.cpp.
-// Shapes and layouts: see lstm_common.h and fused_lstm/reference.py, which implements the same
-// signatures in PyTorch ops.
+// ops with TORCH_LIBRARY_IMPL through layer_ops.h's register_layer_ops (cpu/lstm_cpu.cpp,
+// cuda/lstm_cuda.cu); the dispatcher picks by device. Their autograd: autograd/kernel_ops.cpp;
+// the whole-LSTM op lstm over them: autograd/lstm_op.cpp. Shapes and layouts: see layer_ops.h
+// and fused_lstm/reference.py, which implements the same signatures in PyTorch ops.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -16,7 +16,7 @@ TORCH_LIBRARY(fused_lstm, m) {
   // One layer, one direction. Returns (output, h_n, c_n, gates, cells); gates and cells are the
   // workspace layer_backward needs.
   //
-  // The regularisers and resets, each None for off (lstm_common.h checks them):
+  // The regularisers and resets, each None for off (layer_ops.h checks them):
   //   recurrent_mask (B, Hr): h_{t-1} of batch row b enters the recurrent product (only) as
   //     h_{t-1} * recurrent_mask[b] (variational recurrent dropout's scaled mask).
   //   zoneout_cell: c_t = d c_{t-1} + (1 - d) (f c_{t-1} + i g), where d is the 0-dim
@@ -60,13 +60,13 @@ TORCH_LIBRARY(fused_lstm, m) {
   // The regularisers' random masks: a tensor of `size` with like's dtype and device, each
   // element `value` with probability `prob` and 0 otherwise, drawn from the generator of like's
   // device. A CPU kernel of its own (cpu/keep_mask.cpp) because bernoulli_'s draws there cost
-  // as much per unit as a seed-sized LSTM step; elsewhere it is bernoulli_ (autograd.cpp).
+  // as much per unit as a seed-sized LSTM step; elsewhere it is bernoulli_ (same file).
   m.def("keep_mask(Tensor like, SymInt[] size, float prob, float value) -> Tensor",
         {at::Tag::nondeterministic_seeded});
   // A whole nn.LSTM, like aten::lstm: every layer and direction through layer_forward, with
   // nn.LSTM's dropout between layers (training only, never after the last). input (T, B, I), or
   // packed data (N, I) with batch_sizes; hx (L*D, B, Hr), cx (L*D, B, H); params in nn.LSTM's
-  // _flat_weights order. Returns (output, h_n, c_n). Its kernel and autograd: autograd.cpp.
+  // _flat_weights order. Returns (output, h_n, c_n). Its kernel and autograd: autograd/lstm_op.cpp.
   //
   // The regularisers (docs/regularisers.md), drawn from the generator of input's
   // device in training: recurrent_dropout (one mask per call, layer, direction and batch row),
@@ -83,7 +83,7 @@ TORCH_LIBRARY(fused_lstm, m) {
 }
 
 namespace fused_lstm {
-extern const char kDoubleBackwardError[];  // autograd.cpp
+extern const char kDoubleBackwardError[];  // autograd/kernel_ops.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,5 +1,5 @@
 """Python-side registrations for the ops declared in csrc/ops.cpp (their autograd is C++, in
-csrc/autograd.cpp).
+csrc/autograd/).
 
 Fake (meta) implementations of every op, so torch.compile and FakeTensor can trace them without
 running a kernel; and the pure-PyTorch reference (:mod:`fused_lstm.reference`, the same

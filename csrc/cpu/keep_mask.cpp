@@ -1,4 +1,5 @@
-// CPU kernel of fused_lstm::keep_mask, the regularisers' masks.
+// The kernels of fused_lstm::keep_mask, the regularisers' masks: the CPU's own, and bernoulli_
+// for every other device.
 //
 // bernoulli_ on the CPU runs mt19937 per element, 4-7 ns a draw on our machines: a zoneout mask
 // then costs more than the seed-sized LSTM step it is for (0.7 ns of arithmetic per unit). Here
@@ -96,10 +97,21 @@ at::Tensor keep_mask_cpu(const at::Tensor& like, at::IntArrayRef size, double pr
   return out;
 }
 
+// keep_mask's kernel where the device has none of its own: bernoulli_, a counter-based
+// generator in the kernel on CUDA.
+at::Tensor keep_mask_composite(const at::Tensor& like, c10::SymIntArrayRef size, double prob,
+                               double value) {
+  return at::empty_symint(size, like.options()).bernoulli_(prob).mul_(value);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
   m.impl("keep_mask", &keep_mask_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
+  m.impl("keep_mask", &keep_mask_composite);
 }
 
 }  // namespace fused_lstm

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "../layer_ops.h"
 #include "../lstm_common.h"
 #include "recurrence.h"
 #include "small_products.h"
@@ -38,42 +39,34 @@ using namespace tuning;
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
-std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+
+// Each of a result tuple's tensors in dtype.
+template <typename... Ts>
+std::tuple<Ts...> results_to(std::tuple<Ts...> r, at::ScalarType dtype) {
+  std::apply([&](auto&... t) { ((t = t.to(dtype)), ...); }, r);
+  return r;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_cpu(
-    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
-    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse,
-    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
-  const BelowAutograd below_autograd;
-  const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
-  check_regularisers(regs, d, input);
-  if (is_reduced(input)) {
-    auto r = layer_forward_cpu(input.to(at::kFloat), batch_sizes, h0.to(at::kFloat),
-                               c0.to(at::kFloat), w_ih.to(at::kFloat), w_hh.to(at::kFloat),
-                               to_float(b_ih), to_float(b_hh), to_float(w_hr), reverse,
-                               to_float(recurrent_mask), to_float(zoneout_cell),
-                               to_float(zoneout_hidden), reset);
-    const auto dt = input.scalar_type();
-    return {std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt),
-            std::get<3>(r).to(dt), std::get<4>(r).to(dt)};
+LayerForwardResult layer_forward(const LayerParams& p) {
+  if (is_reduced(p.input)) {
+    return results_to(layer_forward(p.to(at::kFloat)), p.input.scalar_type());
   }
-  const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
+  const at::Tensor &input = p.input, &w_ih = p.w_ih;
+  const std::optional<at::Tensor> &b_ih = p.b_ih, &b_hh = p.b_hh;
+  const LayerDims& d = p.d;
+  const Regularisers& regs = p.regs;
+  const StepLayout& L = p.steps;
   const at::Tensor x = input.reshape({-1, d.I});
   const bool small = L.rows * 4 * d.H * d.I < kSmallProjection;
   at::Tensor gates = small ? at::empty({L.rows, 4 * d.H}, x.options())
                            : input_projection(x, w_ih, b_ih, b_hh);
   at::Tensor cells = at::empty({L.rows, d.H}, x.options());
   at::Tensor output = at::empty({L.rows, d.Hr}, x.options());
-  at::Tensor h = h0.contiguous().clone();
-  at::Tensor c = c0.contiguous().clone();
-  const at::Tensor whh = w_hh.contiguous();
-  const std::optional<at::Tensor> whr = w_hr ? std::optional(w_hr->contiguous()) : std::nullopt;
+  at::Tensor h = p.h0.contiguous().clone();
+  at::Tensor c = p.c0.contiguous().clone();
+  const at::Tensor whh = p.w_hh.contiguous();
+  const std::optional<at::Tensor> whr =
+      p.w_hr ? std::optional(p.w_hr->contiguous()) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_lstm_layer_forward_cpu", [&] {
     if (small) {
       const at::Tensor xc = x.contiguous(), wih = w_ih.contiguous();
@@ -95,39 +88,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
           shaped_like_input(input, cells)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
-                   const std::optional<at::Tensor>& grad_h_n,
-                   const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                   const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
-                   const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                   const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
-                   const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-                   const std::optional<at::Tensor>& recurrent_mask,
-                   const std::optional<at::Tensor>& zoneout_cell,
-                   const std::optional<at::Tensor>& zoneout_hidden,
-                   const std::optional<at::Tensor>& reset) {
-  const BelowAutograd below_autograd;
-  const LayerDims d =
-      check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
-  check_regularisers(regs, d, input);
-  check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
-  if (is_reduced(input)) {
-    auto r = layer_backward_cpu(to_float(grad_output), to_float(grad_h_n), to_float(grad_c_n),
-                                input.to(at::kFloat), batch_sizes, h0.to(at::kFloat),
-                                c0.to(at::kFloat), w_ih.to(at::kFloat), w_hh.to(at::kFloat),
-                                to_float(w_hr), output.to(at::kFloat), gates.to(at::kFloat),
-                                cells.to(at::kFloat), reverse, to_float(recurrent_mask),
-                                to_float(zoneout_cell), to_float(zoneout_hidden), reset);
-    const auto dt = input.scalar_type();
-    return {std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt),
-            std::get<3>(r).to(dt), std::get<4>(r).to(dt), std::get<5>(r).to(dt),
-            std::get<6>(r).to(dt)};
+LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
+  if (is_reduced(p.input)) {
+    return results_to(layer_backward(p.to(at::kFloat)), p.input.scalar_type());
   }
-  const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
+  const at::Tensor &input = p.input, &w_ih = p.w_ih, &w_hh = p.w_hh;
+  const std::optional<at::Tensor>& w_hr = p.w_hr;
+  const std::optional<at::Tensor> &grad_h_n = p.grad_h_n, &grad_c_n = p.grad_c_n;
+  const LayerDims& d = p.d;
+  const Regularisers& regs = p.regs;
+  const StepLayout& L = p.steps;
   const auto opts = input.options();
-  const FlatSequence seq = flatten_sequence(d, input, gates, cells, output, grad_output);
+  const FlatSequence seq = flatten_sequence(d, input, p.gates, p.cells, p.output, p.grad_output);
   const at::Tensor &acts = seq.acts, &cs = seq.cells, &y = seq.y, &dy = seq.dy;
   at::Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({d.B, d.Hr}, opts);
   at::Tensor dc = grad_c_n ? grad_c_n->contiguous().clone() : at::zeros({d.B, d.H}, opts);
@@ -136,7 +108,7 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
   at::Tensor dh_all = d.proj ? at::empty({L.rows, d.Hr}, opts) : at::Tensor();
   at::Tensor m_all = d.proj ? at::empty({L.rows, d.H}, opts) : at::Tensor();
   const at::Tensor whh = w_hh.contiguous();
-  const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+  const at::Tensor h0c = p.h0.contiguous(), c0c = p.c0.contiguous();
   const bool small = !d.proj && L.rows * 4 * d.H * (2 * d.I + d.Hr) < kSmallGrads;
   at::Tensor grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
   if (small) {
@@ -177,13 +149,13 @@ layer_backward_cpu(const std::optional<at::Tensor>& grad_output,
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }
 
+struct CpuKernels {
+  static LayerForwardResult forward(const LayerParams& p) { return layer_forward(p); }
+  static LayerBackwardResult backward(const LayerBackwardParams& p) { return layer_backward(p); }
+};
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("layer_forward", &layer_forward_cpu);
-  m.impl("layer_backward", &layer_backward_cpu);
-  m.impl("cell_forward", &cell_forward<&layer_forward_cpu>);
-  m.impl("cell_backward", &cell_backward<&layer_backward_cpu>);
-}
+TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) { register_layer_ops<CpuKernels>(m); }
 
 }  // namespace fused_lstm

@@ -1,5 +1,5 @@
-// CUDA implementation of fused_lstm::layer_forward / layer_backward (same semantics as
-// cpu/lstm_cpu.cpp; design in DESIGN.md §3 and §5).
+// CUDA implementation of fused_lstm::layer_forward / layer_backward (same semantics as the CPU
+// kernels in csrc/cpu/; design in docs/design.md and docs/cuda.md).
 //
 // Forward: the input projection of all steps is one cuBLAS GEMM into `gates`; then one launch
 // per step fuses h_{t-1} W_hh^T with the gate math. Backward: one launch per step fuses
@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../layer_ops.h"
 #include "../lstm_common.h"
 #include "../lstm_gates.h"
 #include "gpu_runtime.h"
@@ -366,22 +367,17 @@ at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_forward_cuda(
-    const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
-    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, bool reverse,
-    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& reset) {
-  const BelowAutograd below_autograd;
-  const LayerDims d = check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
-  check_regularisers(regs, d, input);
+LayerForwardResult layer_forward(const LayerParams& args) {
+  const at::Tensor &input = args.input, &h0 = args.h0, &c0 = args.c0, &w_ih = args.w_ih;
+  const at::Tensor& w_hh = args.w_hh;
+  const std::optional<at::Tensor> &b_ih = args.b_ih, &b_hh = args.b_hh, &w_hr = args.w_hr;
+  const LayerDims& d = args.d;
+  const Regularisers& regs = args.regs;
+  const StepLayout& L = args.steps;
   gpu::check_device(input);
   check_batch_fits_grid(d.B);
   const gpu::DeviceGuard guard(input.device());
   const NoAutocast no_autocast;
-  const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
   const RegBuffers reg_buffers(regs);
   const auto opts = input.options();
   const at::Tensor x = input.reshape({-1, d.I});
@@ -451,33 +447,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_for
           shaped_like_input(input, cells)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
-                    const std::optional<at::Tensor>& grad_h_n,
-                    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& h0,
-                    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                    const std::optional<at::Tensor>& w_hr, const at::Tensor& output,
-                    const at::Tensor& gates, const at::Tensor& cells, bool reverse,
-                    const std::optional<at::Tensor>& recurrent_mask,
-                    const std::optional<at::Tensor>& zoneout_cell,
-                    const std::optional<at::Tensor>& zoneout_hidden,
-                    const std::optional<at::Tensor>& reset) {
-  const BelowAutograd below_autograd;
-  const LayerDims d =
-      check_layer_args(input, batch_sizes, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  const Regularisers regs{recurrent_mask, zoneout_cell, zoneout_hidden, reset};
-  check_regularisers(regs, d, input);
-  check_grads(grad_output, grad_h_n, grad_c_n, output, h0, c0);
+LayerBackwardResult layer_backward(const LayerBackwardParams& args) {
+  const at::Tensor &input = args.input, &h0 = args.h0, &c0 = args.c0, &w_ih = args.w_ih;
+  const at::Tensor& w_hh = args.w_hh;
+  const std::optional<at::Tensor>& w_hr = args.w_hr;
+  const std::optional<at::Tensor> &grad_h_n = args.grad_h_n, &grad_c_n = args.grad_c_n;
+  const LayerDims& d = args.d;
+  const Regularisers& regs = args.regs;
+  const StepLayout& L = args.steps;
   gpu::check_device(input);
   check_batch_fits_grid(d.B);
   const gpu::DeviceGuard guard(input.device());
   const NoAutocast no_autocast;
-  const StepLayout L = make_steps(input, batch_sizes, d.B, reverse);
   const RegBuffers reg_buffers(regs);
   const int64_t S = static_cast<int64_t>(L.start.size());
   const auto opts = input.options();
-  const FlatSequence seq = flatten_sequence(d, input, gates, cells, output, grad_output);
+  const FlatSequence seq = flatten_sequence(d, input, args.gates, args.cells, args.output,
+                                              args.grad_output);
   const at::Tensor &acts = seq.acts, &cs = seq.cells, &y = seq.y, &dy = seq.dy;
   const at::Tensor ghn = grad_h_n ? grad_h_n->contiguous() : at::Tensor();
   const at::Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
@@ -485,7 +471,7 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
   // The running dc stays in the accumulation type across steps (grad_c0 at the end).
   at::Tensor dc_run = at::zeros({d.B, d.H}, opts.dtype(acc_type_of(input.scalar_type())));
   if (grad_c_n) dc_run.copy_(*grad_c_n);
-  at::Tensor dh_keep = zoneout_hidden ? at::empty({d.B, d.Hr}, dc_run.options()) : at::Tensor();
+  at::Tensor dh_keep = regs.zoneout_hidden ? at::empty({d.B, d.Hr}, dc_run.options()) : at::Tensor();
   // With steps every row of grad_h0 is written by exactly one launch (see backward_step_kernel);
   // without any, dL/dh0 is grad_h_n itself.
   at::Tensor grad_h0 = S > 0 ? at::empty({d.B, d.Hr}, opts)
@@ -577,15 +563,15 @@ layer_backward_cuda(const std::optional<at::Tensor>& grad_output,
 
 }  // namespace
 
+struct CudaKernels {
+  static LayerForwardResult forward(const LayerParams& p) { return layer_forward(p); }
+  static LayerBackwardResult backward(const LayerBackwardParams& p) { return layer_backward(p); }
+};
+
 // The emulated build (csrc/emulator/lstm_cuda_emulated.cpp) includes this file and exports the
-// same functions to Python instead.
+// same entry points to Python instead.
 #if !defined(FUSED_LSTM_EMULATED)
-TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) {
-  m.impl("layer_forward", &layer_forward_cuda);
-  m.impl("layer_backward", &layer_backward_cuda);
-  m.impl("cell_forward", &cell_forward<&layer_forward_cuda>);
-  m.impl("cell_backward", &cell_backward<&layer_backward_cuda>);
-}
+TORCH_LIBRARY_IMPL(fused_lstm, CUDA, m) { register_layer_ops<CudaKernels>(m); }
 #endif
 
 }  // namespace fused_lstm

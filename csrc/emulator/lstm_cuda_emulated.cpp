@@ -18,17 +18,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            py::arg("zoneout_cell") = py::none(),
                            py::arg("zoneout_hidden") = py::none(), py::arg("reset") = py::none());
   };
-  std::apply([&](auto... a) { m.def("layer_forward", &fused_lstm::layer_forward_cuda, a...); },
+  using Kernels = fused_lstm::CudaKernels;
+  std::apply([&](auto... a) { m.def("layer_forward", &fused_lstm::layer_forward_op<Kernels>, a...); },
              regularisers(py::arg("input"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"),
                           py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
                           py::arg("w_hr"), py::arg("reverse")));
-  std::apply([&](auto... a) { m.def("layer_backward", &fused_lstm::layer_backward_cuda, a...); },
+  std::apply([&](auto... a) { m.def("layer_backward", &fused_lstm::layer_backward_op<Kernels>, a...); },
              regularisers(py::arg("grad_output"), py::arg("grad_h_n"), py::arg("grad_c_n"),
                           py::arg("input"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"),
                           py::arg("w_ih"), py::arg("w_hh"), py::arg("w_hr"), py::arg("output"),
                           py::arg("gates"), py::arg("cells"), py::arg("reverse")));
-  m.def("cell_forward", &fused_lstm::cell_forward<&fused_lstm::layer_forward_cuda>);
-  m.def("cell_backward", &fused_lstm::cell_backward<&fused_lstm::layer_backward_cuda>);
+  m.def("cell_forward", &fused_lstm::cell_forward_op<Kernels>);
+  m.def("cell_backward", &fused_lstm::cell_backward_op<Kernels>);
   m.def("set_order", [](const std::string& order, uint64_t seed) {
     static const std::pair<const char*, cuda_emu::Order> kOrders[] = {
         {"forward", cuda_emu::Order::kForward},
