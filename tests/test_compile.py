@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_lstm
 from fused_lstm import FusedLSTM, FusedLSTMCell, reference
-from helpers import DEVICES, assert_same, cell_outputs_and_grads, outputs_and_grads
+from helpers import assert_same, cell_outputs_and_grads, outputs_and_grads
 
 F64 = torch.float64
 FORWARD_OP, BACKWARD_OP = "fused_lstm.layer_forward", "fused_lstm.layer_backward"
@@ -55,15 +55,16 @@ FORMS = {"time_major": ((5, 2, 3), 2), "batch_first": ((2, 5, 3), 2), "unbatched
          "packed": ((5, 3, 3), 3)}
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.backends("cpu", "cuda")
 @pytest.mark.parametrize("form", FORMS)
-def test_compiled_lstm_matches_eager_and_nn_lstm(device, form):
+def test_compiled_lstm_matches_eager_and_nn_lstm(backend, form):
+    device = backend.device
     shape, batch = FORMS[form]
     ref = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2,
                   batch_first=form == "batch_first", dtype=F64, device=device)
     fused = FusedLSTM.from_lstm(ref)
-    backend = RecordingBackend()
-    compiled = torch.compile(fused, fullgraph=True, backend=backend)
+    recorder = RecordingBackend()
+    compiled = torch.compile(fused, fullgraph=True, backend=recorder)
     like = dict(dtype=F64, device=device, requires_grad=True)
     x = torch.randn(*shape, **like)
     lead = (4,) if batch is None else (4, batch)
@@ -78,23 +79,24 @@ def test_compiled_lstm_matches_eager_and_nn_lstm(device, form):
     want, got = run(ref), run(compiled)
     assert_same(want, got, atol=1e-9)
     assert_same(run(fused), got, atol=1e-12)
-    assert backend.compiles == 1
-    assert FORWARD_OP in backend.forward_code[0] and BACKWARD_OP in backend.backward_code[0]
+    assert recorder.compiles == 1
+    assert FORWARD_OP in recorder.forward_code[0] and BACKWARD_OP in recorder.backward_code[0]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.backends("cpu", "cuda")
 @pytest.mark.parametrize("bias", [True, False])
-def test_compiled_cell_matches_nn_lstm_cell(device, bias):
+def test_compiled_cell_matches_nn_lstm_cell(backend, bias):
+    device = backend.device
     ref = nn.LSTMCell(3, 4, bias=bias, dtype=F64, device=device)
-    backend = RecordingBackend()
-    compiled = torch.compile(FusedLSTMCell.from_lstm_cell(ref), fullgraph=True, backend=backend)
+    recorder = RecordingBackend()
+    compiled = torch.compile(FusedLSTMCell.from_lstm_cell(ref), fullgraph=True, backend=recorder)
     like = dict(dtype=F64, device=device, requires_grad=True)
     x, hx = torch.randn(2, 3, **like), (torch.randn(2, 4, **like), torch.randn(2, 4, **like))
     assert_same(cell_outputs_and_grads(ref, x, hx, [x, *hx]),
                 cell_outputs_and_grads(compiled, x, hx, [x, *hx]), atol=1e-9)
-    assert CELL_FORWARD_OP in backend.forward_code[0]
-    assert CELL_BACKWARD_OP in backend.backward_code[0]
-    assert FORWARD_OP not in backend.forward_code[0] + backend.backward_code[0]
+    assert CELL_FORWARD_OP in recorder.forward_code[0]
+    assert CELL_BACKWARD_OP in recorder.backward_code[0]
+    assert FORWARD_OP not in recorder.forward_code[0] + recorder.backward_code[0]
 
 
 def counting(monkeypatch, name):
@@ -171,10 +173,11 @@ class Tagger(nn.Module):
         return self.head(out), h, c
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_model_compiles_with_inductor(device):
+@pytest.mark.backends("cpu", "cuda")
+def test_model_compiles_with_inductor(backend):
     """The default backend (inductor), fullgraph: the generated code calls the fused ops, and a
     training step gives eager mode's loss and gradients."""
+    device = backend.device
     model = Tagger(device)
     x = torch.randn(2, 6, 3, dtype=F64, device=device, requires_grad=True)
 

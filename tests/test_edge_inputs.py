@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fused_lstm import FusedLSTM, FusedLSTMCell
-from helpers import assert_same, cell_outputs_and_grads, outputs_and_grads
+from helpers import (assert_same, cell_outputs_and_grads, compare, grad_names, make_inputs,
+                     make_lstm, outputs_and_grads, run_lstm)
 
 F64 = torch.float64
 ATOL = 1e-9
@@ -33,6 +34,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_contiguous_and_expanded_inputs_and_states(backend, layout):
     ref, fused = pair()
@@ -45,6 +47,7 @@ def test_non_contiguous_and_expanded_inputs_and_states(backend, layout):
                 atol=ATOL)
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_cell_non_contiguous_and_expanded_inputs_and_states(backend):
     ref = nn.LSTMCell(3, 4, dtype=F64)
     fused = FusedLSTMCell.from_lstm_cell(ref)
@@ -64,6 +67,7 @@ def odd_layout(w):
     return nn.Parameter(w.detach()[:1].expand_as(w))
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("module", ["lstm", "cell"])
 def test_non_contiguous_and_expanded_weights(backend, module):
     if module == "lstm":
@@ -83,6 +87,7 @@ def test_non_contiguous_and_expanded_weights(backend, module):
     assert_same(run(ref, x, None, [x]), run(fused, x, None, [x]), atol=ATOL)
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_hx", [False, True])
 def test_batch_size_zero(backend, batch_first, with_hx):
@@ -97,6 +102,7 @@ def test_batch_size_zero(backend, batch_first, with_hx):
     assert_same(want, outputs_and_grads(fused, x, hx, leaves), atol=ATOL)
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_cell_batch_size_zero(backend):
     ref = nn.LSTMCell(3, 4, dtype=F64)
     fused = FusedLSTMCell.from_lstm_cell(ref)
@@ -105,6 +111,7 @@ def test_cell_batch_size_zero(backend):
                 cell_outputs_and_grads(fused, x, None, [x]), atol=0)
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_cell_outputs_modified_in_place(backend):
     """h and c changed in place after the step (zoneout, masking): nn.LSTMCell on the CPU saves
     neither for its backward, and FusedLSTMCell keeps its own copy of c_t, so the gradients are
@@ -136,6 +143,7 @@ def set_nonfinite(where, value, x, hx, ref):
             ref.weight_hh_l0[5, 1] = value
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", ["input", "h0", "c0", "weight"])
 def test_nan_and_inf_propagate_like_nn_lstm(backend, where, value):
@@ -186,3 +194,15 @@ def test_100k_step_sequence():
 
         central = (shifted_loss(1) - shifted_loss(-1)) / (2 * eps)
     torch.testing.assert_close(directional, central, rtol=1e-6, atol=0)
+
+
+@pytest.mark.backends("emulated_cuda", "cuda")
+@pytest.mark.no_launch
+@pytest.mark.parametrize("batch", [0])
+def test_batch_size_zero_launches_nothing(backend, batch):
+    """No rows: nothing to launch (an empty grid is a launch error), empty results."""
+    dev = backend.device
+    lstm = make_lstm(dev, 2, True, False, True, 3, dtype=torch.float64)
+    fused = FusedLSTM.from_lstm(lstm)
+    x, hx = make_inputs(lstm, torch.float64, batch=batch)
+    compare(run_lstm(fused, x, hx), run_lstm(lstm, x, hx), grad_names(lstm, True), atol=0, rtol=0)

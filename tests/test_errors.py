@@ -102,6 +102,7 @@ def test_cell_errors(make_input, make_hx):
     raises_like(lambda: ref(x, hx), lambda: fused(x, hx))
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("shape,batch_first", [
     ((0, 3, 10), False), ((3, 0, 10), True), ((0, 10), False), ((0, 10), True), ((0, 0, 10), False),
 ])
@@ -112,6 +113,7 @@ def test_sequence_length_zero(backend, shape, batch_first):
         "Expected sequence length to be larger than 0 in RNN"
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_hx_must_be_a_pair(backend):
     ref, fused = pair()
     x, h = torch.randn(5, 3, 10), torch.zeros(2, 3, 20)
@@ -133,6 +135,7 @@ def test_hx_must_be_a_pair(backend):
         fused(x[:, 0], (h[:, 0],) * 3)
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_cell_hx_must_be_a_pair(backend):
     ref = nn.LSTMCell(10, 20)
     fused = FusedLSTMCell.from_lstm_cell(ref)
@@ -158,6 +161,7 @@ STATE_DTYPE_ERROR = ("Input and hidden tensors are not the same dtype, found inp
                      "Double and hidden tensor with {}")
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("k", [0, 1])
 @pytest.mark.parametrize("dtype,name", [(torch.float32, "Float"), (torch.int64, "Long")])
 def test_state_dtype_mismatch(backend, k, dtype, name):
@@ -181,6 +185,7 @@ def test_state_dtype_mismatch(backend, k, dtype, name):
             module(x, tuple(hx))
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
 def test_cell_input_dtype_mismatch(backend, dtype):
     """nn.LSTMCell's error comes from a matmul ('mat1 and mat2 must have the same dtype');
@@ -200,6 +205,7 @@ OTHER_DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("other", OTHER_DEVICES)
 @pytest.mark.parametrize("where", ["input", "h0", "c0", "weights"])
 def test_device_mismatch(backend, other, where):
@@ -230,6 +236,7 @@ def test_device_mismatch(backend, other, where):
                             f"tensor at .+ and {kind} tensor at .+", message)
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("hx_shapes,message", [
     (((2, 2, 20), (2, 2, 20)), "Expected hidden[0] size (2, 3, 20), got [2, 2, 20]"),
     (((2, 3, 20), (2, 3, 21)), "Expected hidden[1] size (2, 3, 20), got [2, 3, 21]"),

@@ -131,3 +131,11 @@ def test_episodes_with_reset():
     assert with_reset["accuracy"] > without["accuracy"] + 0.1
     # FusedLSTM(reset=...) is RecurrentPPO's step loop with its state masking, in one call.
     assert result["loop_difference"] < 1e-5
+
+
+@pytest.mark.backends("reference", "cpu")
+def test_abcd_trajectory_follows_nn_lstm(backend):
+    """The abcdabcD exercise from seed 003: FusedLSTM follows nn.LSTM's loss trajectory."""
+    ref, fused = example("abcd").main(steps=60, every=30)
+    assert fused == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert fused[-1] < 0.5 * fused[0]  # and it learns

@@ -6,12 +6,16 @@ import re
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_sequence
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 from fused_lstm import FusedLSTM, FusedLSTMCell
 from fused_lstm._C import DOUBLE_BACKWARD_ERROR
+from helpers import CELL_GRADS, FLAGS, cell_args, lstm_args, op_args
 
 I, H, P = 3, 4, 2
+F64 = torch.float64
 
 
 def layer_inputs(D, bias, proj, batch=2, steps=4, packed=False):
@@ -35,6 +39,7 @@ def layer_inputs(D, bias, proj, batch=2, steps=4, packed=False):
     return x, batch_sizes, h0, c0, weights
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("D,bias,proj,packed",
                          list(itertools.product([1, 2], [True, False], [False, True],
                                                 [False, True])))
@@ -48,6 +53,7 @@ def test_layer_gradcheck(backend, D, bias, proj, packed):
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_gradcheck_single_output_used(backend, which):
     """Only one of output / h_n / c_n reaches the loss: the others' gradients are undefined."""
@@ -60,6 +66,7 @@ def test_gradcheck_single_output_used(backend, which):
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("bias,batched", list(itertools.product([True, False], [True, False])))
 def test_cell_gradcheck(backend, bias, batched):
     cell = FusedLSTMCell(I, H, bias=bias, dtype=torch.float64)
@@ -75,6 +82,7 @@ def test_cell_gradcheck(backend, bias, batched):
     assert torch.autograd.gradcheck(f, (x, h, c, *params.values()))
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("which", [None, 0, 1])
 def test_cell_function_gradcheck(backend, bias, which):
@@ -109,16 +117,19 @@ def assert_double_backward_refused(params, f):
         first[1].sum().backward()
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_double_backward_is_refused_lstm(backend):
     lstm = FusedLSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=torch.float64)
     assert_double_backward_refused(list(lstm.parameters()), lambda x: lstm(x)[0])
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_double_backward_is_refused_cell(backend):
     cell = FusedLSTMCell(I, H, dtype=torch.float64)
     assert_double_backward_refused(list(cell.parameters()), lambda x: cell(x[0])[1])
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_double_backward_is_refused_op(backend):
     """Through layer_forward's own autograd, not the lstm op's."""
     w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
@@ -127,9 +138,155 @@ def test_double_backward_is_refused_op(backend):
         x, None, zeros, zeros, *w, None, None, None, False)[0])
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_double_backward_is_refused_cell_op(backend):
     """Through cell_forward's autograd called directly."""
     w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
     zeros = torch.zeros(2, H, dtype=torch.float64)
     assert_double_backward_refused(w, lambda x: torch.ops.fused_lstm.cell_forward(
         x[0], zeros, zeros, *w, None, None)[1])
+
+
+# ---- the CUDA kernels (emulated, and on a GPU) -------------------------------------------
+
+
+@pytest.mark.backends("emulated_cuda", "cuda")
+@pytest.mark.parametrize("bidir,proj,packed", [(False, 0, False), (True, 2, False),
+                                               (True, 0, True), (False, 2, True)])
+def test_gradcheck_float64(backend, bidir, proj, packed):
+    dev = backend.device
+    torch.manual_seed(0)
+    fused = FusedLSTM(3, 4, bidirectional=bidir, proj_size=proj, device=dev,
+                      dtype=torch.float64)
+    D, Hr = (2 if bidir else 1), (proj or 4)
+    names = [n for n, _ in fused.named_parameters()]
+    x = torch.randn(3, 2, 3, device=dev, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(D, 2, Hr, device=dev, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(D, 2, 4, device=dev, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
+
+    def f(x, h0, c0, *params):
+        inp = pack_padded_sequence(x, torch.tensor([3, 2])) if packed else x
+        out, (h, c) = functional_call(fused, dict(zip(names, params)), (inp, (h0, c0)))
+        return (out.data if packed else out), h, c
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
+
+
+@pytest.mark.backends("emulated_cuda", "cuda")
+@pytest.mark.parametrize("bias,batched", [(True, True), (False, False)])
+def test_cell_gradcheck_float64(backend, bias, batched):
+    dev = backend.device
+    torch.manual_seed(0)
+    fused = FusedLSTMCell(3, 4, bias=bias, device=dev, dtype=torch.float64)
+    names = [n for n, _ in fused.named_parameters()]
+    lead = (2,) if batched else ()
+    like = dict(device=dev, dtype=torch.float64, requires_grad=True)
+    x, h0, c0 = torch.randn(*lead, 3, **like), torch.randn(*lead, 4, **like), torch.randn(
+        *lead, 4, **like)
+    params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
+
+    def f(x, h0, c0, *params):
+        return functional_call(fused, dict(zip(names, params)), (x, (h0, c0)))
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
+
+
+# ---- the ops called directly (arguments from helpers.op_args, cell_args, lstm_args) -------
+
+
+@pytest.mark.parametrize("proj,bias,packed,reverse", FLAGS)
+def test_op_gradcheck(proj, bias, packed, reverse):
+    """layer_forward is differentiable on its own through its registered autograd."""
+    args = op_args(proj, bias, packed, reverse, requires_grad=True)
+    x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _ = args
+    tensors = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) if t is not None]
+
+    def f(*ts):
+        it = iter(ts)
+        full = [next(it) if a is not None and a is not bs and isinstance(a, torch.Tensor)
+                else a for a in args]
+        return torch.ops.fused_lstm.layer_forward(*full)[:3]
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("used", CELL_GRADS)
+def test_cell_op_gradcheck(bias, used):
+    """cell_forward is differentiable on its own through its registered autograd; with one
+    output unused, its incoming gradient is undefined."""
+    args = cell_args(bias, requires_grad=True)
+    tensors = [t for t in args if t is not None]
+
+    def f(*ts):
+        h, c, _, _ = torch.ops.fused_lstm.cell_forward(*ts, *([None, None] if not bias else []))
+        return {"both": (h, c), "h": h, "c": c}[used]
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed",
+                         [(2, True, True, True, False), (2, True, False, False, True),
+                          (3, False, True, True, True)])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lstm_op_gradcheck(num_layers, bidirectional, proj, bias, packed, dropout):
+    """In training, with the same masks at every evaluation (seeded)."""
+    args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, True,
+                        requires_grad=True, batch=2)
+    x, batch_sizes, hx, cx, params = args[:5]
+
+    def f(x, hx, cx, *params):
+        torch.manual_seed(3)
+        return torch.ops.fused_lstm.lstm(x, batch_sizes, hx, cx, params, *args[5:])
+
+    assert torch.autograd.gradcheck(f, (x, hx, cx, *params))
+
+
+# ---- with the regularisers, on every backend: the masks redrawn from the same seed at every
+# call ------------------------------------------------------------------------------------------
+
+
+REGULARISED = [  # (kwargs of the lstm op, num_layers, bidirectional, proj, packed)
+    ({"recurrent_dropout": 0.3}, 1, False, False, False),
+    ({"zoneout_cell": 0.3}, 1, False, True, False),
+    ({"zoneout_hidden": 0.4}, 1, True, True, True),
+    ({"weight_drop": 0.4}, 2, False, False, True),
+    ({"reset": True}, 1, True, False, False),
+    ({"reset": True}, 1, True, True, True),
+    ({"recurrent_dropout": 0.3, "zoneout_cell": 0.2, "zoneout_hidden": 0.3,
+      "weight_drop": 0.3, "reset": True}, 2, True, True, False),
+    ({"recurrent_dropout": 0.3, "zoneout_cell": 0.2, "zoneout_hidden": 0.3,
+      "weight_drop": 0.3, "reset": True}, 2, True, False, True),
+]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kwargs,num_layers,bidirectional,proj,packed", REGULARISED)
+def test_regularised_lstm_op_gradcheck(backend, kwargs, num_layers, bidirectional, proj, packed,
+                                       train):
+    device = backend.device
+    I, H, P = 3, 5, 2  # test_regularisers.py's sizes
+    D, Hr, B = 2 if bidirectional else 1, P if proj else H, 3
+    lstm = nn.LSTM(I, H, num_layers, bidirectional=bidirectional, proj_size=P if proj else 0,
+                   dtype=F64, device=device)
+    params = [p.detach().clone().requires_grad_() for p in lstm._flat_weights]
+    dt = {"dtype": F64, "device": device, "requires_grad": True}
+    if packed:
+        batch_sizes = torch.tensor([3, 3, 2, 1])
+        x = torch.randn(9, I, **dt)
+    else:
+        batch_sizes, x = None, torch.randn(4, B, I, **dt)
+    hx, cx = torch.randn(num_layers * D, B, Hr, **dt), torch.randn(num_layers * D, B, H, **dt)
+    kwargs = dict(kwargs)
+    if kwargs.pop("reset", False):
+        reset = torch.zeros(x.shape[:-1], dtype=torch.bool, device=device)
+        reset.view(-1)[[1, 4, 5]] = True
+        kwargs["reset"] = reset
+
+    def f(x, hx, cx, *params):
+        torch.manual_seed(7)  # the same masks at every call gradcheck makes
+        return torch.ops.fused_lstm.lstm(x, batch_sizes, hx, cx, params, True, proj, num_layers,
+                                         0.0, train, bidirectional, **kwargs)
+
+    assert torch.autograd.gradcheck(f, (x, hx, cx, *params))

@@ -12,7 +12,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_lstm
 from fused_lstm import FusedLSTM, FusedLSTMCell, reference
-from helpers import DEVICES
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_layers=3, bidirectional=True, proj_size=4),
@@ -82,14 +81,12 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.backends("cpu", "cuda")
 @pytest.mark.parametrize("bias,batched", [(True, True), (False, False)])
-def test_cell_runs_the_cell_ops(monkeypatch, device, bias, batched):
+def test_cell_runs_the_cell_ops(monkeypatch, backend, bias, batched):
     """FusedLSTMCell's forward and backward are the native cell ops: not the layer ops with one
     step, not the reference."""
-    if device not in fused_lstm.native_backends():
-        pytest.skip("extension not built")
-
+    device = backend.device
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran instead of the native op")
 

