@@ -1,5 +1,10 @@
 // The emulator's scheduler (see cuda_emulator.h): blocks run one after another on the calling
 // OS thread, each block's threads are fibers switched at __syncthreads, __syncwarp and shuffles.
+//
+// One file of over 500 lines on purpose: the fibers' context switch, the scheduler and the
+// device-side primitives (barriers, shuffles, shared memory) all work on the same private state
+// (the running block's Thread records and the Emulator), which no other file may see; split,
+// that state would have to move into a header every piece includes.
 #include "cuda_emulator.h"
 
 #include <sys/mman.h>
