@@ -258,13 +258,25 @@ inline at::Tensor onednn_mm(const at::Tensor& x, const at::Tensor& w,
   return stack.back().toTensor();
 }
 
-// a @ b. On the CPU a narrow product (tuning::kNarrowColumns) is computed transposed, and large
-// float32 products go to oneDNN (use_onednn); cuBLAS takes either orientation at the same speed.
+// a @ b with ATen's GEMM. On the CPU a narrow product (tuning::kNarrowColumns) is computed
+// transposed; cuBLAS takes either orientation at the same speed.
 inline at::Tensor mm_narrow(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.is_cpu()) return at::mm(a, b);
-  if (use_onednn(a, b.size(1))) return onednn_mm(a, b.t(), std::nullopt);
-  if (b.size(1) >= tuning::kNarrowColumns) return at::mm(a, b);
+  if (!a.is_cpu() || b.size(1) >= tuning::kNarrowColumns) return at::mm(a, b);
   return at::mm(b.t(), a.t()).t().contiguous();
+}
+
+// The input gradient dz @ W_ih: large float32 CPU products go to oneDNN (use_onednn), which
+// copies W_ih^T first (a weight, once per call).
+inline at::Tensor grad_input_product(const at::Tensor& dz, const at::Tensor& w_ih) {
+  if (use_onednn(dz, w_ih.size(1))) return onednn_mm(dz, w_ih.t(), std::nullopt);
+  return mm_narrow(dz, w_ih);
+}
+
+// A weight gradient d^T v, summed over the sequence's rows: always ATen's GEMM, which reads the
+// transposed d where it is. oneDNN's linear would first copy d^T and v^T, two sequence-sized
+// tensors, and was the slower for it (benchmarks/RESULTS.md, "Weight gradients").
+inline at::Tensor weight_grad(const at::Tensor& d, const at::Tensor& v) {
+  return mm_narrow(d.t(), v);
 }
 
 // The input and weight gradients once the reverse recurrence has left dL/dz of every row in dz
@@ -274,9 +286,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se
     const LayerDims& d, const at::Tensor& input, const FlatSequence& seq, const at::Tensor& w_ih,
     const at::Tensor& dz, const at::Tensor& h_prev, const at::Tensor& dh_all,
     const at::Tensor& m_all) {
-  return {mm_narrow(dz, w_ih).view(input.sizes()), mm_narrow(dz.t(), seq.x),
-          mm_narrow(dz.t(), h_prev), dz.sum(0),
-          d.proj ? mm_narrow(dh_all.t(), m_all) : at::empty({0}, dz.options())};
+  return {grad_input_product(dz, w_ih).view(input.sizes()), weight_grad(dz, seq.x),
+          weight_grad(dz, h_prev), dz.sum(0),
+          d.proj ? weight_grad(dh_all, m_all) : at::empty({0}, dz.options())};
 }
 
 }  // namespace fused_lstm

@@ -56,8 +56,11 @@ constexpr int64_t kPackCopyElements = int64_t{1} << 16;
 constexpr int64_t kSmallProjection = int64_t{1} << 12;
 constexpr int64_t kSmallGrads = int64_t{1} << 16;
 
-// Multiply-adds from which a float32 CPU product goes to oneDNN's matmul rather than to ATen's
-// GEMM (MKL). On the AMD EPYC machine of benchmarks/HISTORY.md ("After routing large float32
+// Multiply-adds from which a float32 CPU product with contiguous operands (the input projection,
+// grad_input) goes to oneDNN's matmul rather than to ATen's GEMM (MKL); the weight gradients
+// stay on ATen's GEMM, which reads their transposed operands in place (lstm_common.h,
+// weight_grad). On an AMD EPYC with AVX2 only (Zen 3) the two libraries run the same speed.
+// On the AMD EPYC machine with AVX-512 of benchmarks/HISTORY.md ("After routing large float32
 // products to oneDNN") MKL runs its AVX2 code (about 170 GFLOP/s on two cores) where oneDNN
 // uses AVX-512 (about 380): at medium's sizes 8.9 against 19.6 ms for the input projection
 // (6400 x 256 x 1024), 15.6 against 32.7 for grad_input, 19.1 against 21.3 for grad_w_ih; 0.16
