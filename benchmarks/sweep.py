@@ -16,6 +16,7 @@ check is worth.
 Writes sweep.md (a table of ratios per dtype and mode), sweep.json (every measurement) and
 sweep.png (heatmaps of the ratios) into --out (default benchmarks/results/), prints a summary
 (cases below 1.0x, the worst five) and exits with status 1 if any case fails its parity check.
+Ctrl-C stops it and writes the cases measured so far (status 130).
 --quick (a reduced grid, 3 repetitions) takes under 3 minutes on 2 cores, the full sweep under 15.
 """
 
@@ -107,8 +108,7 @@ def measure(cfg: configs.Config, dtype: torch.dtype, most_reps: int) -> dict:
         reps, warm_up = plan(cfg, mode, dtype, most_reps)
         times = run.time_mode(impls, step, x, reps, device, warm_up)
         row[mode] = {"nn_s": times["nn"], "fused_s": times["fused"], "reps": reps,
-                     "warm_up": warm_up,
-                     "ratio": times["nn"] / times["fused"]}
+                     "warm_up": warm_up, "ratio": times["nn"] / times["fused"]}
     return row
 
 
@@ -234,16 +234,22 @@ def main(argv: list[str] | None = None, grid: Grid | None = None) -> int:
     start = time.perf_counter()
     progress = run.Progress(len(todo))
     rows = []
-    for cfg, dtype in todo:
-        progress.show(f"{cfg.name} {dtype}")
-        r = measure(cfg, dtype, most_reps)
-        rows.append(r)
-        verdict = "" if r["parity"]["ok"] else ", PARITY FAILED"
-        progress.advance(f"{cfg.name} {r['dtype']}: train {r['train']['ratio']:.2f}x, "
-                         f"infer {r['infer']['ratio']:.2f}x{verdict} "
-                         f"({time.perf_counter() - start:.0f}s)")
+    try:
+        for cfg, dtype in todo:
+            progress.show(f"{cfg.name} {dtype}")
+            r = measure(cfg, dtype, most_reps)
+            rows.append(r)
+            verdict = "" if r["parity"]["ok"] else ", PARITY FAILED"
+            progress.advance(f"{cfg.name} {r['dtype']}: train {r['train']['ratio']:.2f}x, "
+                             f"infer {r['infer']['ratio']:.2f}x{verdict} "
+                             f"({time.perf_counter() - start:.0f}s)")
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT) keeps the cases measured so far
+        if not rows:
+            raise
     progress.close()
     elapsed = time.perf_counter() - start
+    if len(rows) < len(todo):
+        header += f"; INTERRUPTED after {len(rows)} of {len(todo)} cases"
 
     measured = sorted((r[mode]["ratio"], label(r, mode)) for r in rows for mode in MODES)
     below = [m for m in measured if m[0] < 1.0]
@@ -257,7 +263,8 @@ def main(argv: list[str] | None = None, grid: Grid | None = None) -> int:
     (args.out / "sweep.json").write_text(json.dumps(
         {"date": stamp, "machine": machine, "threads": torch.get_num_threads(),
          "torch": torch.__version__, "native": sorted(fused_lstm.native_backends()),
-         "command": command, "elapsed_s": elapsed, "most_reps": most_reps,
+         "command": command, "elapsed_s": elapsed, "cases_planned": len(todo),
+         "most_reps": most_reps,
          "rep_work": REP_WORK, "parity_work": PARITY_WORK, "grid": asdict(grid), "rows": rows},
         indent=1))
     plot(rows, f"FusedLSTM vs nn.LSTM: nn time / fused time. {machine}, torch "
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None, grid: Grid | None = None) -> int:
     if failed:
         print(f"parity with nn.LSTM FAILED for {failed}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if len(rows) == len(todo) else 130
 
 
 if __name__ == "__main__":
