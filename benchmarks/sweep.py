@@ -113,15 +113,16 @@ def measure(cfg: configs.Config, dtype: torch.dtype, most_reps: int) -> dict:
 
 
 def ratio_table(rows: list[dict], mode: str, keys: tuple[str, ...], columns: list[int]) -> str:
-    """Rows keyed by `keys`, one column per H, each cell a ratio (bold below 1.0x)."""
+    """Rows keyed by `keys`, one column per H, each cell a ratio (bold where it shows below
+    1.00x)."""
     by_key: dict[tuple, dict[int, float]] = {}
     for r in rows:
         by_key.setdefault(tuple(r[k] for k in keys), {})[r["H"]] = r[mode]["ratio"]
     lines = ["| " + " | ".join(keys) + " | " + " | ".join(f"H={h}" for h in columns) + " |",
              "|---" * (len(keys) + len(columns)) + "|"]
     for key, cells in by_key.items():
-        shown = [("-" if h not in cells else
-                  f"**{cells[h]:.2f}x**" if cells[h] < 1 else f"{cells[h]:.2f}x") for h in columns]
+        shown = [("-" if h not in cells else f"**{cells[h]:.2f}x**" if round(cells[h], 2) < 1
+                  else f"{cells[h]:.2f}x") for h in columns]
         lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
