@@ -167,9 +167,14 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def time_mode(impls: dict, step, x, reps: int, device: torch.device) -> dict[str, float]:
-    for run in impls.values():  # warm-up: first-call allocations, oneDNN primitive creation
-        run(step, x)
+def time_mode(impls: dict, step, x, reps: int, device: torch.device,
+              warm_up: bool = True) -> dict[str, float]:
+    """Median of `reps` interleaved timings of each implementation. warm_up=False is for calls
+    of seconds, where the first call's extra costs are lost in the noise but a warm-up would
+    double the time taken."""
+    if warm_up:  # first-call allocations, oneDNN primitive creation
+        for run in impls.values():
+            run(step, x)
     times = {name: [] for name in impls}
     for _ in range(reps):
         for name, run in impls.items():

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,24 @@ def test_regulariser_costs_print_a_ratio_per_option(tmp_path, capsys):
     assert "| seed-chars |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main(["--only", "cell-B1"])
+
+
+def test_sweep_writes_table_json_and_heatmap(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("benchmarks_sweep",
+                                                  ROOT / "benchmarks" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    tiny = module.Grid(T=(1, 5), B=(1, 3), H=(8, 16), layers=(1, 2), cell_B=(1, 3), cell_H=(4,),
+                       cell_T=3)
+    assert module.main(["--reps", "1", "--out", str(tmp_path)], grid=tiny) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert {"machine", "torch", "threads", "date", "command"} <= set(report)
+    assert len(report["rows"]) == 2 * (2 * 2 * 2 * 2 + 2)  # both dtypes, 16 LSTM + 2 cell cases
+    for row in report["rows"]:
+        assert row["parity"]["ok"]
+        assert row["train"]["ratio"] > 0 and row["infer"]["ratio"] > 0
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| layers | T | B | H=8 | H=16 |" in table and "| B | H=4 |" in table
+    assert "below 1.0x" in capsys.readouterr().err
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
