@@ -96,3 +96,21 @@ def test_sweep_writes_table_json_and_heatmap(tmp_path, capsys):
     assert "| layers | T | B | H=8 | H=16 |" in table and "| B | H=4 |" in table
     assert "below 1.0x" in capsys.readouterr().err
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_breakdown_splits_each_step_into_the_categories(capsys):
+    spec = importlib.util.spec_from_file_location("benchmarks_breakdown",
+                                                  ROOT / "benchmarks" / "breakdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.category("fused_lstm::layer_backward") == "step loops"
+    assert module.category("mkldnn::_linear_pointwise") == "products"
+    assert module.category("aten::copy_") == "copies"
+    assert module.main(["--only", "seed-chars", "--steps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| seed")]
+    assert [row.split(" | ")[2:4] for row in rows] == [
+        ["train", "nn.LSTM"], ["train", "FusedLSTM"], ["infer", "nn.LSTM"], ["infer", "FusedLSTM"]]
+    for row in rows:
+        *parts, total = (float(v) for v in row.strip("| ").split(" | ")[4:])
+        # Every figure is printed to 0.01 ms: the parts add up to the total within their rounding.
+        assert total > 0 and abs(sum(parts) - total) <= 0.005 * (len(parts) + 1)

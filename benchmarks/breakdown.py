@@ -1,7 +1,7 @@
 """Where a training step's or an inference call's time goes, FusedLSTM beside nn.LSTM, from
 torch.profiler: the table item 1 of a speed issue asks for before any change.
 
-    python benchmarks/profile.py [--only NAME ...] [--dtype NAME] [--steps N]
+    python benchmarks/breakdown.py [--only NAME ...] [--dtype NAME] [--steps N]
 
 For each run.py configuration (docs/benchmarks.md), N profiled steps after a warm-up, split by
 the profiler's self CPU time of each op into:
