@@ -95,7 +95,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace fused_lstm::tuning;
     pybind11::dict tuning;
     for (const auto& [name, value] :
-         {std::pair{"gemm_work", kGemmWork}, {"gemm_rows", kGemmRows},
+         {std::pair{"gemm_work", kGemmWork}, {"direct_gemm_work", kDirectGemmWork},
+          {"gemm_rows", kGemmRows},
           {"parallel_work", kParallelWork}, {"pointwise_weight", kPointwiseWeight},
           {"row_split_min_rows", kRowSplitMinRows}, {"row_split_copies", kRowSplitCopies},
           {"default_l2_bytes", kDefaultL2Bytes}, {"sweep_bytes", kSweepBytes},

@@ -12,6 +12,15 @@ namespace fused_lstm::tuning {
 // (MKL) beats the loops.
 constexpr int64_t kGemmWork = int64_t{1} << 20;
 
+// Multiply-adds of a one-step call's forward product (a FusedLSTMCell step) from which ATen's
+// GEMM takes it rather than direct_rows, which reads W_hh in place with strided loads: on the
+// AVX2-only AMD EPYC (benchmarks/RESULTS.md, "FusedLSTMCell's one-step products") direct_rows
+// ran B = 64, H = 64 (1M multiply-adds) at about 7 GFLOP/s and the cell's inference at 0.5x
+// nn.LSTMCell's; with the GEMM from 2**16, B = 8, H = 64 (131K) lost (0.92x -> 0.79x) while
+// B = 1, H = 256 (262K) and B = 256, H = 20 (410K) gained. The seeds' cells (B <= 8, H = 20: 13K)
+// stay far below it, where an ATen call costs more than the product.
+constexpr int64_t kDirectGemmWork = int64_t{1} << 18;
+
 // Rows of a step from which ATen's GEMM (MKL) takes over from the packed panels: it re-packs W
 // at every call, which only this many rows pay back (level at 256 rows of H = 512, one thread).
 constexpr int64_t kGemmRows = 256;

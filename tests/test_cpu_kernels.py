@@ -175,6 +175,17 @@ def test_one_step_reads_the_weights_in_place(threads, B, H, proj):
     check_parity(B, H, proj, T=1, threads=threads, bidirectional=True)
 
 
+# A one-step call's product (a FusedLSTMCell step) of direct_gemm_work multiply-adds or more
+# goes to ATen's GEMM, one row fewer stays on direct_rows: both against nn.LSTM, forward (W_hh
+# read in place) and backward (W_hh^T), on one and two threads.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("extra_rows", [-1, 0, 3])
+def test_one_step_gemm_threshold(threads, extra_rows):
+    H = 16
+    B = rows_to_reach(TUNING["direct_gemm_work"], H * 4 * H) + extra_rows
+    check_parity(B, H, T=1, threads=threads, bidirectional=True)
+
+
 # A float32 product over the sequence of onednn_work multiply-adds or more goes to oneDNN's matmul
 # (mkldnn::_linear_pointwise) where torch has it, one step fewer to ATen's GEMM: against the
 # float64 nn.LSTM within float32's error, bitwise reproducible, with and without biases, and

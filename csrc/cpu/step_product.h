@@ -118,7 +118,7 @@ struct StepProduct {
   void columns(int64_t a0, int64_t r0, int64_t bs, int64_t c0, int64_t c1, bool accumulate) const {
     const int64_t n = std::min(c1, N) - c0;
     if (n <= 0) return;
-    if (panels ? bs >= kGemmRows : bs * K * n >= kGemmWork) {
+    if (panels ? bs >= kGemmRows : direct_gemm(bs) || bs * K * n >= kGemmWork) {
       auto o = out->narrow(0, r0, bs).narrow(1, c0, n);
       const auto x = a->narrow(0, a0, bs);
       const auto w = W.narrow(0, c0, n).t();
@@ -139,6 +139,13 @@ struct StepProduct {
   }
 
   bool parallel(int64_t bs) const { return bs * K * N >= kParallelWork && threads > 1; }
+
+  // Whether a one-step call's product is one ATen GEMM, which then runs its own threads.
+  // direct_rows reads a W whose rows are not contiguous (the forward's W_hh) with strided
+  // loads; one whose rows are (the backward's W_hh^T) as axpys, which vectorise.
+  bool direct_gemm(int64_t bs) const {
+    return direct && W.stride(0) != 1 && bs * K * N >= kDirectGemmWork;
+  }
 
   bool splits_rows(int64_t bs) const {
     return panels && parallel(bs) && bs < kGemmRows && bs >= kRowSplitMinRows * threads &&
@@ -195,7 +202,7 @@ struct StepProduct {
   }
 
   void operator()(int64_t a0, int64_t r0, int64_t bs, bool accumulate) const {
-    if (!parallel(bs)) {
+    if (!parallel(bs) || direct_gemm(bs)) {
       columns(a0, r0, bs, 0, ldt, accumulate);
       return;
     }
