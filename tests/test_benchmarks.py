@@ -11,12 +11,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def run_module():
-    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
+def load_script(name):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def run_module():
+    return load_script("run")
 
 
 def test_run_checks_parity_and_writes_table_json_and_plot(run_module, tmp_path, capsys):
@@ -51,9 +58,7 @@ def test_unknown_configuration_is_an_error(run_module):
 
 
 def test_ops_timing_prints_each_configuration(capsys):
-    spec = importlib.util.spec_from_file_location("benchmarks_ops", ROOT / "benchmarks" / "ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("ops")
     assert module.main(["--only", "seed-chars", "small-batch", "--reps", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["seed-chars", "small-batch"]
@@ -63,10 +68,7 @@ def test_ops_timing_prints_each_configuration(capsys):
 
 
 def test_regulariser_costs_print_a_ratio_per_option(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("benchmarks_regularisers",
-                                                  ROOT / "benchmarks" / "regularisers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("regularisers")
     assert module.main(["--reps", "1", "--only", "seed-chars", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "regularisers.json").read_text())
     (row,) = report["rows"]
@@ -78,11 +80,7 @@ def test_regulariser_costs_print_a_ratio_per_option(tmp_path, capsys):
 
 
 def test_sweep_writes_table_json_and_heatmap(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("benchmarks_sweep",
-                                                  ROOT / "benchmarks" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
+    module = load_script("sweep")
     tiny = module.Grid(T=(1, 5), B=(1, 3), H=(8, 16), layers=(1, 2), cell_B=(1, 3), cell_H=(4,),
                        cell_T=3)
     assert module.main(["--reps", "1", "--out", str(tmp_path)], grid=tiny) == 0
@@ -99,10 +97,7 @@ def test_sweep_writes_table_json_and_heatmap(tmp_path, capsys):
 
 
 def test_breakdown_splits_each_step_into_the_categories(capsys):
-    spec = importlib.util.spec_from_file_location("benchmarks_breakdown",
-                                                  ROOT / "benchmarks" / "breakdown.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("breakdown")
     assert module.category("fused_lstm::layer_backward") == "step loops"
     assert module.category("mkldnn::_linear_pointwise") == "products"
     assert module.category("aten::copy_") == "copies"
