@@ -221,7 +221,7 @@ def layer_backward(
     return grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr
 
 
-# The cell is a layer run on a sequence of one step, as in the native ops (csrc/lstm_common.h).
+# The cell is a layer run on a sequence of one step, as in the native ops (csrc/layer_ops.h).
 
 
 def cell_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
