@@ -100,6 +100,7 @@ def test_breakdown_splits_each_step_into_the_categories(capsys):
     module = load_script("breakdown")
     assert module.category("fused_lstm::layer_backward") == "step loops"
     assert module.category("mkldnn::_linear_pointwise") == "products"
+    assert module.category("aten::addmm_") == "products"  # the one-step path accumulates in place
     assert module.category("aten::copy_") == "copies"
     assert module.main(["--only", "seed-chars", "--steps", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| seed")]
@@ -109,3 +110,28 @@ def test_breakdown_splits_each_step_into_the_categories(capsys):
         *parts, total = (float(v) for v in row.strip("| ").split(" | ")[4:])
         # Every figure is printed to 0.01 ms: the parts add up to the total within their rounding.
         assert total > 0 and abs(sum(parts) - total) <= 0.005 * (len(parts) + 1)
+
+
+def test_breakdown_profiles_each_sweep_case_below_one(tmp_path, capsys):
+    module = load_script("breakdown")
+
+    def row(case, kind, T, B, H, train, infer):
+        return {"case": case, "kind": kind, "dtype": "float64", "T": T, "B": B, "I": H, "H": H,
+                "layers": 1, "train": {"ratio": train}, "infer": {"ratio": infer}}
+
+    sweep_json = tmp_path / "sweep.json"
+    sweep_json.write_text(json.dumps({"rows": [
+        row("L1 T3 B2 H8", "lstm", 3, 2, 8, 0.5, 2.0), row("cell B1 H4", "cell", 3, 1, 4, 0.9, 0.8),
+        row("L1 T3 B1 H8", "lstm", 3, 1, 8, 1.0, 1.5)]}))
+    assert module.main(["--sweep", str(sweep_json), "--steps", "1"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| L1") or line.startswith("| cell")]
+    assert [r[:4] for r in rows] == [["| L1 T3 B2 H8", "float64", "train", "0.50x"],
+                                     ["| cell B1 H4", "float64", "train", "0.90x"],
+                                     ["| cell B1 H4", "float64", "infer", "0.80x"]]
+    for r in rows:
+        figures = [float(v) for v in r[4:-1]] + [float(r[-1].rstrip(" |"))]
+        fused, nn, (fused_gflops, nn_gflops) = figures[:7], figures[7:14], figures[14:]
+        for split in (fused, nn):
+            assert split[-1] > 0 and abs(sum(split[:-1]) - split[-1]) <= 0.005 * 7
+        assert fused_gflops > 0 and nn_gflops > 0
