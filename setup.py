@@ -3,13 +3,21 @@ a CUDA toolkit is found, or when FORCE_CUDA=1 (e.g. CI without a GPU). USE_CUDA=
 TORCH_CUDA_ARCH_LIST picks the GPU architectures; without it and without a visible GPU we build
 for sm_80 and sm_90 (A100, H100).
 
-Also builds fused_lstm._emulated_cuda, always: the CUDA kernels compiled by the host compiler
-against csrc/emulator, which runs them on the CPU (fused_lstm.testing.emulated_cuda()). It needs
-no CUDA toolkit."""
+FUSED_LSTM_NO_EXTENSION=1 builds nothing: a pure-PyTorch install, which runs the reference
+(fused_lstm/reference.py). The same happens, with a warning, where no C++ compiler is found;
+a compiler that is there and fails still fails the install.
+
+FUSED_LSTM_BUILD_EMULATOR=1 also builds fused_lstm._emulated_cuda: the CUDA kernels compiled by
+the host compiler against csrc/emulator, which runs them on the CPU for the tests
+(fused_lstm.testing.emulated_cuda()). It needs no CUDA toolkit; users never call it, so a plain
+install skips its compile."""
 
 import glob
 import os
+import shlex
+import shutil
 import sys
+import warnings
 
 import torch
 from setuptools import find_packages, setup
@@ -91,8 +99,26 @@ def _emulated_extension():
                                                    "-Wno-unknown-pragmas"]})
 
 
+def _compiler_found() -> bool:
+    """Whether the C++ compiler torch's build calls (cpp_extension.get_cxx_compiler) is there."""
+    return shutil.which(shlex.split(cpp_extension.get_cxx_compiler())[0]) is not None
+
+
+def _extensions() -> list:
+    if os.environ.get("FUSED_LSTM_NO_EXTENSION", "0") == "1":
+        return []
+    if not _compiler_found():
+        warnings.warn("fused_lstm: no C++ compiler found, so no native kernels are built: "
+                      "FusedLSTM will run the pure-PyTorch reference, which is much slower. "
+                      "Install a C++ compiler (g++ or clang++; Xcode's command line tools on "
+                      "macOS), then reinstall with `pip install --no-build-isolation .`.")
+        return []
+    emulator = os.environ.get("FUSED_LSTM_BUILD_EMULATOR", "0") == "1"
+    return [_extension()] + ([_emulated_extension()] if emulator else [])
+
+
 setup(
     packages=find_packages(include=["fused_lstm", "fused_lstm.*"]),
-    ext_modules=[_extension(), _emulated_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

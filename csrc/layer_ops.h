@@ -8,8 +8,8 @@
 //   };
 //
 // and so never spells the ops' signatures. A new option of the layer ops touches the schema
-// (ops.cpp), the struct and its checks here, the kernels that use it and the reference
-// (fused_lstm/reference.py), plus the autograd that passes it along (autograd/).
+// (fused_lstm/_library.py), the struct and its checks here, the kernels that use it and the
+// reference (fused_lstm/reference.py), plus the autograd that passes it along (autograd/).
 //
 // Shapes (N rows: T*B padded, or sum(batch_sizes) packed; Hr = proj_size if w_hr is given,
 // else H):
@@ -32,8 +32,8 @@ using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Te
 using LayerBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// layer_forward's arguments (ops.cpp) and what checking them derives: the dimensions and the
-// order in which the recurrence visits the rows.
+// layer_forward's arguments (fused_lstm/_library.py) and what checking them derives: the dimensions
+// and the order in which the recurrence visits the rows.
 struct LayerParams {
   at::Tensor input;
   std::optional<at::Tensor> batch_sizes;

@@ -1,7 +1,7 @@
-// Host-side pieces shared by the CPU and CUDA implementations of the ops declared in ops.cpp:
-// argument checks (naming the argument and what is required), the step layout, and the ATen
-// work around the per-step loops that is the same on every device. The buffers' shapes, and the
-// parameter structs these checks fill: layer_ops.h.
+// Host-side pieces shared by the CPU and CUDA implementations of the ops declared in
+// fused_lstm/_library.py: argument checks (naming the argument and what is required), the step
+// layout, and the ATen work around the per-step loops that is the same on every device. The
+// buffers' shapes, and the parameter structs these checks fill: layer_ops.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -122,8 +122,8 @@ inline StepLayout make_steps(const at::Tensor& input, const std::optional<at::Te
   return L;
 }
 
-// layer_forward / layer_backward's regularisers and resets (meanings: ops.cpp); each may be
-// absent. Checked against the layer: dtype and device of input, and their shapes.
+// layer_forward / layer_backward's regularisers and resets (meanings: fused_lstm/_library.py);
+// each may be absent. Checked against the layer: dtype and device of input, and their shapes.
 struct Regularisers {
   std::optional<at::Tensor> recurrent_mask, zoneout_cell, zoneout_hidden, reset;
   bool any() const { return recurrent_mask || zoneout_cell || zoneout_hidden || reset; }

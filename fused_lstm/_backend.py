@@ -1,36 +1,71 @@
 """The ops, and which devices have native kernels for them in this install.
 
-The extension ``fused_lstm._C`` declares the ops ``torch.ops.fused_lstm.*`` and registers their
-native kernels and autograd with the dispatcher when it is imported; :mod:`fused_lstm._library`
-adds the fake kernels and the reference as the kernel of every other device. The dispatcher, not
-Python, then picks the implementation by device.
+:mod:`fused_lstm._library` declares the ops ``torch.ops.fused_lstm.*``; the extension
+``fused_lstm._C``, where it is built, registers their native kernels and autograd with the
+dispatcher when it is imported; then the fake kernels and the reference as the kernel of every
+other device are added. The dispatcher, not Python, picks the implementation by device.
+
+Without the extension (an install with ``FUSED_LSTM_NO_EXTENSION=1``, or where no C++ compiler
+was found), every op runs the pure-PyTorch reference, and the modules warn once that the
+native kernels are missing. ``FUSED_LSTM_NO_EXTENSION=1`` at import also leaves a built
+extension unloaded, which is how the tests run an install without one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 from . import _library, _redirect, reference
 
-try:
-    from . import _C  # noqa: F401  (importing it registers the ops)
-except ImportError as exc:
-    raise ImportError(
-        "fused_lstm: the compiled extension fused_lstm._C is missing or does not load "
-        f"({exc}); it declares the ops everything runs on. Build it from the source tree with "
-        "`pip install --no-build-isolation -e .` (a C++ compiler and torch are needed).") from exc
+_library.define()
 
-_library.register()
+
+def _load_extension() -> bool:
+    if os.environ.get("FUSED_LSTM_NO_EXTENSION", "0") == "1":
+        return False
+    if importlib.util.find_spec("fused_lstm._C") is None:
+        return False
+    try:
+        from . import _C  # noqa: F401  (importing it registers the native kernels)
+    except ImportError as exc:
+        # Built, but not loadable here (another torch, a missing library): a broken install,
+        # not a pure-PyTorch one.
+        raise ImportError(
+            f"fused_lstm: the compiled extension fused_lstm._C does not load ({exc}). Rebuild it "
+            "against the torch installed here with `pip install --no-build-isolation -e .`, or "
+            "install without it: `FUSED_LSTM_NO_EXTENSION=1 pip install .`") from exc
+    return True
+
+
+EXTENSION = _load_extension()
+_library.register(native=EXTENSION)
+
+MISSING_KERNELS = (
+    "fused_lstm: this install has no native kernels (fused_lstm._C was not built), so FusedLSTM "
+    "and FusedLSTMCell run the pure-PyTorch reference, which is much slower. With a C++ "
+    "compiler, reinstall: `pip install --no-build-isolation -e .`")
+_warned = False
+
+
+def warn_if_no_extension() -> None:
+    """Warns, once per process, where the native kernels are missing."""
+    global _warned
+    if not EXTENSION and not _warned:
+        _warned = True
+        warnings.warn(MISSING_KERNELS, stacklevel=3)
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 # Asked once, at import: the registrations do not change afterwards.
 _COMPILED = frozenset(
     device for device, key in _DISPATCH_KEYS.items()
-    if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lstm::{op}", key)
+    if EXTENSION and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lstm::{op}", key)
            for op in _library.KERNEL_OPS))
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _backend  # noqa: F401  (the ops)
+from . import _backend  # the ops
 from . import _onnx
 
 
@@ -101,6 +101,7 @@ class FusedLSTM(nn.Module):
         weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
+        _backend.warn_if_no_extension()
         if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
                 or not 0 <= dropout <= 1):
             raise ValueError(
@@ -530,6 +531,7 @@ class FusedLSTMCell(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
+        _backend.warn_if_no_extension()
         factory = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size

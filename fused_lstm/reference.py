@@ -1,8 +1,8 @@
 """Pure-PyTorch LSTM layer and cell with a handwritten backward: the oracle and the fallback.
 
 Each function has exactly the signature of the native op of its name (``fused_lstm::layer_forward``,
-``layer_backward``, ``cell_forward``, ``cell_backward``, declared in ``csrc/ops.cpp``), so the
-autograd glue can call either one. A layer call handles one layer in one direction; the cell
+``layer_backward``, ``cell_forward``, ``cell_backward``, ``keep_mask``, ``lstm``, declared in
+``fused_lstm/_library.py``), so the autograd glue can call either one. A layer call handles one layer in one direction; the cell
 functions are one step of it (see :func:`cell_forward`).
 
 Layouts (PyTorch's): ``w_ih (4H, I)``, ``w_hh (4H, Hr)``, ``b_ih, b_hh (4H)``, ``w_hr (P, H)``,
@@ -17,7 +17,7 @@ The forward returns ``output (…, Hr)``, ``h_n (B, Hr)``, ``c_n (B, H)`` and th
 backward needs: ``gates (…, 4H)`` (the activations i, f, g, o) and ``cells (…, H)`` (c_t).
 
 The layer functions also take the ops' regularisers and resets (``recurrent_mask``,
-``zoneout_cell``, ``zoneout_hidden``, ``reset``), with the meanings ``csrc/ops.cpp`` gives them.
+``zoneout_cell``, ``zoneout_hidden``, ``reset``), with the meanings ``fused_lstm/_library.py`` gives them.
 """
 
 from __future__ import annotations
@@ -244,3 +244,105 @@ def cell_backward(grad_h: Tensor | None, grad_c: Tensor | None, input: Tensor, h
         None, grad_h, grad_c, input.unsqueeze(0), None, h0, c0, w_ih, w_hh, None,
         h0.unsqueeze(0), gates.unsqueeze(0), cells.unsqueeze(0), False)
     return dx[0], dh0, dc0, dw_ih, dw_hh, db
+
+
+# The whole-LSTM op, as csrc/autograd/lstm_op.cpp composes it from layer_forward: the kernel of
+# fused_lstm::lstm in an install without the native kernels, and the oracle of that composition.
+# It draws its masks with the same ops in the same order, so with the same seed both give the
+# same bits.
+
+
+def _check_rate(p: float, name: str, one_allowed: bool) -> None:
+    if not (p >= 0 and (p <= 1 if one_allowed else p < 1)):
+        raise RuntimeError(f"fused_lstm: {name} must be in [0, {'1]' if one_allowed else '1)'}, "
+                           f"got {p}")
+
+
+def keep_mask(like: Tensor, size: list[int], prob: float, value: float) -> Tensor:
+    """The op keep_mask without the native kernels: bernoulli_, as its composite kernel in
+    csrc/cpu/keep_mask.cpp on devices without a kernel of their own."""
+    if not 0 <= prob <= 1:
+        raise RuntimeError(f"fused_lstm: keep_mask's prob must be in [0, 1], got {prob}")
+    return torch.empty(size, dtype=like.dtype, device=like.device).bernoulli_(prob).mul_(value)
+
+
+def _keep_mask(like: Tensor, size, prob: float, value: float) -> Tensor:
+    # like gives the dtype and device only: detached, autograd has nothing to follow through it.
+    return torch.ops.fused_lstm.keep_mask(like.detach(), list(size), prob, value)
+
+
+def _reset_for_reverse(reset: Tensor, batch_sizes: Tensor | None) -> Tensor:
+    """reset as the reverse direction visits the rows: each row's flag is that of the same batch
+    row at the next step (none after the last), whose sequence takes no state from this one."""
+    if batch_sizes is None:
+        return torch.cat([reset[1:], torch.zeros_like(reset[:1])])
+    sizes, src, start = batch_sizes.tolist(), [], 0
+    for t, bs in enumerate(sizes):
+        nxt = sizes[t + 1] if t + 1 < len(sizes) else 0
+        src += [start + bs + b if b < nxt else reset.shape[0] for b in range(bs)]
+        start += bs
+    padded = torch.cat([reset, reset.new_zeros(1)])
+    return padded.index_select(0, torch.tensor(src, dtype=torch.long, device=reset.device))
+
+
+def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor, params: list[Tensor],
+         has_biases: bool, has_proj: bool, num_layers: int, dropout: float, train: bool,
+         bidirectional: bool, *, reset: Tensor | None = None, recurrent_dropout: float = 0.0,
+         zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0,
+         weight_drop: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """nn.LSTM's forward through layer_forward, with the regularisers (docs/regularisers.md)."""
+    if num_layers <= 0:
+        raise RuntimeError(f"fused_lstm: num_layers must be positive, got {num_layers}")
+    for p, name, one_allowed in ((dropout, "dropout", True),
+                                 (recurrent_dropout, "recurrent_dropout", False),
+                                 (zoneout_cell, "zoneout_cell", True),
+                                 (zoneout_hidden, "zoneout_hidden", True),
+                                 (weight_drop, "weight_drop", False)):
+        _check_rate(p, name, one_allowed)
+    dirs = 2 if bidirectional else 1
+    per_dir = 2 + 2 * has_biases + has_proj
+    if len(params) != num_layers * dirs * per_dir:
+        raise RuntimeError(
+            f"fused_lstm: params must hold {per_dir} tensors per layer and direction "
+            f"({num_layers * dirs * per_dir} in all, w_ih, w_hh"
+            f"{', b_ih, b_hh' if has_biases else ''}{', w_hr' if has_proj else ''} each), "
+            f"got {len(params)}")
+    if reset is not None and reset.dtype != torch.bool:
+        raise RuntimeError(f"fused_lstm: reset must be a bool tensor, got {reset.dtype}")
+    resets = [reset, _reset_for_reverse(reset, batch_sizes)
+              if reset is not None and bidirectional else None]
+
+    def zoneout(rate: float, x: Tensor, width: int) -> Tensor | None:
+        if rate == 0:
+            return None
+        if not train:
+            return torch.scalar_tensor(rate, dtype=x.dtype, device=x.device)
+        return _keep_mask(x, [*x.shape[:-1], width], rate, 1.0)
+
+    h_n, c_n, x = [], [], input
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            w = params[k * per_dir:(k + 1) * per_dir]
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            h0 = hx[k]
+            if train and weight_drop > 0:
+                w_hh = w_hh * _keep_mask(w_hh, w_hh.shape, 1 - weight_drop, 1 / (1 - weight_drop))
+            mask = (_keep_mask(h0, h0.shape, 1 - recurrent_dropout, 1 / (1 - recurrent_dropout))
+                    if train and recurrent_dropout > 0 else None)
+            y, h, c, _, _ = torch.ops.fused_lstm.layer_forward(
+                x, batch_sizes, h0, cx[k], w_ih, w_hh, b_ih, b_hh, w[-1] if has_proj else None,
+                d == 1, mask, zoneout(zoneout_cell, x, w_hh.shape[0] // 4),
+                zoneout(zoneout_hidden, x, h0.shape[-1]), resets[d])
+            outs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        x = outs[0] if dirs == 1 else torch.cat(outs, -1)
+        if train and dropout > 0 and layer < num_layers - 1:
+            # at::dropout's draw, as aten::lstm makes it between layers.
+            noise = (torch.zeros_like(x) if dropout == 1 else torch.empty_like(
+                x, memory_format=torch.contiguous_format).bernoulli_(1 - dropout).div_(1 - dropout))
+            x = x * noise
+    return x, torch.stack(h_n), torch.stack(c_n)

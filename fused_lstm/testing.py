@@ -1,7 +1,8 @@
 """Test helpers: run the CUDA backend on the CPU under the CUDA emulator.
 
 ``fused_lstm._emulated_cuda`` is ``csrc/cuda/lstm_cuda.cu`` compiled by the host compiler
-against ``csrc/emulator`` (built at install, with the CPU kernels; it needs no CUDA toolkit).
+against ``csrc/emulator``, built at install where ``FUSED_LSTM_BUILD_EMULATOR=1`` is set (it
+needs no CUDA toolkit).
 Inside :func:`emulated_cuda`, the four kernel ops on CPU tensors run those kernels instead of the
 CPU ones; autograd and every other op are unchanged.
 """
@@ -9,6 +10,7 @@ CPU ones; autograd and every other op are unchanged.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +23,19 @@ from ._redirect import redirect
 ORDERS = ("forward", "reverse", "shuffle")
 
 
+EMULATOR_MISSING = (
+    "fused_lstm.testing.emulated_cuda() needs the CUDA emulator, fused_lstm._emulated_cuda, "
+    "which is built only where the install asks for it: reinstall with "
+    "`FUSED_LSTM_BUILD_EMULATOR=1 pip install --no-build-isolation -e .`")
+
+
+def emulator_built() -> bool:
+    return importlib.util.find_spec("fused_lstm._emulated_cuda") is not None
+
+
 def _emulator():
+    if not emulator_built():
+        raise RuntimeError(EMULATOR_MISSING)
     from . import _emulated_cuda
     return _emulated_cuda
 

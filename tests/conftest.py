@@ -30,6 +30,7 @@ import torch
 
 import fused_lstm
 from fused_lstm.testing import emulated_cuda
+from helpers import needs_cuda, needs_emulator
 
 # reference: the pure-PyTorch oracle and fallback, under fused_lstm.reference_only();
 # cpu: the native C++ kernels; emulated_cuda: the CUDA kernels run by the CUDA emulator on CPU
@@ -39,9 +40,8 @@ BACKENDS = ("reference", "cpu", "emulated_cuda", "cuda")
 _SKIPS = {
     "cpu": pytest.mark.skipif("cpu" not in fused_lstm.native_backends(),
                               reason="needs the CPU kernels"),
-    "cuda": pytest.mark.skipif(not torch.cuda.is_available()
-                               or "cuda" not in fused_lstm.native_backends(),
-                               reason="needs a GPU and the CUDA kernels"),
+    "emulated_cuda": needs_emulator,
+    "cuda": needs_cuda,
 }
 
 

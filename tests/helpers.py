@@ -6,12 +6,21 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_lstm
+from fused_lstm.testing import emulator_built
 
-# For the tests that need a GPU without running per backend (streams, autocast): skipped, never
-# removed, where there is none.
+# For the tests that need a backend without running per backend (streams, autocast, the
+# emulator's own tests), and for the backend fixture's own skips: skipped, never removed,
+# where the install or the machine lacks it.
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in fused_lstm.native_backends(),
     reason="needs a GPU and the CUDA kernels")
+needs_emulator = pytest.mark.skipif(
+    not emulator_built() or "cpu" not in fused_lstm.native_backends(),
+    reason="needs the CUDA emulator (install with FUSED_LSTM_BUILD_EMULATOR=1) and the extension")
+# What only the compiled extension has (its constants, its C++ autograd's errors): skipped in an
+# install without it (FUSED_LSTM_NO_EXTENSION=1), where everything else runs on the reference.
+needs_extension = pytest.mark.skipif(
+    "cpu" not in fused_lstm.native_backends(), reason="needs the compiled extension fused_lstm._C")
 
 
 def outputs_and_grads(module, inp, hx, leaves):

@@ -18,7 +18,8 @@ from torch import nn
 
 from fused_lstm import FusedLSTM, FusedLSTMCell, reference
 from fused_lstm.testing import emulated_cuda
-from helpers import compare, grad_names, make_inputs, make_lstm, needs_cuda, run_lstm
+from helpers import (compare, grad_names, make_inputs, make_lstm, needs_cuda, needs_emulator,
+                     run_lstm)
 
 T, B, I, H, P = 5, 3, 4, 6, 3
 
@@ -126,6 +127,7 @@ def tile_inputs(dev, hidden, proj, batch, lengths):
     return lstm, x, hx
 
 
+@needs_emulator
 @pytest.mark.parametrize("hidden,proj,batch,lengths", TILES)
 def test_tile_crossing_sizes_match_nn_lstm_in_two_orders(hidden, proj, batch, lengths):
     """Emulated, against nn.LSTM on the CPU; then the same case with the blocks and the threads

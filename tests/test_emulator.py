@@ -11,9 +11,12 @@ import subprocess
 import pytest
 import torch
 
-from fused_lstm import _emulated_cuda as emu
 from fused_lstm.testing import emulated_cuda
+from helpers import needs_emulator
 
+pytestmark = needs_emulator
+emu = pytest.importorskip("fused_lstm._emulated_cuda", reason="needs the CUDA emulator (install "
+                          "with FUSED_LSTM_BUILD_EMULATOR=1)")
 K = emu.selftest
 
 

@@ -10,9 +10,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
+import fused_lstm
 from fused_lstm import FusedLSTM, FusedLSTMCell
-from fused_lstm._C import DOUBLE_BACKWARD_ERROR
-from helpers import CELL_GRADS, FLAGS, cell_args, lstm_args, op_args
+from fused_lstm._library import DOUBLE_BACKWARD_ERROR
+from helpers import CELL_GRADS, FLAGS, cell_args, lstm_args, needs_extension, op_args
 
 I, H, P = 3, 4, 2
 F64 = torch.float64
@@ -290,3 +291,8 @@ def test_regularised_lstm_op_gradcheck(backend, kwargs, num_layers, bidirectiona
                                          0.0, train, bidirectional, **kwargs)
 
     assert torch.autograd.gradcheck(f, (x, hx, cx, *params))
+
+
+@needs_extension
+def test_the_extension_refuses_double_backward_with_the_same_message():
+    assert fused_lstm._C.DOUBLE_BACKWARD_ERROR == DOUBLE_BACKWARD_ERROR

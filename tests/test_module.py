@@ -11,7 +11,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_lstm
+import fused_lstm.testing
 from fused_lstm import FusedLSTM, FusedLSTMCell, reference
+from helpers import needs_extension
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_layers=3, bidirectional=True, proj_size=4),
@@ -55,10 +57,8 @@ def test_not_an_rnn_base_subclass():
     assert not issubclass(FusedLSTM, nn.RNNBase)
 
 
+@needs_extension
 def test_native_op_runs_not_the_fallback(monkeypatch):
-    if "cpu" not in fused_lstm.native_backends():
-        pytest.skip("extension not built")
-
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran instead of the native op")
 
@@ -166,11 +166,72 @@ def test_reduced_precision_cpu(dtype):
     torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2e-2)
 
 
-def test_import_without_the_extension_says_how_to_build():
-    """The extension declares the ops; without it, import fails with a message, not later."""
-    code = ("import sys; sys.modules['fused_lstm._C'] = None\n"
-            "try:\n    import fused_lstm\nexcept ImportError as e:\n    print(e)")
+def _run_python(code: str, **env: str) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=root).stdout
-    assert "fused_lstm._C is missing" in out and "pip install --no-build-isolation -e ." in out
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=root, env={**os.environ, **env}).stdout
+
+
+def test_without_the_extension_everything_runs_on_the_reference():
+    """An install with no extension (FUSED_LSTM_NO_EXTENSION=1, or no compiler): the same ops,
+    no native backend, the reference's values and gradients, and one warning at first use."""
+    code = """if True:
+        import warnings
+        import torch
+        import fused_lstm
+        assert fused_lstm.native_backends() == set()
+        assert not hasattr(fused_lstm, "_C")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ref = torch.nn.LSTM(3, 4, 2, bidirectional=True, proj_size=2, dtype=torch.float64)
+            fused = fused_lstm.FusedLSTM.from_lstm(ref)
+            cell = fused_lstm.FusedLSTMCell(3, 4)
+        print(sum("no native kernels" in str(w.message) for w in caught), "warning")
+        x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+        diffs = []
+        for module in (ref, fused):
+            out, (h, c) = module(x)
+            loss = (out * out).sum() + h.sum() + c.sin().sum()
+            diffs.append([out, *torch.autograd.grad(loss, [x, *module.parameters()])])
+        print(max((a - b).abs().max().item() for a, b in zip(*diffs)))
+    """
+    out = _run_python(code, FUSED_LSTM_NO_EXTENSION="1").split()
+    assert out[:2] == ["1", "warning"] and float(out[2]) < 1e-12
+
+
+def test_an_extension_that_does_not_load_is_an_error_that_says_how_to_rebuild():
+    """Built but broken (another torch's build, a missing library): not silently the reference."""
+    code = """if True:
+        import importlib.abc, importlib.machinery, sys
+        class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path, target=None):
+                if name == "fused_lstm._C":
+                    return importlib.machinery.ModuleSpec(name, self)
+            def create_module(self, spec):
+                raise ImportError("undefined symbol: _ZN3c10")
+            def exec_module(self, module):
+                pass
+        sys.meta_path.insert(0, Broken())
+        try:
+            import fused_lstm
+        except ImportError as e:
+            print(e)
+    """
+    out = _run_python(code, FUSED_LSTM_NO_EXTENSION="0")
+    assert "fused_lstm._C does not load (undefined symbol" in out
+    assert "pip install --no-build-isolation -e ." in out and "FUSED_LSTM_NO_EXTENSION=1" in out
+
+
+@pytest.mark.skipif(os.environ.get("FUSED_LSTM_BUILD_EMULATOR") != "1",
+                    reason="set FUSED_LSTM_BUILD_EMULATOR=1 where the install must include the "
+                           "CUDA emulator (CI)")
+def test_emulator_is_built_where_the_install_asked_for_it():
+    assert fused_lstm.testing.emulator_built()
+
+
+def test_emulated_cuda_without_the_emulator_says_how_to_build_it(monkeypatch):
+    monkeypatch.setattr(fused_lstm.testing, "emulator_built", lambda: False)
+    with pytest.raises(RuntimeError, match="FUSED_LSTM_BUILD_EMULATOR=1 pip install "
+                                           "--no-build-isolation -e ."):
+        with fused_lstm.testing.emulated_cuda():
+            pass

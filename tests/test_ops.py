@@ -7,11 +7,9 @@ import torch
 
 import fused_lstm
 from fused_lstm import reference
-from helpers import (CELL_GRADS, FLAGS, assert_same, cell_args, lstm_args, op_args,
-                     ramp)
+from helpers import (CELL_GRADS, FLAGS, assert_same, cell_args, lstm_args, needs_extension,
+                     op_args, ramp)
 
-pytestmark = pytest.mark.skipif("cpu" not in fused_lstm.native_backends(),
-                                reason="fused_lstm._C not built")
 I, H, P = 3, 5, 2
 
 
@@ -48,6 +46,7 @@ def test_ops_match_reference(proj, bias, packed, reverse):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@needs_extension  # the kernels' own checks; the reference has none of its own
 @pytest.mark.parametrize("bad,match", [
     (lambda a: {4: torch.randn(4 * H, I + 1, dtype=torch.float64)}, "w_ih must have shape"),
     (lambda a: {2: torch.randn(2, H, dtype=torch.float64)}, "must have shape"),
@@ -145,6 +144,7 @@ def _forward_with(args, bad):
     return torch.ops.fused_lstm.cell_forward(*args)
 
 
+@needs_extension  # the kernels' own checks; the reference has none of its own
 @pytest.mark.parametrize("bad,match", [
     (lambda a: {0: a[0].unsqueeze(0)}, r"input must be \(B, I\), got 3-D"),
     (lambda a: {0: a[0].long()}, "input must be a floating-point tensor"),
@@ -164,6 +164,7 @@ def test_cell_forward_argument_checks(bad, match):
         _forward_with(cell_args(), bad)
 
 
+@needs_extension  # the kernels' own checks; the reference has none of its own
 @pytest.mark.parametrize("bad,match", [
     (lambda a: {7: a[7][:, :-1]}, r"gates must have shape \[3, 20\], got \[3, 19\]"),
     (lambda a: {8: a[8].t()}, r"cells must have shape \[3, 5\], got \[5, 3\]"),
@@ -251,6 +252,30 @@ def test_lstm_op_dropout_matches_aten_lstm(bidirectional, packed):
     assert not torch.equal(results[0][0], torch.ops.fused_lstm.lstm(*args)[0])  # it does draw
 
 
+@needs_extension
+@pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed", LSTM_FLAGS)
+@pytest.mark.parametrize("train", [True, False])
+def test_reference_lstm_composes_like_the_lstm_op(num_layers, bidirectional, proj, bias, packed,
+                                                  train):
+    """reference.lstm, the lstm op's kernel in an install without the extension, against the
+    C++ op, both on the reference kernels, with dropout, every regulariser and resets: the same
+    masks from the same seed, so the same values and gradients."""
+    args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.3, train=train,
+                     requires_grad=True)
+    x, _, hx, cx, params = args[:5]
+    kw = dict(reset=torch.rand(x.shape[:-1]) < 0.3, recurrent_dropout=0.2, zoneout_cell=0.1,
+              zoneout_hidden=0.2, weight_drop=0.3)
+    results = []
+    for f in (torch.ops.fused_lstm.lstm, reference.lstm):
+        torch.manual_seed(5)
+        with fused_lstm.reference_only():
+            out = f(*args, **kw)
+            loss = (out[0] * ramp(out[0])).sum() + out[1].sum() + out[2].sin().sum()
+            results.append([*out, *torch.autograd.grad(loss, [x, hx, cx, *params])])
+    assert_same(results[0][:3], results[1][:3], atol=0)
+    assert_same(results[0][3:], results[1][3:], atol=1e-13)
+
+
 def test_lstm_op_without_grad_keeps_no_graph_and_matches():
     """Nothing requiring grad: no graph, the same values as with one."""
     args = lstm_args(2, True, True, True, False)
@@ -274,6 +299,7 @@ def _lstm_with(bad):
     return torch.ops.fused_lstm.lstm(*args)
 
 
+@needs_extension  # the kernels' own checks; the reference has none of its own
 @pytest.mark.parametrize("bad,match", [
     (lambda a: {4: a[4][:-1]}, r"params must hold 4 tensors per layer and direction \(16 in all"),
     (lambda a: {6: True}, r"params must hold 5 tensors per layer and direction"),

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_lstm import FusedLSTM, _redirect, reference
-from helpers import ramp
+from helpers import needs_extension, ramp
 
 
 I, H, P = 3, 5, 2
@@ -140,6 +140,7 @@ def test_layer_ops_in_half_precision(backend, dtype, packed):
         assert max_error(got[part], want[part]) <= 2 * own_error, (part, own_error)
 
 
+@needs_extension  # the kernels' own checks
 def test_layer_op_checks_the_regularisers():
     args = layer_case("all", False, False, False, "cpu")
     for k, bad, match in [(10, torch.ones(2, H, dtype=F64), "recurrent_mask must have shape"),

@@ -12,7 +12,7 @@ from torch import nn
 
 import fused_lstm
 from fused_lstm import FusedLSTM
-from helpers import assert_same, outputs_and_grads
+from helpers import assert_same, needs_extension, outputs_and_grads
 
 
 @pytest.mark.backends("reference", "cpu")
@@ -123,6 +123,7 @@ def test_identical_calls_give_identical_bits(backend, threads, B, H):
         assert torch.equal(a, b)
 
 
+@needs_extension
 def test_kernels_split_work_across_threads():
     """The CPU kernels' threaded steps really run on several threads: at::parallel_for is inline
     code that stays on one thread unless the extension is compiled with OpenMP, which it once

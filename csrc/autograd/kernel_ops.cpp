@@ -1,8 +1,8 @@
-// Autograd of the kernel ops declared in ops.cpp (layer_forward, layer_backward, cell_forward,
-// cell_backward), in C++: a torch::autograd::Function per differentiable op, registered for the
-// Autograd key, as torchvision does for roi_align. The backwards are the kernels' handwritten
-// ones; they treat the saved workspace as constants, so a second backward through them raises.
-// The whole-LSTM op lstm has its own file: lstm_op.cpp.
+// Autograd of the kernel ops declared in fused_lstm/_library.py (layer_forward, layer_backward,
+// cell_forward, cell_backward), in C++: a torch::autograd::Function per differentiable op,
+// registered for the Autograd key, as torchvision does for roi_align. The backwards are the
+// kernels' handwritten ones; they treat the saved workspace as constants, so a second backward
+// through them raises. The whole-LSTM op lstm has its own file: lstm_op.cpp.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>

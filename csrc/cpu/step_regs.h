@@ -14,11 +14,11 @@ namespace {
 
 using namespace tuning;
 
-// A layer's regularisers and resets (meanings: ops.cpp) as the step loops read them: raw
-// pointers taken once per call, null where not given. The zoneout weights of row r (a row of
+// A layer's regularisers and resets (meanings: fused_lstm/_library.py) as the step loops read them:
+// raw pointers taken once per call, null where not given. The zoneout weights of row r (a row of
 // the whole sequence) and unit j are at [r * ld + j]: a mask's element, or with ld = 0 a rate
-// spread over one row, so that the loops read a rate and a mask alike. Without zoneout_cell,
-// zc is a row of zeros (a rate of 0) for the backward, which always mixes when any is given.
+// spread over one row, so that the loops read a rate and a mask alike. Without zoneout_cell, zc is
+// a row of zeros (a rate of 0) for the backward, which always mixes when any is given.
 template <typename T>
 struct StepRegs {
   at::Tensor held[5];  // the contiguous copies the pointers point into

@@ -15,11 +15,11 @@
 // (dm = dh W_hr) and one pointwise launch for the gate backward (the fused kernel then only
 // produces dh). Acceptable for now; a grid-wide barrier (persistent kernel) would remove them.
 //
-// The regularisers and resets (ops.cpp) run in the kernels' kRegs instantiations, chosen once
-// per call, so that the default path keeps its launches and arithmetic. They add no launches
-// except with both zoneout_hidden and a projection, where the forward mixes h_t after the
-// y = m W_hr^T product in one more pointwise launch per step; and the backward's dW_hh operand
-// is masked by ATen ops after the loop.
+// The regularisers and resets (fused_lstm/_library.py) run in the kernels' kRegs instantiations,
+// chosen once per call, so that the default path keeps its launches and arithmetic. They add no
+// launches except with both zoneout_hidden and a projection, where the forward mixes h_t after the
+// y = m W_hr^T product in one more pointwise launch per step; and the backward's dW_hh operand is
+// masked by ATen ops after the loop.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

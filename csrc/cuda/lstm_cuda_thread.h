@@ -63,8 +63,8 @@ struct ZoneoutWeight {
   }
 };
 
-// The regularisers and resets of one layer call (ops.cpp); any of them may be absent (nullptr).
-// Only the kernels' kRegs instantiations read them, so the default path stays as it was.
+// The regularisers and resets of one layer call (fused_lstm/_library.py); any of them may be absent
+// (nullptr). Only the kernels' kRegs instantiations read them, so the default path stays as it was.
 template <typename T>
 struct StepRegs {
   const T* recurrent_mask = nullptr;  // (B, Hr)

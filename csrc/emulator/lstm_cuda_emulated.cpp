@@ -10,8 +10,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm's CUDA kernels run on CPU tensors by a CUDA emulator (for tests)";
-  // The ops' own signatures (csrc/ops.cpp), called with the dispatcher's positional arguments,
-  // which leave out trailing ones equal to their defaults: the regularisers and resets.
+  // The ops' own signatures (fused_lstm/_library.py), called with the dispatcher's positional
+  // arguments, which leave out trailing ones equal to their defaults: the regularisers and resets.
   namespace py = pybind11;
   const auto regularisers = [](auto... leading) {
     return std::make_tuple(leading..., py::arg("recurrent_mask") = py::none(),
