@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "../tuning.h"
 #include "clones.h"
@@ -193,18 +194,83 @@ FL_CPU_CLONES void vec_mat_rows(const T* __restrict a, const T* __restrict M, in
   }
 }
 
+// R rows x C columns of o (row stride ldo) (+)= a . W[c]^T, for W's rows contiguous along k
+// (stride sn between them): each output is one register of partial sums over k, L lanes apart,
+// added up in lane order at the end with the scalar tail after them. The loads of a and W are
+// whole registers whatever the row stride, so the loop is bound by the FMAs, where dot products
+// one element at a time (the compiler keeps a float sum's order, so it cannot vectorise them)
+// ran at about 7 GFLOP/s. Each output's sum depends on K alone, not on the tile or the thread.
+template <typename T, int64_t R, int64_t C>
+inline __attribute__((always_inline)) void dot_tile(const T* __restrict a, int64_t K,
+                                                    const T* __restrict w, int64_t sn,
+                                                    T* __restrict o, int64_t ldo,
+                                                    bool accumulate) {
+  constexpr int64_t Bytes = 32, L = Bytes / sizeof(T);
+  using V = typename VecOf<T, Bytes>::type;
+  V acc[R][C];
+  FL_UNROLL
+  for (int64_t r = 0; r < R; ++r) {
+    FL_UNROLL
+    for (int64_t c = 0; c < C; ++c) acc[r][c] = V{};
+  }
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    V wv[C];
+    FL_UNROLL
+    for (int64_t c = 0; c < C; ++c) std::memcpy(&wv[c], w + c * sn + k, Bytes);
+    FL_UNROLL
+    for (int64_t r = 0; r < R; ++r) {
+      V av;
+      std::memcpy(&av, a + r * K + k, Bytes);
+      FL_UNROLL
+      for (int64_t c = 0; c < C; ++c) acc[r][c] += av * wv[c];
+    }
+  }
+  FL_UNROLL
+  for (int64_t r = 0; r < R; ++r) {
+    FL_UNROLL
+    for (int64_t c = 0; c < C; ++c) {
+      T sum = 0;
+      FL_UNROLL
+      for (int64_t l = 0; l < L; ++l) sum += acc[r][c][l];
+      for (int64_t j = k; j < K; ++j) sum += a[r * K + j] * w[c * sn + j];
+      o[r * ldo + c] = accumulate ? o[r * ldo + c] + sum : sum;
+    }
+  }
+}
+
+// Columns [c0, c1) of R rows by dot_tile, four columns at a time.
+template <typename T, int64_t R>
+inline __attribute__((always_inline)) void dot_rows(const T* __restrict a, const T* __restrict w,
+                                                    int64_t sn, int64_t K, T* __restrict o,
+                                                    int64_t N, int64_t c0, int64_t c1,
+                                                    bool accumulate) {
+  int64_t n = c0;
+  for (; n + 4 <= c1; n += 4) dot_tile<T, R, 4>(a, K, w + n * sn, sn, o + n, N, accumulate);
+  for (; n < c1; ++n) dot_tile<T, R, 1>(a, K, w + n * sn, sn, o + n, N, accumulate);
+}
+
 // out[r, c0:c1] (+)= a[r] W[c0:c1]^T for rows r < bs, reading W (N, K) where it is, with strides
 // (sn, sk): the product of a one-step call, which reads W once, so that copying it into
 // StepProduct's layout first would cost more than the product (it was 13 of the 181 thousand
-// instructions of a FusedLSTMCell step at H = 20, the product 1.5). Each output sums over k in
-// order. With W^T's rows contiguous (sn = 1, the backward's w_hh^T) the sums are axpys over
-// them, which vectorise; otherwise dot products, eight outputs at once to keep eight
-// independent chains in flight.
+// instructions of a FusedLSTMCell step at H = 20, the product 1.5). With W^T's rows contiguous
+// (sn = 1, the backward's w_hh^T) the sums are axpys over them, which vectorise; with W's rows
+// contiguous (sk = 1, the forward's W) dot products a register wide (dot_tile), two rows of out
+// at a time, which reads each row of W once per two rows; otherwise scalar dot products, eight
+// outputs at once to keep eight independent chains in flight.
 template <typename T>
 FL_CPU_CLONES void direct_rows(const T* __restrict a, const T* __restrict w, int64_t sn,
                                int64_t sk, int64_t K, T* __restrict out, int64_t N, int64_t bs,
                                int64_t c0, int64_t c1, bool accumulate) {
   constexpr int64_t kChains = 8;
+  if (sk == 1 && sn != 1) {
+    int64_t r = 0;
+    for (; r + 2 <= bs; r += 2) {
+      dot_rows<T, 2>(a + r * K, w, sn, K, out + r * N, N, c0, c1, accumulate);
+    }
+    if (r < bs) dot_rows<T, 1>(a + r * K, w, sn, K, out + r * N, N, c0, c1, accumulate);
+    return;
+  }
   for (int64_t r = 0; r < bs; ++r) {
     const T* __restrict ar = a + r * K;
     T* __restrict o = out + r * N;
