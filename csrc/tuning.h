@@ -18,7 +18,10 @@ constexpr int64_t kGemmWork = int64_t{1} << 20;
 // ran B = 64, H = 64 (1M multiply-adds) at about 7 GFLOP/s and the cell's inference at 0.5x
 // nn.LSTMCell's; with the GEMM from 2**16, B = 8, H = 64 (131K) lost (0.92x -> 0.79x) while
 // B = 1, H = 256 (262K) and B = 256, H = 20 (410K) gained. The seeds' cells (B <= 8, H = 20: 13K)
-// stay far below it, where an ATen call costs more than the product.
+// stay far below it, where an ATen call costs more than the product. Once direct_rows ran its
+// dot products a register wide, 2**21 was tried (cell_forward alone, one thread, min thread
+// time): no size from 262K to 2M gained consistently, and B = 256, H = 20 float32 took twice as
+// long (80 -> 159 us), so it stayed.
 constexpr int64_t kDirectGemmWork = int64_t{1} << 18;
 
 // Rows of a step from which ATen's GEMM (MKL) takes over from the packed panels: it re-packs W
