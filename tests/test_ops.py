@@ -13,6 +13,14 @@ from helpers import (CELL_GRADS, FLAGS, assert_same, cell_args, lstm_args, needs
 I, H, P = 3, 5, 2
 
 
+def call_with(op, args, bad):
+    """op on args with some of them replaced: bad(args) maps positions to their bad values."""
+    args = list(args)
+    for k, v in bad(args).items():
+        args[k] = v
+    return op(*args)
+
+
 @pytest.mark.parametrize("proj,bias,packed,reverse", FLAGS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.backends("cpu", "cuda")
@@ -57,11 +65,8 @@ def test_ops_match_reference(proj, bias, packed, reverse):
     (lambda a: {3: a[3].to("meta")}, r"c0 must be on the device of input \(cpu\), got meta"),
 ])
 def test_op_argument_checks(bad, match):
-    args = list(op_args(False, True, True, False))
-    for k, v in bad(args).items():
-        args[k] = v
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fused_lstm.layer_forward(*args)
+        call_with(torch.ops.fused_lstm.layer_forward, op_args(False, True, True, False), bad)
 
 
 # ---- the cell ops: one step, input (B, I), no projection -------------------------------------
@@ -137,13 +142,6 @@ def test_cell_ops_in_lower_precision(dtype):
         torch.testing.assert_close(a.double(), b, **tol)
 
 
-def _forward_with(args, bad):
-    args = list(args)
-    for k, v in bad(args).items():
-        args[k] = v
-    return torch.ops.fused_lstm.cell_forward(*args)
-
-
 @needs_extension  # the kernels' own checks; the reference has none of its own
 @pytest.mark.parametrize("bad,match", [
     (lambda a: {0: a[0].unsqueeze(0)}, r"input must be \(B, I\), got 3-D"),
@@ -161,7 +159,7 @@ def _forward_with(args, bad):
 ])
 def test_cell_forward_argument_checks(bad, match):
     with pytest.raises(RuntimeError, match=match):
-        _forward_with(cell_args(), bad)
+        call_with(torch.ops.fused_lstm.cell_forward, cell_args(), bad)
 
 
 @needs_extension  # the kernels' own checks; the reference has none of its own
@@ -178,11 +176,9 @@ def test_cell_forward_argument_checks(bad, match):
 def test_cell_backward_argument_checks(bad, match):
     args = cell_args()
     out = torch.ops.fused_lstm.cell_forward(*args)
-    bargs = list(cell_backward_args(args, out, *incoming("both", *out[:2])))
-    for k, v in bad(bargs).items():
-        bargs[k] = v
+    bargs = cell_backward_args(args, out, *incoming("both", *out[:2]))
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fused_lstm.cell_backward(*bargs)
+        call_with(torch.ops.fused_lstm.cell_backward, bargs, bad)
 
 
 # ---- the whole-LSTM op: every layer and direction, nn.LSTM's dropout -----------------------
@@ -291,14 +287,6 @@ def test_lstm_op_without_grad_keeps_no_graph_and_matches():
     assert_same(list(plain), list(tracked), atol=0)
 
 
-def _lstm_with(bad):
-    args = lstm_args(2, True, False, True, False)
-    args = list(args)
-    for k, v in bad(args).items():
-        args[k] = v
-    return torch.ops.fused_lstm.lstm(*args)
-
-
 @needs_extension  # the kernels' own checks; the reference has none of its own
 @pytest.mark.parametrize("bad,match", [
     (lambda a: {4: a[4][:-1]}, r"params must hold 4 tensors per layer and direction \(16 in all"),
@@ -315,7 +303,7 @@ def _lstm_with(bad):
 ])
 def test_lstm_op_argument_checks(bad, match):
     with pytest.raises(RuntimeError, match=match):
-        _lstm_with(bad)
+        call_with(torch.ops.fused_lstm.lstm, lstm_args(2, True, False, True, False), bad)
 
 
 def test_lstm_op_on_fake_tensors():
