@@ -16,12 +16,16 @@ import torch
 from . import _library, _redirect, reference
 
 try:
-    from . import _C  # noqa: F401  (importing it registers the ops)
+    from . import _C  # importing it registers the ops
 except ImportError as exc:
     raise ImportError(
         "fused_lstm: the compiled extension fused_lstm._C is missing or does not load "
         f"({exc}); it declares the ops everything runs on. Build it from the source tree with "
         "`pip install --no-build-isolation -e .` (a C++ compiler and torch are needed).") from exc
+
+# The CPU kernels' ISA is chosen once, here: a FUSED_LSTM_CPU_ISA that names none this CPU runs
+# raises (ValueError, naming the variable) at import rather than at the first kernel call.
+_C.cpu_isa()
 
 _library.register()
 
