@@ -11,6 +11,7 @@
 #include <mutex>
 #include <set>
 
+#include "cpu/isa.h"
 #include "tuning.h"
 
 namespace fused_lstm {
@@ -38,6 +39,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
     m.attr("TUNING") = tuning;
   }
+  // The CPU kernels' ISA (cpu/isa.h). fused_lstm's import asks for it, so that a bad
+  // FUSED_LSTM_CPU_ISA is a ValueError there (std::invalid_argument) rather than at a kernel call.
+  m.def("cpu_isa", [] { return fused_lstm::cpu_isa_name(fused_lstm::cpu_isa()); },
+        "the ISA the CPU kernels run in: avx512, avx2 or baseline");
+  m.def("cpu_isas", [] {
+    pybind11::list names;
+    for (const fused_lstm::CpuIsa isa : fused_lstm::cpu_isas()) {
+      names.append(fused_lstm::cpu_isa_name(isa));
+    }
+    return names;
+  }, "the ISAs this build's CPU kernels can run in on this CPU, widest first");
   // at::parallel_for is inline: it runs on one thread in a file compiled without OpenMP, which is
   // how the kernels' threaded steps once ran. This file is compiled with the kernels' flags.
   m.def("parallel_for_threads", [] {

@@ -13,8 +13,8 @@ namespace fused_lstm::tuning {
 constexpr int64_t kGemmWork = int64_t{1} << 20;
 
 // Multiply-adds of a one-step call's forward product (a FusedLSTMCell step) from which ATen's
-// GEMM takes it rather than direct_rows, which reads W_hh in place with strided loads: on the
-// AVX2-only AMD EPYC (benchmarks/RESULTS.md, "FusedLSTMCell's one-step products") direct_rows
+// GEMM takes it rather than DirectRows, which reads W_hh in place with strided loads: on the
+// AVX2-only AMD EPYC (benchmarks/RESULTS.md, "FusedLSTMCell's one-step products") DirectRows
 // ran B = 64, H = 64 (1M multiply-adds) at about 7 GFLOP/s and the cell's inference at 0.5x
 // nn.LSTMCell's; with the GEMM from 2**16, B = 8, H = 64 (131K) lost (0.92x -> 0.79x) while
 // B = 1, H = 256 (262K) and B = 256, H = 20 (410K) gained. The seeds' cells (B <= 8, H = 20: 13K)

@@ -32,7 +32,7 @@ def _load_extension() -> bool:
     if importlib.util.find_spec("fused_lstm._C") is None:
         return False
     try:
-        from . import _C  # noqa: F401  (importing it registers the native kernels)
+        from . import _C  # importing it registers the native kernels
     except ImportError as exc:
         # Built, but not loadable here (another torch, a missing library): a broken install,
         # not a pure-PyTorch one.
@@ -40,6 +40,10 @@ def _load_extension() -> bool:
             f"fused_lstm: the compiled extension fused_lstm._C does not load ({exc}). Rebuild it "
             "against the torch installed here with `pip install --no-build-isolation -e .`, or "
             "install without it: `FUSED_LSTM_NO_EXTENSION=1 pip install .`") from exc
+    # The CPU kernels' ISA is chosen once, here: a FUSED_LSTM_CPU_ISA that names none this CPU
+    # runs raises (ValueError, naming the variable) at import rather than at the first kernel
+    # call.
+    _C.cpu_isa()
     return True
 
 

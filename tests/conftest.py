@@ -9,6 +9,7 @@
   test_threads_and_memory  concurrent Python threads, intra-op thread counts, memory growth
   test_ops               the dispatcher ops themselves (opcheck, against the reference)
   test_cpu_kernels       the CPU kernels' size thresholds, tiles and panels
+  test_isa               the CPU kernels' ISA variants, each forced (FUSED_LSTM_CPU_ISA) in a process
   test_cuda_kernels      what only the CUDA kernels have: tiles, streams, autocast, registration
   test_emulator          the CUDA emulator itself
   test_regularisers      recurrent dropout, zoneout, weight drop and reset

@@ -3,7 +3,7 @@ its register tiles, panels and thresholds, on 1, 2 and 3 threads, and bitwise re
 from call to call for a given thread count.
 
 The paths (csrc/cpu/step_product.h, StepProduct): a batch of one row reads W^T whole
-(vec_mat_rows); a batch of more rows reads W^T in packed panels of panel_bytes of columns
+(VecMatRows); a batch of more rows reads W^T in packed panels of panel_bytes of columns
 (32 float / 16 double at 128), in row tiles of 8 (AVX-512), 6 (AVX2) or 4 (SSE), then 4, 2 and
 1; from gemm_rows rows on a step goes to BLAS; from parallel_work multiply-adds a step is split
 across threads. The thresholds are csrc/tuning.h's, read through fused_lstm._C.TUNING."""
@@ -176,7 +176,7 @@ def test_one_step_reads_the_weights_in_place(threads, B, H, proj):
 
 
 # A one-step call's product (a FusedLSTMCell step) of direct_gemm_work multiply-adds or more
-# goes to ATen's GEMM, one row fewer stays on direct_rows: both against nn.LSTM, forward (W_hh
+# goes to ATen's GEMM, one row fewer stays on DirectRows: both against nn.LSTM, forward (W_hh
 # read in place) and backward (W_hh^T), on one and two threads.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("extra_rows", [-1, 0, 3])

@@ -19,7 +19,7 @@
 #include <cstring>
 #include <mutex>
 
-#include "clones.h"
+#include "isa.h"
 
 namespace fused_lstm {
 namespace {
@@ -46,18 +46,21 @@ inline Bits kept(uint64_t u, uint64_t threshold, Bits on) {
   return on & static_cast<Bits>(-static_cast<Bits>(u < threshold));
 }
 
-// Elements [2 j0, 2 j1) of the mask, two per hash: compiled per ISA, the loop vectorises where
-// the ISA has 64-bit multiplies (AVX-512: 0.16 ns an element here, against 0.7 for the
-// baseline x86-64 build, standalone timings).
+// Elements [2 j0, 2 j1) of the mask, two per hash: compiled per ISA (isa.h), the loop
+// vectorises where the ISA has 64-bit multiplies (AVX-512: 0.16 ns an element here, against 0.7
+// for the baseline x86-64 build, standalone timings).
 template <class Bits>
-FL_CPU_CLONES void fill_pairs(Bits* __restrict p, int64_t j0, int64_t j1, uint64_t seed,
+struct FillPairs {
+  template <CpuIsa>
+  static FL_ISA_BODY void run(Bits* __restrict p, int64_t j0, int64_t j1, uint64_t seed,
                               uint64_t threshold, Bits on) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const uint64_t z = splitmix64(seed + static_cast<uint64_t>(j + 1) * kGolden);
-    p[2 * j] = kept(z & 0xFFFFFFFFull, threshold, on);
-    p[2 * j + 1] = kept(z >> 32, threshold, on);
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint64_t z = splitmix64(seed + static_cast<uint64_t>(j + 1) * kGolden);
+      p[2 * j] = kept(z & 0xFFFFFFFFull, threshold, on);
+      p[2 * j + 1] = kept(z >> 32, threshold, on);
+    }
   }
-}
+};
 
 template <class T>
 void fill(T* out, int64_t n, uint64_t seed, uint64_t threshold, T value) {
@@ -66,7 +69,7 @@ void fill(T* out, int64_t n, uint64_t seed, uint64_t threshold, T value) {
   std::memcpy(&on, &value, sizeof on);
   Bits* p = reinterpret_cast<Bits*>(out);
   at::parallel_for(0, n / 2, 1 << 15, [&](int64_t begin, int64_t end) {
-    fill_pairs(p, begin, end, seed, threshold, on);
+    run_on_cpu_isa<FillPairs<Bits>>(p, begin, end, seed, threshold, on);
   });
   if (n % 2) {  // the last element: the low half of one more hash
     const uint64_t z = splitmix64(seed + static_cast<uint64_t>(n / 2 + 1) * kGolden);

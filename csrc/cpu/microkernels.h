@@ -1,6 +1,6 @@
-// The register-tile micro-kernels of a step's product, and their choice per ISA: a single row
-// against W^T swept in order (vec_mat_rows), W read in place for a one-step call (direct_rows),
-// and rows against W^T packed in panels (packed_rows). What calls them: step_product.h.
+// The register-tile micro-kernels of a step's product, per ISA (isa.h): a single row against
+// W^T swept in order (VecMatRows), W read in place for a one-step call (DirectRows), and rows
+// against W^T packed in panels (PackedRows). What calls them: step_product.h.
 #pragma once
 
 #include <algorithm>
@@ -8,7 +8,7 @@
 #include <cstring>
 
 #include "../tuning.h"
-#include "clones.h"
+#include "isa.h"
 
 namespace fused_lstm {
 // Internal to lstm_cpu.cpp, the one file that includes this header: its definitions keep that
@@ -175,31 +175,28 @@ inline __attribute__((always_inline)) void vec_mat_cols(const T* __restrict a,
 
 // The small-size replacement for a per-step GEMM, written as axpys over M's contiguous rows so
 // it vectorises for any N. M is padded to ldm columns (see StepProduct) and c0, c1 are
-// multiples of 64 bytes or ldm, so no scalar tail is left. The register width is the machine's
-// and the tiles' accumulator counts follow its register file (4 x 2 of AVX2's 16 registers,
-// 4 x 4 of AVX-512's 32): more would spill to the stack.
+// multiples of 64 bytes or ldm, so no scalar tail is left. The tiles' accumulator counts follow
+// the ISA's register file (4 x 2 of AVX2's 16 registers, 4 x 4 of AVX-512's 32): more would
+// spill to the stack.
 template <typename T>
-FL_CPU_CLONES void vec_mat_rows(const T* __restrict a, const T* __restrict M, int64_t K,
-                                int64_t ldm, int64_t N, T* __restrict out, int64_t b0,
-                                int64_t b1, int64_t c0, int64_t c1, bool accumulate) {
-  static const int64_t reg_bytes = __builtin_cpu_supports("avx512f") ? 64
-                                   : __builtin_cpu_supports("avx2")  ? 32
-                                                                     : 16;
-  if (reg_bytes == 64) {
-    vec_mat_cols<T, 64, 4>(a, M, K, ldm, N, out, b0, b1, c0, c1, accumulate);
-  } else if (reg_bytes == 32) {
-    vec_mat_cols<T, 32, 2>(a, M, K, ldm, N, out, b0, b1, c0, c1, accumulate);
-  } else {
-    vec_mat_cols<T, 16, 2>(a, M, K, ldm, N, out, b0, b1, c0, c1, accumulate);
+struct VecMatRows {
+  template <CpuIsa Isa>
+  static FL_ISA_BODY void run(const T* __restrict a, const T* __restrict M, int64_t K,
+                              int64_t ldm, int64_t N, T* __restrict out, int64_t b0, int64_t b1,
+                              int64_t c0, int64_t c1, bool accumulate) {
+    constexpr int64_t Bytes = kVectorBytes<Isa>;
+    vec_mat_cols<T, Bytes, Bytes == 64 ? 4 : 2>(a, M, K, ldm, N, out, b0, b1, c0, c1, accumulate);
   }
-}
+};
 
 // R rows x C columns of o (row stride ldo) (+)= a . W[c]^T, for W's rows contiguous along k
 // (stride sn between them): each output is one register of partial sums over k, L lanes apart,
 // added up in lane order at the end with the scalar tail after them. The loads of a and W are
 // whole registers whatever the row stride, so the loop is bound by the FMAs, where dot products
 // one element at a time (the compiler keeps a float sum's order, so it cannot vectorise them)
-// ran at about 7 GFLOP/s. Each output's sum depends on K alone, not on the tile or the thread.
+// ran at about 7 GFLOP/s. Each output's sum depends on K alone, not on the tile, the thread or
+// the ISA: the partial sums are 32 bytes wide on every one (two SSE registers on the baseline),
+// so every ISA gives the same bits.
 template <typename T, int64_t R, int64_t C>
 inline __attribute__((always_inline)) void dot_tile(const T* __restrict a, int64_t K,
                                                     const T* __restrict w, int64_t sn,
@@ -259,49 +256,52 @@ inline __attribute__((always_inline)) void dot_rows(const T* __restrict a, const
 // at a time, which reads each row of W once per two rows; otherwise scalar dot products, eight
 // outputs at once to keep eight independent chains in flight.
 template <typename T>
-FL_CPU_CLONES void direct_rows(const T* __restrict a, const T* __restrict w, int64_t sn,
-                               int64_t sk, int64_t K, T* __restrict out, int64_t N, int64_t bs,
-                               int64_t c0, int64_t c1, bool accumulate) {
-  constexpr int64_t kChains = 8;
-  if (sk == 1 && sn != 1) {
-    int64_t r = 0;
-    for (; r + 2 <= bs; r += 2) {
-      dot_rows<T, 2>(a + r * K, w, sn, K, out + r * N, N, c0, c1, accumulate);
-    }
-    if (r < bs) dot_rows<T, 1>(a + r * K, w, sn, K, out + r * N, N, c0, c1, accumulate);
-    return;
-  }
-  for (int64_t r = 0; r < bs; ++r) {
-    const T* __restrict ar = a + r * K;
-    T* __restrict o = out + r * N;
-    if (sn == 1) {
-      if (!accumulate) std::fill(o + c0, o + c1, T(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const T x = ar[k];
-        const T* __restrict wk = w + k * sk;
-        for (int64_t n = c0; n < c1; ++n) o[n] += x * wk[n];
+struct DirectRows {
+  template <CpuIsa>
+  static FL_ISA_BODY void run(const T* __restrict a, const T* __restrict w, int64_t sn,
+                              int64_t sk, int64_t K, T* __restrict out, int64_t N, int64_t bs,
+                              int64_t c0, int64_t c1, bool accumulate) {
+    constexpr int64_t kChains = 8;
+    if (sk == 1 && sn != 1) {
+      int64_t r = 0;
+      for (; r + 2 <= bs; r += 2) {
+        dot_rows<T, 2>(a + r * K, w, sn, K, out + r * N, N, c0, c1, accumulate);
       }
-      continue;
+      if (r < bs) dot_rows<T, 1>(a + r * K, w, sn, K, out + r * N, N, c0, c1, accumulate);
+      return;
     }
-    int64_t n = c0;
-    for (; n + kChains <= c1; n += kChains) {
-      T sum[kChains];
-      FL_UNROLL
-      for (int64_t j = 0; j < kChains; ++j) sum[j] = accumulate ? o[n + j] : T(0);
-      for (int64_t k = 0; k < K; ++k) {
+    for (int64_t r = 0; r < bs; ++r) {
+      const T* __restrict ar = a + r * K;
+      T* __restrict o = out + r * N;
+      if (sn == 1) {
+        if (!accumulate) std::fill(o + c0, o + c1, T(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const T x = ar[k];
+          const T* __restrict wk = w + k * sk;
+          for (int64_t n = c0; n < c1; ++n) o[n] += x * wk[n];
+        }
+        continue;
+      }
+      int64_t n = c0;
+      for (; n + kChains <= c1; n += kChains) {
+        T sum[kChains];
         FL_UNROLL
-        for (int64_t j = 0; j < kChains; ++j) sum[j] += ar[k] * w[(n + j) * sn + k * sk];
+        for (int64_t j = 0; j < kChains; ++j) sum[j] = accumulate ? o[n + j] : T(0);
+        for (int64_t k = 0; k < K; ++k) {
+          FL_UNROLL
+          for (int64_t j = 0; j < kChains; ++j) sum[j] += ar[k] * w[(n + j) * sn + k * sk];
+        }
+        FL_UNROLL
+        for (int64_t j = 0; j < kChains; ++j) o[n + j] = sum[j];
       }
-      FL_UNROLL
-      for (int64_t j = 0; j < kChains; ++j) o[n + j] = sum[j];
-    }
-    for (; n < c1; ++n) {
-      T sum = accumulate ? o[n] : T(0);
-      for (int64_t k = 0; k < K; ++k) sum += ar[k] * w[n * sn + k * sk];
-      o[n] = sum;
+      for (; n < c1; ++n) {
+        T sum = accumulate ? o[n] : T(0);
+        for (int64_t k = 0; k < K; ++k) sum += ar[k] * w[n * sn + k * sk];
+        o[n] = sum;
+      }
     }
   }
-}
+};
 
 // R rows x NV registers of columns of out (+)= a . panel, where the panel holds the block's
 // columns of W^T contiguously, k by k (row stride kPanelBytes): every load of it is sequential
@@ -381,22 +381,17 @@ inline __attribute__((always_inline)) void panel_rows(const T* __restrict a,
 }
 
 // Row tiles as tall as the register file holds beside the two registers of W: 8 x 2 of
-// AVX-512's 32 registers, 6 x 2 of AVX2's 16, 4 x 2 of SSE's 16.
+// AVX-512's 32 registers, 6 x 2 of AVX2's 16, 4 x 2 of SSE's 16 (and of NEON's 32: not tuned).
 template <typename T>
-FL_CPU_CLONES void packed_rows(const T* __restrict a, const T* __restrict packed, int64_t K,
-                               int64_t N, int64_t Nb, int64_t ppb, T* __restrict out, int64_t bs,
-                               int64_t p0, int64_t p1, bool accumulate) {
-  static const int64_t reg_bytes = __builtin_cpu_supports("avx512f") ? 64
-                                   : __builtin_cpu_supports("avx2")  ? 32
-                                                                     : 16;
-  if (reg_bytes == 64) {
-    panel_rows<T, 64, 8>(a, packed, K, N, Nb, ppb, out, bs, p0, p1, accumulate);
-  } else if (reg_bytes == 32) {
-    panel_rows<T, 32, 6>(a, packed, K, N, Nb, ppb, out, bs, p0, p1, accumulate);
-  } else {
-    panel_rows<T, 16, 4>(a, packed, K, N, Nb, ppb, out, bs, p0, p1, accumulate);
+struct PackedRows {
+  template <CpuIsa Isa>
+  static FL_ISA_BODY void run(const T* __restrict a, const T* __restrict packed, int64_t K,
+                              int64_t N, int64_t Nb, int64_t ppb, T* __restrict out, int64_t bs,
+                              int64_t p0, int64_t p1, bool accumulate) {
+    constexpr int64_t Bytes = kVectorBytes<Isa>, RMain = Bytes == 64 ? 8 : Bytes == 32 ? 6 : 4;
+    panel_rows<T, Bytes, RMain>(a, packed, K, N, Nb, ppb, out, bs, p0, p1, accumulate);
   }
-}
+};
 
 }  // namespace
 }  // namespace fused_lstm

@@ -67,11 +67,17 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
     // the other cores' rows of y and then had them read back.
     const bool own_rows = !d.proj && !(Regs && regs->zh) && recurrent.splits_rows(bs);
     const auto pointwise = [&](int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
-      const auto pass = zoneout_cell ? &forward_pointwise_rows<T, true>
-                                     : &forward_pointwise_rows<T, false>;
-      pass(pz + start * 4 * H, pc, pcell + start * H, m_out, slope.data(),
-           zoneout_cell ? regs->zc + start * regs->zc_ld : nullptr,
-           zoneout_cell ? regs->zc_ld : 0, H, b0, b1, j0, j1);
+      const auto pass = [&](auto kernel) {
+        run_on_cpu_isa<decltype(kernel)>(
+            pz + start * 4 * H, pc, pcell + start * H, m_out, slope.data(),
+            zoneout_cell ? regs->zc + start * regs->zc_ld : nullptr,
+            zoneout_cell ? regs->zc_ld : int64_t{0}, H, b0, b1, j0, j1);
+      };
+      if (zoneout_cell) {
+        pass(ForwardPointwiseRows<T, true>{});
+      } else {
+        pass(ForwardPointwiseRows<T, false>{});
+      }
       if (own_rows) std::memcpy(ph + b0 * Hr, y + b0 * Hr, sizeof(T) * (b1 - b0) * Hr);
     };
     if (recurrent.fuses(bs)) {
@@ -150,16 +156,16 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
     }
     const auto pointwise = [&](int64_t b0, int64_t b1) {
       if constexpr (Regs) {
-        backward_pointwise_rows<T, true>(
+        run_on_cpu_isa<BackwardPointwiseRows<T, true>>(
             pact + start * 4 * H, pcell + start * H, pcell + prev_start * H, prev_size, pc0,
             regs->reset ? regs->reset + start : nullptr, regs->zeros,
             regs->zc + start * regs->zc_ld, regs->zc_ld, pdm, pdc, pdz + start * 4 * H,
             pm_all ? pm_all + start * H : nullptr, H, b0, b1);
       } else {
-        backward_pointwise_rows<T, false>(pact + start * 4 * H, pcell + start * H,
-                                          pcell + prev_start * H, prev_size, pc0, nullptr,
-                                          nullptr, nullptr, 0, pdm, pdc, pdz + start * 4 * H,
-                                          pm_all ? pm_all + start * H : nullptr, H, b0, b1);
+        run_on_cpu_isa<BackwardPointwiseRows<T, false>>(
+            pact + start * 4 * H, pcell + start * H, pcell + prev_start * H, prev_size, pc0,
+            nullptr, nullptr, nullptr, 0, pdm, pdc, pdz + start * 4 * H,
+            pm_all ? pm_all + start * H : nullptr, H, b0, b1);
       }
     };
     // A row's dh_{t-1} needs only its own row of dz: split by rows, each thread runs both.

@@ -7,7 +7,11 @@
 
 #include <algorithm>
 
+#if defined(__APPLE__)
+#include <sys/sysctl.h>
+#else
 #include <unistd.h>
+#endif
 
 #include "../tuning.h"
 #include "microkernels.h"
@@ -28,11 +32,18 @@ inline void for_rows(int64_t rows, int64_t work, const F& f) {
   }
 }
 
-// Bytes of one core's L2 cache, asked once (1 MiB where the system does not say).
+// Bytes of one core's L2 cache, asked once: from glibc's sysconf where it says (on x86-64; it
+// may not elsewhere), macOS's sysctl, else kDefaultL2Bytes.
 inline int64_t l2_bytes() {
   static const int64_t bytes = [] {
-    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return b > 0 ? static_cast<int64_t>(b) : kDefaultL2Bytes;
+    int64_t b = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#elif defined(__APPLE__)
+    size_t size = sizeof b;
+    if (sysctlbyname("hw.l2cachesize", &b, &size, nullptr, 0) != 0) b = 0;
+#endif
+    return b > 0 ? b : kDefaultL2Bytes;
   }();
   return bytes;
 }
@@ -45,10 +56,10 @@ inline int64_t l2_bytes() {
 // own core's cache across the sequence, and a batch of one still gets every core.
 //
 // W is copied once per call into the layout its loops read: batches of more than one row
-// (max_rows > 1) get W^T in panels of kPanelBytes columns (panel_rows), a batch of one row gets
-// W^T whole, zero-padded to whole registers (vec_mat_rows: its sweep reads W^T's rows in order).
+// (max_rows > 1) get W^T in panels of kPanelBytes columns (PackedRows), a batch of one row gets
+// W^T whole, zero-padded to whole registers (VecMatRows: its sweep reads W^T's rows in order).
 // BLAS re-packs W at every call, which at a step's sizes costs as much as the product. A call
-// of one step (steps = 1) reads W in place instead (direct_rows).
+// of one step (steps = 1) reads W in place instead (DirectRows).
 //
 // Where the packed W fits twice in a core's L2 and the batch gives each thread a few rows,
 // threads split the rows instead (splits_rows): each reads all of W from its own L2, and writes
@@ -128,20 +139,21 @@ struct StepProduct {
         at::mm_out(o, x, w);
       }
     } else if (direct) {
-      direct_rows<T>(pa + a0 * K, pw, W.stride(0), W.stride(1), K, pout + r0 * N, N, bs, c0,
-                     c0 + n, accumulate);
+      run_on_cpu_isa<DirectRows<T>>(pa + a0 * K, pw, W.stride(0), W.stride(1), K, pout + r0 * N,
+                                    N, bs, c0, c0 + n, accumulate);
     } else if (panels) {
-      packed_rows<T>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs, c0 / kPanel,
-                     c1 / kPanel, accumulate);
+      run_on_cpu_isa<PackedRows<T>>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs,
+                                    c0 / kPanel, c1 / kPanel, accumulate);
     } else {
-      vec_mat_rows<T>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, 0, bs, c0, c1, accumulate);
+      run_on_cpu_isa<VecMatRows<T>>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, int64_t{0}, bs,
+                                    c0, c1, accumulate);
     }
   }
 
   bool parallel(int64_t bs) const { return bs * K * N >= kParallelWork && threads > 1; }
 
   // Whether a one-step call's product is one ATen GEMM, which then runs its own threads.
-  // direct_rows reads a W whose rows are not contiguous (the forward's W_hh) with strided
+  // DirectRows reads a W whose rows are not contiguous (the forward's W_hh) with strided
   // loads; one whose rows are (the backward's W_hh^T) as axpys, which vectorise.
   bool direct_gemm(int64_t bs) const {
     return direct && W.stride(0) != 1 && bs * K * N >= kDirectGemmWork;
@@ -158,8 +170,8 @@ struct StepProduct {
 
   // Rows [b0, b1) of the product, every panel, on the calling thread.
   void panel_rows_of(int64_t a0, int64_t r0, int64_t b0, int64_t b1, bool accumulate) const {
-    packed_rows<T>(pa + (a0 + b0) * K, pwt, K, N, Nb, ppb, pout + (r0 + b0) * N, b1 - b0, 0,
-                   ldt / kPanel, accumulate);
+    run_on_cpu_isa<PackedRows<T>>(pa + (a0 + b0) * K, pwt, K, N, Nb, ppb, pout + (r0 + b0) * N,
+                                  b1 - b0, int64_t{0}, ldt / kPanel, accumulate);
   }
 
   // f(b0, b1) for each thread's rows, in one parallel region.
@@ -186,8 +198,8 @@ struct StepProduct {
     }
     const auto units = [&](int64_t u0, int64_t u1) {
       for (int64_t q = 0; q < blocks; ++q) {
-        packed_rows<T>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs, q * ppb + u0,
-                       q * ppb + u1, accumulate);
+        run_on_cpu_isa<PackedRows<T>>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs,
+                                      q * ppb + u0, q * ppb + u1, accumulate);
       }
       if (u0 < u1) epilogue(0, bs, u0 * split, std::min(u1 * split, Nb));
     };
