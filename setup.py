@@ -71,10 +71,23 @@ def _extension():
     # -fopenmp: at::parallel_for is inline code that splits work across threads only where the
     # including file is compiled with OpenMP; without it every "parallel" step ran on one thread.
     # The link resolves to the libgomp.so.1 torch has already loaded (same soname), so torch's
-    # thread pool and torch.set_num_threads govern ours.
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    # thread pool and torch.set_num_threads govern ours. On macOS, Apple clang has no -fopenmp
+    # of its own: its preprocessor takes the flag, and the kernels use the omp.h and libomp.dylib
+    # that torch's wheels ship, the runtime torch has loaded (a second libomp aborts the
+    # process). Without them (another torch build) the kernels run on one thread.
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    torch_lib = os.path.join(torch_dir, "lib")
+    if sys.platform.startswith("linux"):
+        openmp = link = ["-fopenmp"]
+    elif sys.platform == "darwin" and os.path.exists(os.path.join(torch_dir, "include", "omp.h")) \
+            and os.path.exists(os.path.join(torch_lib, "libomp.dylib")):
+        openmp = ["-Xpreprocessor", "-fopenmp"]
+        link = [f"-L{torch_lib}", "-lomp", f"-Wl,-rpath,{torch_lib}"]
+    else:
+        print("fused_lstm: no OpenMP for this platform and torch; the CPU kernels will run on one "
+              "thread (fused_lstm._C.parallel_for_threads() says 1)")
+        openmp = link = []
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp
-    link = openmp
     if not with_cuda:
         return CppExtension("fused_lstm._C", sources, extra_compile_args={"cxx": cxx},
                             extra_link_args=link)
