@@ -2,8 +2,8 @@
 
 Each function has exactly the signature of the native op of its name (``fused_lstm::layer_forward``,
 ``layer_backward``, ``cell_forward``, ``cell_backward``, ``keep_mask``, ``lstm``, declared in
-``fused_lstm/_library.py``), so the autograd glue can call either one. A layer call handles one layer in one direction; the cell
-functions are one step of it (see :func:`cell_forward`).
+``fused_lstm/_library.py``), so the autograd glue can call either one. A layer call handles one
+layer in one direction; the cell functions are one step of it (see :func:`cell_forward`).
 
 Layouts (PyTorch's): ``w_ih (4H, I)``, ``w_hh (4H, Hr)``, ``b_ih, b_hh (4H)``, ``w_hr (P, H)``,
 gate rows in the order i, f, g, o, and ``Hr = P`` with a projection, else ``H``.
@@ -17,7 +17,8 @@ The forward returns ``output (…, Hr)``, ``h_n (B, Hr)``, ``c_n (B, H)`` and th
 backward needs: ``gates (…, 4H)`` (the activations i, f, g, o) and ``cells (…, H)`` (c_t).
 
 The layer functions also take the ops' regularisers and resets (``recurrent_mask``,
-``zoneout_cell``, ``zoneout_hidden``, ``reset``), with the meanings ``fused_lstm/_library.py`` gives them.
+``zoneout_cell``, ``zoneout_hidden``, ``reset``), with the meanings ``fused_lstm/_library.py``
+gives them.
 """
 
 from __future__ import annotations
