@@ -21,8 +21,9 @@ self CPU time of each op into:
 in milliseconds per step. --sweep prints one row per case and mode, FusedLSTM's split beside
 nn.LSTM's, and the GFLOP/s of each one's step loops and products together: the forward's
 multiply-adds (sweep.work; a training step counts three forwards) over the time of those two
-categories, which for nn.LSTM in float32 is oneDNN's RNN primitive at that shape. The profiler adds a few microseconds per op: read the small configurations' split as
-proportions, and time them with run.py.
+categories, which for nn.LSTM in float32 is oneDNN's RNN primitive at that shape. The profiler
+adds a few microseconds per op: read the small configurations' split as proportions, and time
+them with run.py.
 """
 
 from __future__ import annotations
