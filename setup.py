@@ -93,8 +93,11 @@ def _extension():
                             extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    # The step loops are one file per dtype and direction (csrc/cuda/instances/), so that
+    # MAX_JOBS nvcc processes compile them in parallel.
     sources += [os.path.relpath(p, ROOT) for p in
-                sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+                sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "instances", "*.cu")))]
     nvcc = ["-O3", "-lineinfo"]
     extra = _pip_cuda_includes()
     return CUDAExtension("fused_lstm._C", sources, extra_link_args=link,

@@ -22,6 +22,7 @@ from helpers import (compare, grad_names, make_inputs, make_lstm, needs_cuda, ne
                      run_lstm)
 
 T, B, I, H, P = 5, 3, 4, 6, 3
+F64 = torch.float64
 
 
 @pytest.mark.skipif(os.environ.get("FUSED_LSTM_EXPECT_CUDA") != "1",
@@ -102,38 +103,58 @@ def test_native_cuda_cell_ops_match_reference(backend, dtype, bias, batch):
 
 # ---- sizes that cross every tile of the kernels ----------------------------------------------
 #
-# lstm_cuda_thread.h: a block holds kWarps = 8 hidden units (forward) or dh components
-# (backward); reductions go through shared memory kChunk = 256 elements at a time (forward over
-# Hr, backward over 4H); batch rows go in tiles of BT = 1, 2, 4 or 8 (with_batch_tile picks the
-# smallest that holds B, else 8).
+# step_kernels.cuh: a block holds kWarps = 8 hidden units (forward) or dh components (backward);
+# reductions go through shared memory a tile of columns at a time (forward over Hr, backward over
+# 4H), whose width depends on the dtype and the batch tile; batch rows go in tiles of BT = 1, 2,
+# 4, 8 or 16 (at most 8 in float64 and in the backward). The emulated module reports both (batch_tile, tile_columns), so the
+# sizes below follow the kernels. Weight rows are read in 16-byte vectors where their length is
+# a multiple of the vector (even Hr and 4H in float64, Hr % 4 == 0 in float32) and element by
+# element otherwise, so both kinds of row occur.
 
+# hidden: a size, or "fwd" / "bwd": 4 past a forward tile of Hr / 3 units past a backward tile
+# of 4H at this dtype and batch.
 TILES = [
-    # hidden, proj, batch, packed lengths (None: padded)
-    pytest.param(13, 0, 1, None, id="H13-2blocks-B1-BT1"),
-    pytest.param(13, 0, 2, None, id="H13-B2-BT2"),
-    pytest.param(13, 0, 3, None, id="H13-B3-BT4"),
-    pytest.param(13, 5, 6, None, id="H13-proj-B6-BT8"),
-    pytest.param(9, 0, 19, [4, 4, 4, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
-                 id="H9-B19-3batchtiles-packed"),
-    pytest.param(70, 0, 11, None, id="H70-bwd4H-2tiles-B11-remainder"),
-    pytest.param(70, 20, 3, [3, 2, 1], id="H70-proj-bwd4H-2tiles-packed"),
-    pytest.param(260, 0, 3, [2, 2, 1], id="H260-fwdHr-2tiles-bwd4H-5tiles"),
+    # dtype, hidden, proj, batch, packed lengths (None: padded)
+    pytest.param(torch.float64, 13, 0, 1, None, id="f64-H13-2blocks-B1-rows-by-element"),
+    pytest.param(torch.float64, 13, 0, 2, None, id="f64-H13-B2"),
+    pytest.param(torch.float64, 14, 0, 3, None, id="f64-H14-B3-vector-rows"),
+    pytest.param(torch.float64, 13, 5, 6, None, id="f64-H13-proj-B6"),
+    pytest.param(torch.float64, 9, 0, 19, [4, 4, 4, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
+                 id="f64-H9-B19-3batchtiles-packed"),
+    pytest.param(torch.float64, "bwd", 0, 11, None, id="f64-bwd-4H-2tiles-B11-remainder"),
+    pytest.param(torch.float64, "bwd", 20, 3, [3, 2, 1], id="f64-proj-bwd-4H-2tiles-packed"),
+    pytest.param(torch.float64, "fwd", 0, 3, [2, 2, 1], id="f64-fwd-Hr-2tiles-packed"),
+    pytest.param(torch.float32, 12, 0, 17, None, id="f32-H12-B17-2batchtiles-vector-rows"),
+    pytest.param(torch.float32, "fwd", 0, 17, None, id="f32-fwd-Hr-2tiles-B17"),
 ]
 
+# float32 against nn.LSTM in float32: rounding of sums in another order.
+TILE_TOL = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=2e-5, rtol=1e-4)}
 
-def tile_inputs(dev, hidden, proj, batch, lengths):
-    lstm = make_lstm(dev, 1, True, False, True, proj, dtype=torch.float64, hidden=hidden)
-    x, hx = make_inputs(lstm, torch.float64, steps=max(lengths) if lengths else 2, batch=batch)
+
+def tile_hidden(dtype, hidden, batch):
+    if isinstance(hidden, int):
+        return hidden
+    emu = pytest.importorskip("fused_lstm._emulated_cuda")
+    backward = hidden == "bwd"
+    cols = emu.tile_columns(dtype, emu.batch_tile(dtype, batch, backward), backward)
+    return cols // 4 + 3 if backward else cols + 4
+
+
+def tile_inputs(dev, dtype, hidden, proj, batch, lengths):
+    lstm = make_lstm(dev, 1, True, False, True, proj, dtype=dtype,
+                     hidden=tile_hidden(dtype, hidden, batch))
+    x, hx = make_inputs(lstm, dtype, steps=max(lengths) if lengths else 2, batch=batch)
     return lstm, x, hx
 
 
 @needs_emulator
-@pytest.mark.parametrize("hidden,proj,batch,lengths", TILES)
-def test_tile_crossing_sizes_match_nn_lstm_in_two_orders(hidden, proj, batch, lengths):
+@pytest.mark.parametrize("dtype,hidden,proj,batch,lengths", TILES)
+def test_tile_crossing_sizes_match_nn_lstm_in_two_orders(dtype, hidden, proj, batch, lengths):
     """Emulated, against nn.LSTM on the CPU; then the same case with the blocks and the threads
     between barriers run in another order must give bitwise the same result (a race on shared
     or global memory would change it)."""
-    lstm, x, hx = tile_inputs("cpu", hidden, proj, batch, lengths)
+    lstm, x, hx = tile_inputs("cpu", dtype, hidden, proj, batch, lengths)
     fused = FusedLSTM.from_lstm(lstm)
     want = run_lstm(lstm, x, hx, lengths)
     runs = []
@@ -142,19 +163,34 @@ def test_tile_crossing_sizes_match_nn_lstm_in_two_orders(hidden, proj, batch, le
             runs.append(run_lstm(fused, x, hx, lengths))
         assert run.launches > 0
     names = grad_names(lstm, True)
-    compare(runs[0], want, names, atol=1e-9, rtol=1e-7)
+    compare(runs[0], want, names, **TILE_TOL[dtype])
     for name, a, b in zip(names, *runs, strict=True):
         assert torch.equal(a, b), f"{name} differs between thread orders"
 
 
+@needs_emulator
+def test_batch_tiles_and_tile_widths():
+    """The batch tiles the kernels choose, which the cases above cross; every tile is a whole
+    number of the warp's 16-byte loads."""
+    emu = pytest.importorskip("fused_lstm._emulated_cuda")
+    batches = (1, 2, 3, 5, 9, 17)
+    assert [emu.batch_tile(torch.float32, b, False) for b in batches] == [1, 2, 4, 8, 16, 16]
+    for dtype, backward in [(F64, False), (torch.float32, True), (F64, True)]:
+        assert [emu.batch_tile(dtype, b, backward) for b in batches] == [1, 2, 4, 8, 8, 8]
+    for dtype in (F64, torch.float32, torch.float16, torch.bfloat16):
+        vec = 16 * 8 // torch.finfo(dtype).bits
+        for bt, backward in itertools.product((1, 2, 4, 8, 16), (False, True)):
+            assert emu.tile_columns(dtype, bt, backward) % (32 * vec) == 0, (dtype, bt, backward)
+
+
 @needs_cuda
-@pytest.mark.parametrize("hidden,proj,batch,lengths", TILES)
-def test_tile_crossing_sizes_on_gpu(hidden, proj, batch, lengths):
-    lstm, x, hx = tile_inputs("cuda", hidden, proj, batch, lengths)
+@pytest.mark.parametrize("dtype,hidden,proj,batch,lengths", TILES)
+def test_tile_crossing_sizes_on_gpu(dtype, hidden, proj, batch, lengths):
+    lstm, x, hx = tile_inputs("cuda", dtype, hidden, proj, batch, lengths)
     with torch.backends.cudnn.flags(enabled=False):
         want = run_lstm(lstm, x, hx, lengths)
     got = run_lstm(FusedLSTM.from_lstm(lstm), x, hx, lengths)
-    compare(got, want, grad_names(lstm, True), atol=1e-9, rtol=1e-7)
+    compare(got, want, grad_names(lstm, True), **TILE_TOL[dtype])
 
 
 # ---- streams and autocast, on a GPU ------------------------------------------------------
@@ -174,6 +210,53 @@ def test_non_default_stream_matches_default():
     torch.cuda.synchronize()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("proj", [0, P], ids=["plain", "proj"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_training_step_captured_in_a_cuda_graph_matches_eager(proj, packed):
+    """A whole training step (forward, backward, SGD update) captured in a CUDA graph and
+    replayed gives bitwise what eager gives: the kernels read nothing from the host per call
+    and make no host synchronisation (docs/cuda.md#cuda-graphs)."""
+    lstm = make_lstm("cuda", 2, True, False, True, proj)
+    x, hx = make_inputs(lstm, torch.float32)
+    x, hx = x.detach(), tuple(h.detach() for h in hx)
+    lengths = torch.tensor([5, 4, 2])
+    inp = (nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=True) if packed else x)
+
+    def step(model, opt):
+        out, (h_n, c_n) = model(inp, hx)
+        data = out.data if packed else out
+        loss = data.square().sum() + h_n.sum() + c_n.sum()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    models = [FusedLSTM.from_lstm(lstm) for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    eager, graphed = models
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
+        for model, opt in zip(models, opts):
+            for _ in range(2):
+                opt.zero_grad(set_to_none=True)
+                step(model, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opts[1].zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        captured_loss = step(graphed, opts[1])
+    for _ in range(3):
+        opts[0].zero_grad(set_to_none=False)
+        eager_loss = step(eager, opts[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured_loss, eager_loss)
+        for (name, a), b in zip(graphed.named_parameters(), eager.parameters(), strict=True):
+            assert torch.equal(a, b), f"{name} after the replayed step differs from eager"
+            assert torch.equal(a.grad, b.grad), f"{name}.grad differs from eager"
 
 
 @needs_cuda

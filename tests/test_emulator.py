@@ -71,6 +71,17 @@ def test_planted_bug_is_caught(kernel, threads, match):
         getattr(K, kernel)(threads)
 
 
+def test_vector_load_reads_16_bytes_and_faults_when_misaligned():
+    x = torch.arange(80.0)
+    assert torch.equal(K.vector_load(x, 0), x[:64])
+    assert torch.equal(K.vector_load(x, 4), x[4:68])
+    with pytest.raises(RuntimeError, match=r"kernel vector_load_kernel \(launched at "
+                       r"selftest_kernels.cpp:\d+\): block \(0, 0, 0\), thread \(0, 0, 0\): "
+                       r"misaligned address \(cudaErrorMisalignedAddress\): a 16-byte access at "
+                       r"selftest_kernels.cpp:\d+"):
+        K.vector_load(x, 1)
+
+
 def _lanes(f):
     """f(lane, warp base) for the 64 threads of two warps."""
     return torch.tensor([float(f(t % 32, t - t % 32)) for t in range(64)])

@@ -1,5 +1,5 @@
-// The per-thread work of the CUDA kernels in lstm_cuda.cu, as __host__ __device__ functions of
-// raw pointers: index arithmetic, a lane's slice of the recurrent dot products, and the per-unit
+// The per-thread work of the CUDA step kernels (step_kernels.cuh), as __host__ __device__
+// functions of raw pointers: index arithmetic, the loads of the entering state, and the per-unit
 // epilogues that wrap the gate math of lstm_gates.h. The kernels themselves, shared-memory
 // staging and warp shuffles included, run on the host under the CUDA emulator (csrc/emulator).
 //
@@ -31,9 +31,6 @@ constexpr int kWarpSize = 32;
 // weight loads are contiguous across the warp.
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
-// Reduction-dimension elements of the batch rows staged in shared memory per tile:
-// BT * kChunk * sizeof(acc_t) <= 8 * 256 * 8 = 16 KiB, under the 48 KiB static limit.
-constexpr int kChunk = 256;
 
 // The row that holds batch row b's state before the current step: the previously visited
 // step's row when b was active there, else -1 (take row b of h0 / c0).
@@ -92,50 +89,27 @@ FL_HD acc_t recurrent_h(const StepRegs<T>& regs, int64_t row, int64_t b, int64_t
              : h;
 }
 
-// A lane's slice of NG x BT dot products over one staged tile of kc elements:
-//   acc[g][r] += sum_{k = lane, lane + nlanes, ... < kc} w[g * group_stride + k] * x[r * ldx + k]
-// w points at column k0 of the first weight row, x at the staged tile (BT rows, ldx apart).
-// With lane = 0, nlanes = 1 it is the whole dot product (for host tests).
-template <int NG, int BT, typename T, typename acc_t>
-FL_HD void lane_dot(const T* w, int64_t group_stride, const acc_t* x, int ldx, int kc, int lane,
-                    int nlanes, acc_t (&acc)[NG][BT]) {
-  for (int k = lane; k < kc; k += nlanes) {
-    acc_t xv[BT];
-#pragma unroll
-    for (int r = 0; r < BT; ++r) xv[r] = x[r * ldx + k];
-#pragma unroll
-    for (int g = 0; g < NG; ++g) {
-      const acc_t wv = static_cast<acc_t>(w[g * group_stride + k]);
-#pragma unroll
-      for (int r = 0; r < BT; ++r) acc[g][r] += wv * xv[r];
-    }
-  }
-}
-
 // Forward epilogue of unit j of batch row b at a step (row = its row in gates/cells/out):
-// rec holds h_{t-1} W_hh^T for the four gates. Without projection (m == nullptr) h_t goes to
-// out and h_n; with it m_t goes to m and the host multiplies by W_hr afterwards.
-// c_run is read and written only by this (b, j), so updating it in place is race-free.
+// z holds the four gate pre-activations (x W_ih^T + b + h_{t-1} W_hh^T) and c_prev = c_{t-1}.
+// Without projection (m == nullptr) h_t goes to out and h_n; with it m_t goes to m and the host
+// multiplies by W_hr afterwards. c_run is read and written only by this (b, j), so updating it
+// in place is race-free.
 // kRegs: a reset row starts from c_{t-1} = 0, zoneout_cell mixes c_t (m_t is of the plain
 // update), and without projection zoneout_hidden mixes h_t with h_prev, the entering h_{t-1}[b, j]
 // (with projection the host mixes after the product).
 template <typename T, typename acc_t, bool kRegs>
-FL_HD void forward_unit(int64_t row, int64_t b, int64_t j, int64_t H, const acc_t (&rec)[4],
-                        T* gates, T* cells, acc_t* c_run, T* m, T* out, T* h_n,
+FL_HD void forward_unit(int64_t row, int64_t b, int64_t j, int64_t H, const acc_t (&z)[4],
+                        acc_t c_prev, T* gates, T* cells, acc_t* c_run, T* m, T* out, T* h_n,
                         const StepRegs<T>& regs, acc_t h_prev) {
-  T* z = gates + row * 4 * H;
-  acc_t c_prev = c_run[b * H + j];
   if constexpr (kRegs) {
     if (regs.fresh(row)) c_prev = acc_t(0);
   }
-  const UnitForward<acc_t> u = unit_forward<acc_t>(
-      static_cast<acc_t>(z[j]) + rec[0], static_cast<acc_t>(z[H + j]) + rec[1],
-      static_cast<acc_t>(z[2 * H + j]) + rec[2], static_cast<acc_t>(z[3 * H + j]) + rec[3],
-      c_prev);
-  z[j] = static_cast<T>(u.i);
-  z[H + j] = static_cast<T>(u.f);
-  z[2 * H + j] = static_cast<T>(u.g);
-  z[3 * H + j] = static_cast<T>(u.o);
+  const UnitForward<acc_t> u = unit_forward<acc_t>(z[0], z[1], z[2], z[3], c_prev);
+  T* a = gates + row * 4 * H;
+  a[j] = static_cast<T>(u.i);
+  a[H + j] = static_cast<T>(u.f);
+  a[2 * H + j] = static_cast<T>(u.g);
+  a[3 * H + j] = static_cast<T>(u.o);
   acc_t c = u.c, h = u.m;
   if constexpr (kRegs) {
     if (regs.zc.on()) c = zoneout_mix(regs.zc.template at<acc_t>(row, j), c_prev, c);
@@ -189,32 +163,50 @@ FL_HD acc_t split_dh(const StepRegs<T>& regs, acc_t dh, int64_t row, int64_t b, 
   return g.update;
 }
 
-// Backward epilogue of unit j of batch row b: dm = dL/dm_t; prow is prev_row() of b (its
-// c_{t-1} is cells[prow] or c0[b]). Writes the four dz of the unit and dc_{t-1} into dc_run
-// (read and written only by this (b, j)); with projection also m_t into m_all for dW_hr.
+// What the backward of unit j of batch row b reads besides dL/dm_t: its activations, c_t, c_{t-1}
+// (cells[prow], prow = prev_row() of b, or c0[b]) and the running dc. Loaded apart from the
+// arithmetic so that a kernel can issue these loads before its reduction.
+template <typename acc_t>
+struct UnitSaved {
+  acc_t i, f, g, o, c, c_prev, dc;
+};
+
+template <typename T, typename acc_t>
+FL_HD UnitSaved<acc_t> load_unit(int64_t row, int64_t prow, int64_t b, int64_t j, int64_t H,
+                                 const T* acts, const T* cells, const T* c0,
+                                 const acc_t* dc_run) {
+  const T* a = acts + row * 4 * H;
+  return {static_cast<acc_t>(a[j]),
+          static_cast<acc_t>(a[H + j]),
+          static_cast<acc_t>(a[2 * H + j]),
+          static_cast<acc_t>(a[3 * H + j]),
+          static_cast<acc_t>(cells[row * H + j]),
+          static_cast<acc_t>(prow >= 0 ? cells[prow * H + j] : c0[b * H + j]),
+          dc_run[b * H + j]};
+}
+
+// Backward epilogue of unit j of batch row b: dm = dL/dm_t, s what load_unit read. Writes the
+// four dz of the unit and dc_{t-1} into dc_run (read and written only by this (b, j)); with
+// projection also m_t into m_all for dW_hr.
 // kRegs: c_{t-1} is 0 after a reset, and so is the dc_{t-1} that flows back; with zoneout_cell
 // dc_run splits into the plain update and dc_{t-1}, and the plain update (which cells does not
 // hold) is recomputed from the activations and c_{t-1}.
 template <typename T, typename acc_t, bool kRegs>
-FL_HD void backward_unit(int64_t row, int64_t prow, int64_t b, int64_t j, int64_t H, acc_t dm,
-                         const T* acts, const T* cells, const T* c0, acc_t* dc_run, T* dz,
-                         T* m_all, const StepRegs<T>& regs) {
-  const T* a = acts + row * 4 * H;
-  const acc_t i = static_cast<acc_t>(a[j]), f = static_cast<acc_t>(a[H + j]);
-  const acc_t g = static_cast<acc_t>(a[2 * H + j]), o = static_cast<acc_t>(a[3 * H + j]);
-  acc_t c = static_cast<acc_t>(cells[row * H + j]);
-  acc_t c_prev = static_cast<acc_t>(prow >= 0 ? cells[prow * H + j] : c0[b * H + j]);
-  acc_t dc = dc_run[b * H + j], dc_kept = acc_t(0);
+FL_HD void backward_unit(int64_t row, int64_t b, int64_t j, int64_t H, acc_t dm,
+                         UnitSaved<acc_t> s, acc_t* dc_run, T* dz, T* m_all,
+                         const StepRegs<T>& regs) {
+  acc_t dc_kept = acc_t(0);
   if constexpr (kRegs) {
-    if (regs.fresh(row)) c_prev = acc_t(0);
+    if (regs.fresh(row)) s.c_prev = acc_t(0);
     if (regs.zc.on()) {
-      const ZoneoutGrad<acc_t> split = zoneout_grad(regs.zc.template at<acc_t>(row, j), dc);
-      dc = split.update;
+      const ZoneoutGrad<acc_t> split = zoneout_grad(regs.zc.template at<acc_t>(row, j), s.dc);
+      s.dc = split.update;
       dc_kept = split.prev;
-      c = cell_update(i, f, g, o, c_prev).c;
+      s.c = cell_update(s.i, s.f, s.g, s.o, s.c_prev).c;
     }
   }
-  const UnitBackward<acc_t> u = unit_backward<acc_t>(dm, dc, i, f, g, o, c, c_prev);
+  const UnitBackward<acc_t> u =
+      unit_backward<acc_t>(dm, s.dc, s.i, s.f, s.g, s.o, s.c, s.c_prev);
   T* d = dz + row * 4 * H;
   d[j] = static_cast<T>(u.di);
   d[H + j] = static_cast<T>(u.df);
@@ -223,16 +215,7 @@ FL_HD void backward_unit(int64_t row, int64_t prow, int64_t b, int64_t j, int64_
   acc_t dc_prev = u.dc_prev;
   if constexpr (kRegs) dc_prev = regs.fresh(row) ? acc_t(0) : dc_prev + dc_kept;
   dc_run[b * H + j] = dc_prev;
-  if (m_all != nullptr) m_all[row * H + j] = static_cast<T>(unit_m<acc_t>(o, c));
-}
-
-// Source of element i of a row gather: out[i] = src[r] >= 0 ? a[src[r]] : b[-1 - src[r]],
-// r = i / width (see h_prev_sources in lstm_common.h). Returns the flat source offset and
-// whether it is in `a`.
-FL_HD int64_t gather_offset(int64_t i, int64_t width, const int64_t* src, bool* from_a) {
-  const int64_t r = i / width, k = i - r * width, s = src[r];
-  *from_a = s >= 0;
-  return (s >= 0 ? s : -1 - s) * width + k;
+  if (m_all != nullptr) m_all[row * H + j] = static_cast<T>(unit_m<acc_t>(s.o, s.c));
 }
 
 }  // namespace cuda_work

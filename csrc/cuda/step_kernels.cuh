@@ -1,7 +1,18 @@
 // The CUDA kernels of one step, forward and backward, and their parameter structs: what each
-// block and lane computes. lstm_cuda.cu launches them step by step; the per-thread arithmetic
-// they call is lstm_cuda_thread.h's. Included by lstm_cuda.cu only (and with it by the
-// emulated build), so its definitions share that file's internal linkage.
+// block and lane computes. step_loops.cuh launches them step by step; the per-thread arithmetic
+// they call is lstm_cuda_thread.h's. Their definitions have internal linkage, one copy per
+// translation unit that launches them.
+//
+// A step's time is mostly memory latency, so each kernel issues its loads together and waits on
+// them once per tile of the reduction (docs/cuda.md#memory-reads):
+//   1. the warp's weight rows for the tile, 16-byte loads, into registers (WeightTile); before
+//      the first tile they do not depend on the previous step, so they are issued before
+//      FL_WAIT_PRIOR_GRIDS, overlapping the previous launch's tail where launches are chained;
+//   2. the block's batch rows of the operand (h_{t-1}, or the next visited step's dz), every
+//      load issued before any store to shared memory, then one barrier;
+//   3. the dot products, from registers and 16-byte shared-memory reads.
+// Tiles are as wide as the shared-memory and register budgets allow (Tile): at B16 H768 in
+// bfloat16 a forward step has 3 tiles, a backward step 3.
 #pragma once
 
 #include <cstdint>
@@ -14,8 +25,118 @@ namespace fused_lstm {
 namespace {
 
 using namespace cuda_work;
+using gpu::Vec;
 
-// ---- device-only pieces: warp reductions and shared-memory staging -------------------------
+// A tile's budget: the staged rows take at most kStageBytes of shared memory, and a thread holds
+// at most kStageValues of them in registers between its loads and its stores (16 in the
+// forward, whose weights and accumulators take more registers, 32 in the backward); a lane
+// has at most kLoadsInFlight 16-byte weight loads in flight (4 registers each). Set so that no
+// kernel spills (ptxas -v, benchmarks/cuda_resources.py).
+constexpr int kStageBytes = 32 * 1024;
+constexpr int kLoadsInFlight = 8;
+
+constexpr int min_int(int a, int b) { return a < b ? a : b; }
+
+// The shape of a tile for storage type T, accumulation type acc_t, BT batch rows and NG weight
+// rows per warp: every lane reads kUnroll vectors of kVec columns from each row, and the tile is
+// the kCols columns the whole warp reads.
+template <typename T, typename acc_t, int BT, int NG>
+struct Tile {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kLaneSpan = kWarpSize * kVec;
+  static constexpr int kStageValues = NG == 1 ? 32 : 16;
+  static constexpr int kUnroll =
+      min_int(min_int(kLoadsInFlight / NG, kStageValues * kThreads / BT / kLaneSpan),
+              kStageBytes / (BT * static_cast<int>(sizeof(acc_t))) / kLaneSpan);
+  static constexpr int kCols = kUnroll * kLaneSpan;
+  static constexpr int kStagePerThread = (BT * kCols + kThreads - 1) / kThreads;
+  static_assert(kUnroll >= 1, "a lane reads at least one vector of each row");
+};
+
+// ---- device-only pieces: weight tiles, staging, dot products, warp reductions ---------------
+
+// A lane's share of NG weight rows (w + g * stride, g < NG, each n long) over the tile at k0:
+// vector u holds columns k0 + (u * kWarpSize + lane) * kVec, .. + kVec, zero past n. `vec`: every
+// row start is 16-byte aligned and n a multiple of kVec, so whole vectors are single loads.
+template <typename T, int NG, int kUnroll>
+struct WeightTile {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  Vec<T, kVec> v[NG][kUnroll];
+
+  __device__ __forceinline__ void load(const T* w, int64_t stride, int64_t n, int64_t k0,
+                                       int lane, bool vec, bool row_ok) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u * kWarpSize + lane) * kVec;
+#pragma unroll
+      for (int g = 0; g < NG; ++g) {
+        const T* src = w + g * stride + k;
+        if (row_ok && vec && k < n) {
+          v[g][u] = FL_LOAD_VEC(reinterpret_cast<const Vec<T, kVec>*>(src));
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            v[g][u].v[e] = row_ok && k + e < n ? src[e] : static_cast<T>(0.0f);
+          }
+        }
+      }
+    }
+  }
+};
+
+// Stages BT rows of the tile at k0 into sx (BT x kCols, acc_t): load(b, k) is element k of batch
+// row b (b < rows, k < n); zeros elsewhere up to the last vector the dot products read. Every
+// thread issues all of its loads before any store, then one barrier; `reuse` adds the barrier
+// that lets every warp finish reading the previous tile first.
+template <typename Sh, int BT, typename acc_t, typename Load>
+__device__ __forceinline__ void stage_tile(acc_t* sx, int64_t b0, int64_t rows, int64_t k0,
+                                           int64_t n, bool reuse, const Load& load) {
+  const int64_t kc = n - k0 < Sh::kCols ? n - k0 : Sh::kCols;
+  const int64_t read = (kc + Sh::kVec - 1) / Sh::kVec * Sh::kVec;
+  acc_t v[Sh::kStagePerThread];
+#pragma unroll
+  for (int i = 0; i < Sh::kStagePerThread; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = e / Sh::kCols, k = e % Sh::kCols;
+    v[i] = r < BT && b0 + r < rows && k < kc ? load(b0 + r, k0 + k) : acc_t(0);
+  }
+  if (reuse) __syncthreads();
+#pragma unroll
+  for (int i = 0; i < Sh::kStagePerThread; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * kThreads;
+    if (e < BT * Sh::kCols && e % Sh::kCols < read) sx[e] = v[i];
+  }
+  __syncthreads();
+}
+
+// acc[g][r] += the lane's share of w row g times staged row r over the tile (kc columns from
+// the tile's start are real; vectors past them are skipped).
+template <typename Sh, int NG, int BT, typename T, typename acc_t>
+__device__ __forceinline__ void dot_tile(const WeightTile<T, NG, Sh::kUnroll>& w,
+                                         const acc_t* sx, int64_t kc, int lane,
+                                         acc_t (&acc)[NG][BT]) {
+  constexpr int kX = min_int(Sh::kVec, 16 / static_cast<int>(sizeof(acc_t)));
+#pragma unroll
+  for (int u = 0; u < Sh::kUnroll; ++u) {
+    const int k = (u * kWarpSize + lane) * Sh::kVec;
+    if (k >= kc) continue;
+#pragma unroll
+    for (int r = 0; r < BT; ++r) {
+#pragma unroll
+      for (int e0 = 0; e0 < Sh::kVec; e0 += kX) {
+        const Vec<acc_t, kX> x =
+            FL_LOAD_VEC(reinterpret_cast<const Vec<acc_t, kX>*>(sx + r * Sh::kCols + k + e0));
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+#pragma unroll
+          for (int e = 0; e < kX; ++e) {
+            acc[g][r] += static_cast<acc_t>(w.v[g][u].v[e0 + e]) * x.v[e];
+          }
+        }
+      }
+    }
+  }
+}
 
 template <int NG, int BT, typename acc_t>
 __device__ __forceinline__ void warp_allreduce(acc_t (&acc)[NG][BT]) {
@@ -54,54 +175,70 @@ struct ForwardStep {
   acc_t* c_run;   // (B, H)
   StepRegs<T> regs;
   int64_t H, Hr, start, bs, prev_start, prev_size;
+  bool w_vec;     // w_hh's rows can be read in 16-byte vectors (WeightTile)
 };
 
 // grid (ceil(H / kWarps), ceil(bs / BT)), block kThreads. Warp w of block (x, y) owns hidden
 // unit j = x * kWarps + w (rows j, H+j, 2H+j, 3H+j of W_hh) for batch rows [y*BT, y*BT + BT);
-// the block stages those rows of h_{t-1} in shared memory, kChunk columns at a time, and each
-// lane accumulates every kWarpSize-th column. Lane r then applies the gate math for row y*BT+r.
+// the block stages those rows of h_{t-1} in shared memory a tile at a time, and the lanes split
+// each tile's columns (WeightTile). Lane r then applies the gate math for row y*BT+r; its inputs
+// (this step's x W_ih^T + b, c_{t-1}) are loaded with the first tile, not after the reduction.
 // kRegs: the staged h_{t-1} is the entering state times recurrent_mask (see forward_unit).
 template <typename T, typename acc_t, int BT, bool kRegs>
 __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardStep<T, acc_t> p) {
-  FL_SHARED_ARRAY(acc_t, sx, BT * kChunk);
+  using Sh = Tile<T, acc_t, BT, 4>;
+  FL_SHARED_ARRAY(acc_t, sx, BT * Sh::kCols);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * BT;
+  const bool unit = j < p.H;
+  const T* w_rows = p.w_hh + (unit ? j : 0) * p.Hr;
+  WeightTile<T, 4, Sh::kUnroll> w;
+  w.load(w_rows, p.H * p.Hr, p.Hr, 0, lane, p.w_vec, unit);
+  FL_WAIT_PRIOR_GRIDS();
+  FL_RELEASE_DEPENDENTS();
+
+  const int64_t b = b0 + lane;
+  const bool finisher = unit && lane < BT && b < p.bs;
+  const int64_t row = p.start + b;
+  acc_t z[4] = {}, c_prev = acc_t(0), h_prev = acc_t(0);
+  if (finisher) {
+    const T* zr = p.gates + row * 4 * p.H;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) z[g] = static_cast<acc_t>(zr[g * p.H + j]);
+    c_prev = p.c_run[b * p.H + j];
+    if (kRegs && p.m == nullptr && p.regs.zh.on()) {
+      h_prev = entering_h<T, acc_t>(p.regs, row, b, j, p.Hr, p.prev_start, p.prev_size, p.out,
+                                    p.h0);
+    }
+  }
+
   acc_t acc[4][BT];
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
 #pragma unroll
     for (int r = 0; r < BT; ++r) acc[g][r] = acc_t(0);
   }
-  for (int64_t k0 = 0; k0 < p.Hr; k0 += kChunk) {
-    const int kc = static_cast<int>(p.Hr - k0 < kChunk ? p.Hr - k0 : kChunk);
-    __syncthreads();  // every warp is done with the previous tile
-    for (int i = threadIdx.x; i < BT * kChunk; i += kThreads) {
-      const int r = i / kChunk, k = i % kChunk;
-      const int64_t b = b0 + r;
-      if (!(b < p.bs && k < kc)) {
-        sx[i] = acc_t(0);
-      } else if constexpr (kRegs) {
-        sx[i] = recurrent_h<T, acc_t>(p.regs, p.start + b, b, k0 + k, p.Hr, p.prev_start,
-                                      p.prev_size, p.out, p.h0);
-      } else {
-        sx[i] = load_h_prev<T, acc_t>(b, k0 + k, p.Hr, p.prev_start, p.prev_size, p.out, p.h0);
-      }
+  const auto h_entering = [&](int64_t bb, int64_t k) {
+    if constexpr (kRegs) {
+      return recurrent_h<T, acc_t>(p.regs, p.start + bb, bb, k, p.Hr, p.prev_start, p.prev_size,
+                                   p.out, p.h0);
+    } else {
+      return load_h_prev<T, acc_t>(bb, k, p.Hr, p.prev_start, p.prev_size, p.out, p.h0);
     }
-    __syncthreads();
-    if (j < p.H) lane_dot<4, BT>(p.w_hh + j * p.Hr + k0, p.H * p.Hr, sx, kChunk, kc, lane,
-                                 kWarpSize, acc);
+  };
+  for (int64_t k0 = 0;;) {
+    stage_tile<Sh, BT>(sx, b0, p.bs, k0, p.Hr, k0 > 0, h_entering);
+    if (unit) dot_tile<Sh>(w, sx, p.Hr - k0, lane, acc);
+    k0 += Sh::kCols;
+    if (k0 >= p.Hr) break;
+    w.load(w_rows, p.H * p.Hr, p.Hr, k0, lane, p.w_vec, unit);
   }
   warp_allreduce<4, BT>(acc);
-  const int64_t b = b0 + lane;
-  if (j < p.H && lane < BT && b < p.bs) {
-    const acc_t rec[4] = {pick<BT>(acc[0], lane), pick<BT>(acc[1], lane),
-                          pick<BT>(acc[2], lane), pick<BT>(acc[3], lane)};
-    const acc_t h_prev = kRegs && p.m == nullptr && p.regs.zh.on()
-                             ? entering_h<T, acc_t>(p.regs, p.start + b, b, j, p.Hr, p.prev_start,
-                                                    p.prev_size, p.out, p.h0)
-                             : acc_t(0);
-    forward_unit<T, acc_t, kRegs>(p.start + b, b, j, p.H, rec, p.gates, p.cells, p.c_run, p.m,
+  if (finisher) {
+#pragma unroll
+    for (int g = 0; g < 4; ++g) z[g] += pick<BT>(acc[g], lane);
+    forward_unit<T, acc_t, kRegs>(row, b, j, p.H, z, c_prev, p.gates, p.cells, p.c_run, p.m,
                                   p.out, p.h_n, p.regs, h_prev);
   }
 }
@@ -136,10 +273,14 @@ struct BackwardStep {
   T* dh_all;        // (rows, Hr) with projection
   T* m_all;         // (rows, H) with projection
   T* grad_h0;       // (B, Hr)
+  const T* y;       // (rows, Hr): the forward's output, h_{t-1} of the following steps
+  const T* h0;      // (B, Hr)
+  T* h_prev;        // (rows, Hr): what entered this step's recurrent product, for dW_hh
   acc_t* dc_run;    // (B, H)
   acc_t* dh_keep;   // (B, Hr) with zoneout_hidden
   StepRegs<T> regs;
   int64_t H, Hr, start, bs, next_start, next_size, prev_start, prev_size;
+  bool w_vec;       // w_hh_t's rows can be read in 16-byte vectors (WeightTile)
 };
 
 // grid (ceil(Hr / kWarps), ceil(max(bs, next_size) / BT)), block kThreads. Warp w owns column
@@ -153,47 +294,66 @@ struct BackwardStep {
 // is split by zoneout_hidden (split_dh) before the gate backward or dh_all.
 template <typename T, typename acc_t, int BT, bool kFuseUnit, bool kRegs>
 __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardStep<T, acc_t> p) {
-  FL_SHARED_ARRAY(acc_t, sx, BT * kChunk);
+  using Sh = Tile<T, acc_t, BT, 1>;
+  FL_SHARED_ARRAY(acc_t, sx, BT * Sh::kCols);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t u = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * BT;
   const int64_t G = 4 * p.H;
+  const bool column = u < p.Hr;
+  const T* w_row = p.w_hh_t + (column ? u : 0) * G;
+  WeightTile<T, 1, Sh::kUnroll> w;
+  w.load(w_row, 0, G, 0, lane, p.w_vec, column);
+  // The epilogue's inputs of lane r (row b = b0 + r), loaded before the reduction: h_{t-1} for
+  // dW_hh (the forward's output, not written here), and the unit's saved state.
+  const int64_t b = b0 + lane;
+  const bool finisher = column && lane < BT && b < p.bs;
+  const int64_t row = p.start + b, prow = prev_row(b, p.prev_start, p.prev_size);
+  acc_t h_prev = acc_t(0);
+  if (finisher) {
+    if constexpr (kRegs) {
+      h_prev = recurrent_h<T, acc_t>(p.regs, row, b, u, p.Hr, p.prev_start, p.prev_size, p.y,
+                                     p.h0);
+    } else {
+      h_prev = load_h_prev<T, acc_t>(b, u, p.Hr, p.prev_start, p.prev_size, p.y, p.h0);
+    }
+  }
+  FL_WAIT_PRIOR_GRIDS();
+  FL_RELEASE_DEPENDENTS();
+  UnitSaved<acc_t> saved{};
+  if (kFuseUnit && finisher) {
+    saved = load_unit<T, acc_t>(row, prow, b, u, p.H, p.acts, p.cells, p.c0, p.dc_run);
+  }
   acc_t acc[1][BT];
 #pragma unroll
   for (int r = 0; r < BT; ++r) acc[0][r] = acc_t(0);
   if (b0 < p.next_size) {  // uniform over the block, so the barriers below stay uniform
-    for (int64_t k0 = 0; k0 < G; k0 += kChunk) {
-      const int kc = static_cast<int>(G - k0 < kChunk ? G - k0 : kChunk);
-      __syncthreads();
-      for (int i = threadIdx.x; i < BT * kChunk; i += kThreads) {
-        const int r = i / kChunk, k = i % kChunk;
-        const int64_t b = b0 + r;
-        sx[i] = (b < p.next_size && k < kc)
-                    ? static_cast<acc_t>(p.dz[(p.next_start + b) * G + k0 + k])
-                    : acc_t(0);
-      }
-      __syncthreads();
-      if (u < p.Hr) lane_dot<1, BT>(p.w_hh_t + u * G + k0, 0, sx, kChunk, kc, lane, kWarpSize,
-                                    acc);
+    const auto dz_next = [&](int64_t bb, int64_t k) {
+      return static_cast<acc_t>(p.dz[(p.next_start + bb) * G + k]);
+    };
+    for (int64_t k0 = 0;;) {
+      stage_tile<Sh, BT>(sx, b0, p.next_size, k0, G, k0 > 0, dz_next);
+      if (column) dot_tile<Sh>(w, sx, G - k0, lane, acc);
+      k0 += Sh::kCols;
+      if (k0 >= G) break;
+      w.load(w_row, 0, G, k0, lane, p.w_vec, column);
     }
   }
   warp_allreduce<1, BT>(acc);
-  const int64_t b = b0 + lane;
-  if (u >= p.Hr || lane >= BT) return;
+  if (!column || lane >= BT) return;
   acc_t dot = pick<BT>(acc[0], lane);
   if constexpr (kRegs) {
     if (b < p.next_size) dot = carried_dh(p.regs, dot, p.next_start + b, b, u, p.Hr, p.dh_keep);
   }
   if (b < p.bs) {
-    const int64_t row = p.start + b;
     acc_t dh = step_dh<T, acc_t>(dot, row, b, u, p.Hr, p.next_size, p.dy, p.ghn);
     if constexpr (kRegs) dh = split_dh(p.regs, dh, row, b, u, p.Hr, p.dh_keep);
     if constexpr (kFuseUnit) {
-      backward_unit<T, acc_t, kRegs>(row, prev_row(b, p.prev_start, p.prev_size), b, u, p.H, dh,
-                                     p.acts, p.cells, p.c0, p.dc_run, p.dz, nullptr, p.regs);
+      backward_unit<T, acc_t, kRegs>(row, b, u, p.H, dh, saved, p.dc_run, p.dz, nullptr, p.regs);
     } else {
       p.dh_all[row * p.Hr + u] = static_cast<T>(dh);
     }
+    p.h_prev[row * p.Hr + u] = static_cast<T>(h_prev);
   } else if (b < p.next_size) {
     p.grad_h0[b * p.Hr + u] = static_cast<T>(dot);
   }
@@ -204,24 +364,11 @@ template <typename T, typename acc_t, bool kRegs>
 __global__ void __launch_bounds__(kThreads) backward_unit_kernel(const BackwardStep<T, acc_t> p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.bs * p.H) return;
-  const int64_t b = i / p.H, j = i - b * p.H;
-  backward_unit<T, acc_t, kRegs>(p.start + b, prev_row(b, p.prev_start, p.prev_size), b, j, p.H,
-                                 static_cast<acc_t>(p.dm[b * p.H + j]), p.acts, p.cells, p.c0,
+  const int64_t b = i / p.H, j = i - b * p.H, row = p.start + b;
+  const UnitSaved<acc_t> saved = load_unit<T, acc_t>(
+      row, prev_row(b, p.prev_start, p.prev_size), b, j, p.H, p.acts, p.cells, p.c0, p.dc_run);
+  backward_unit<T, acc_t, kRegs>(row, b, j, p.H, static_cast<acc_t>(p.dm[b * p.H + j]), saved,
                                  p.dc_run, p.dz, p.m_all, p.regs);
-}
-
-// out (n, width) = rows of a or b chosen by src (gather_offset).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) gather_rows_kernel(const T* a, const T* b,
-                                                               const int64_t* src, int64_t n,
-                                                               int64_t width, T* out) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n * width;
-       i += stride) {
-    bool from_a;
-    const int64_t off = gather_offset(i, width, src, &from_a);
-    out[i] = from_a ? a[off] : b[off];
-  }
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 //   - warp shuffles and __syncwarp meet the lanes named in the mask, with CUDA's width and
 //     segment rules; a lane outside its own mask, or a mask naming an exited lane, is an error;
 //   - CUDA's launch limits (block and grid dimensions, 48 KiB of shared memory);
+//   - vector accesses (FL_LOAD_VEC) fault unless aligned to their size, as on a GPU;
 //   - block-shared memory (FL_SHARED_ARRAY), filled with 0xff bytes (NaN in every floating type)
 //     at each block's start, so a read before any write shows up;
 //   - the order of a launch's blocks, and of the runnable threads between two synchronisation
@@ -90,6 +91,17 @@ T shfl(Loc at, Shfl kind, unsigned mask, T var, int arg, int width = 32) {
   return var;
 }
 
+// Fails unless p is aligned to `bytes`, as a GPU's vector access of that size requires.
+void check_aligned(const void* p, size_t bytes, Loc at);
+
+template <typename V>
+V load_vec(const V* p, Loc at) {
+  check_aligned(p, sizeof(V), at);
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
 // Block-shared storage of one FL_SHARED_ARRAY declaration: the block's arena slice, handed out
 // by the first thread of each block to reach the declaration.
 struct SharedSlot {
@@ -98,9 +110,10 @@ struct SharedSlot {
 };
 void* shared_bytes(SharedSlot& slot, size_t bytes, size_t align, Loc at);
 
+// 16-byte aligned at least, as FL_SHARED_ARRAY is in the CUDA build.
 template <typename T>
 T* shared_array(SharedSlot& slot, size_t n, Loc at) {
-  return static_cast<T*>(shared_bytes(slot, n * sizeof(T), alignof(T), at));
+  return static_cast<T*>(shared_bytes(slot, n * sizeof(T), alignof(T) > 16 ? alignof(T) : 16, at));
 }
 
 }  // namespace cuda_emu
@@ -126,3 +139,7 @@ constexpr int warpSize = 32;
 #define FL_SHARED_ARRAY(T, name, n)                       \
   static ::cuda_emu::SharedSlot name##_emu_slot;          \
   T* const name = ::cuda_emu::shared_array<T>(name##_emu_slot, (n), FL_EMU_HERE)
+#define FL_LOAD_VEC(...) (::cuda_emu::load_vec((__VA_ARGS__), FL_EMU_HERE))
+// Blocks of a launch run only after the previous launch has finished: nothing to wait for.
+#define FL_WAIT_PRIOR_GRIDS() ((void)0)
+#define FL_RELEASE_DEPENDENTS() ((void)0)

@@ -541,6 +541,16 @@ uint64_t shfl_bits(Loc at, Shfl kind, unsigned mask, uint64_t bits, int arg, int
   return t.out;
 }
 
+void check_aligned(const void* p, size_t bytes, Loc at) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return;
+  const Thread& t = calling_thread("a vector access");
+  std::ostringstream addr;
+  addr << p;
+  fail("block " + str(t.coords.block_idx) + ", thread " + str(t.coords.thread_idx) +
+       ": misaligned address (cudaErrorMisalignedAddress): a " + std::to_string(bytes) +
+       "-byte access at " + where(at) + " to " + addr.str());
+}
+
 void* shared_bytes(SharedSlot& slot, size_t bytes, size_t align, Loc at) {
   Emulator& e = emu();
   if (slot.block != e.block_serial) {

@@ -1,11 +1,19 @@
-// The emulated CUDA backend: csrc/cuda/lstm_cuda.cu itself, compiled by the host compiler
-// against the emulator (setup.py defines FUSED_LSTM_EMULATED, so gpu_runtime.h picks the
-// emulated runtime), exported to Python as fused_lstm._emulated_cuda.
+// The emulated CUDA backend: csrc/cuda/lstm_cuda.cu and its step loops (instances/) themselves,
+// compiled by the host compiler against the emulator (setup.py defines FUSED_LSTM_EMULATED, so
+// gpu_runtime.h picks the emulated runtime), exported to Python as fused_lstm._emulated_cuda.
 // fused_lstm.testing.emulated_cuda() routes the ops to it.
 
 #include <torch/extension.h>
 
 #include "../cuda/lstm_cuda.cu"
+#include "../cuda/instances/backward_bfloat16.cu"
+#include "../cuda/instances/backward_double.cu"
+#include "../cuda/instances/backward_float.cu"
+#include "../cuda/instances/backward_half.cu"
+#include "../cuda/instances/forward_bfloat16.cu"
+#include "../cuda/instances/forward_double.cu"
+#include "../cuda/instances/forward_float.cu"
+#include "../cuda/instances/forward_half.cu"
 #include "selftest_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -44,6 +52,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const cuda_emu::Counters c = cuda_emu::counters();
     return std::make_pair(c.launches, c.threads);
   }, "(launches, threads) since the process started.");
+  // The step kernels' tile shapes (step_kernels.cuh, step_loops.cuh), for tests whose sizes
+  // must cross them.
+  m.def("batch_tile", [](at::ScalarType dtype, int64_t batch, bool backward) {
+    int bt = 0;
+    const auto read = [&](auto tile, auto) { bt = decltype(tile)::value; };
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "batch_tile", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      namespace cs = fused_lstm::cuda_steps;
+      backward ? cs::with_tile_and_regs<cs::kBackwardMaxBT>(batch, false, read)
+               : cs::with_tile_and_regs<cs::kForwardMaxBT<acc_t>>(batch, false, read);
+    });
+    return bt;
+  }, "The batch rows per block (BT) of a direction's step kernels for this dtype and batch size.");
+  m.def("tile_columns", [](at::ScalarType dtype, int bt, bool backward) {
+    int cols = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tile_columns", [&] {
+      fused_lstm::cuda_steps::with_tile_and_regs<16>(bt, false, [&](auto tile, auto) {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int BT = decltype(tile)::value;
+        cols = backward ? fused_lstm::Tile<scalar_t, acc_t, BT, 1>::kCols
+                        : fused_lstm::Tile<scalar_t, acc_t, BT, 4>::kCols;
+      });
+    });
+    return cols;
+  }, "Columns of the reduction per tile (step_kernels.cuh's Tile) at a batch tile of bt rows.");
   fused_lstm::emulator_selftest::define(m.def_submodule(
       "selftest", "Small kernels, correct and with planted bugs, for the emulator's own tests"));
 }

@@ -117,6 +117,15 @@ __global__ void coords_kernel(float* out) {
   o[3] = blockIdx.x, o[4] = blockIdx.y, o[5] = blockIdx.z;
 }
 
+// Copies 64 floats with 16-byte loads from in + offset: aligned at offset 0, and at offset 1 a
+// misaligned access, which faults on a GPU.
+__global__ void vector_load_kernel(const float* in, int offset, float* out) {
+  const unsigned i = threadIdx.x;
+  const gpu::Vec<float, 4> v =
+      FL_LOAD_VEC(reinterpret_cast<const gpu::Vec<float, 4>*>(in + offset + 4 * i));
+  for (int e = 0; e < 4; ++e) out[4 * i + e] = v.v[e];
+}
+
 at::Tensor zeros(int64_t n) { return at::zeros({n}, at::kFloat); }
 
 }  // namespace
@@ -151,6 +160,13 @@ void define(pybind11::module m) {
       return out;
     });
   }
+  m.def("vector_load", [s](const at::Tensor& in, int offset) {
+    TORCH_CHECK(in.dtype() == at::kFloat && in.is_contiguous() && in.numel() >= kN + offset);
+    at::Tensor out = zeros(kN);
+    FL_LAUNCH(vector_load_kernel, 1, kN / 4, 0, s, in.const_data_ptr<float>(), offset,
+              out.data_ptr<float>());
+    return out;
+  });
   m.def("shuffles", [s] {
     at::Tensor out = zeros(10 * kN);
     FL_LAUNCH(shuffles_kernel, 1, kN, 0, s, out.data_ptr<float>());
