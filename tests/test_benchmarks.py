@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,6 +110,28 @@ def test_gpu_configurations_include_deepbench_latency_rows(run_module):
     rows = {(c.B, c.T, c.I, c.H, c.layers, c.cell): set(c.dtypes) for c in run_module.configs.GPU}
     for B in (1, 4, 8):
         assert rows[(B, 50, 1024, 1024, 1, False)] == {"float16", "bfloat16"}
+
+
+def test_gpu_check_without_python_records_each_step_and_fails(tmp_path):
+    """Where nothing builds, the script still writes every step's line and skips what needs the
+    build."""
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+                            env={**os.environ, "PYTHON": "false"}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["env", "build", "test_cuda", "bench", "total"]
+    assert lines[1].startswith("build rc=1 seconds=")
+    assert lines[2:4] == ["test_cuda skipped: no build with the CUDA kernels",
+                          "bench skipped: no build with the CUDA kernels"]
+    assert (tmp_path / "build.log").exists()
+
+
+def test_run_without_matplotlib_still_writes_the_figures(run_module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises
+    assert run_module.main(["--device", "cpu", "--reps", "1", "--only", "seed-chars",
+                            "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
 def test_parity_check_catches_a_wrong_answer(run_module):
