@@ -38,6 +38,7 @@ GPU = [
     Config("fastrnns", 100, 64, 512, 512, dtypes=("float32", "bfloat16")),
     Config("fastrnns-4L", 100, 64, 512, 512, 4),
     Config("flashrnn", 1024, 16, 768, 768, dtypes=HALVES),
+    # DeepBench's inference latency case: T 50, I = H = 1024, batches of 1 to 8
     Config("gpu-small-batch-B1", 50, 1, 1024, 1024, dtypes=HALVES),
     Config("gpu-small-batch-B4", 50, 4, 1024, 1024, dtypes=HALVES),
     Config("gpu-small-batch-B8", 50, 8, 1024, 1024, dtypes=HALVES),

@@ -12,6 +12,11 @@ implementation alike; each figure is the median. The ratio is nn.LSTM time / Fus
 1, FusedLSTM is faster. In the cell configurations (cell-*) "nn.LSTM" and "FusedLSTM" are
 nn.LSTMCell and FusedLSTMCell stepped over the sequence in a Python loop.
 
+On a GPU, both run with TF32 off, since FusedLSTM's kernels compute in full float32; in float32,
+nn.LSTM is also timed with TF32 on ("nn.LSTM TF32"), which is what cuDNN does by default. Times
+come from CUDA events, and each is given with the cost of one step: the slope between the whole
+sequence and its first half.
+
 Writes results.md, results.json and results.png into --out (default benchmarks/results/) and
 exits with status 1 if any configuration fails its parity check.
 """
@@ -19,6 +24,7 @@ exits with status 1 if any configuration fails its parity check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -65,11 +71,6 @@ class Progress:
 
     def close(self) -> None:
         print(file=sys.stderr)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class CellLoop(torch.nn.Module):
@@ -160,11 +161,43 @@ def saved_bytes(module, x) -> int:
 
 
 def timed(fn, device: torch.device) -> float:
-    sync(device)
+    if device.type == "cuda":
+        # Events time the GPU's work from the stream itself; the synchronisation before them
+        # leaves no earlier work queued inside the interval.
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
     fn()
-    sync(device)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """Both TF32 switches, the caller's restored on exit: cuDNN's governs all of nn.LSTM's
+    products, cuBLAS's FusedLSTM's input projection (its own kernels compute in full float32
+    whatever the switches say)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# The key of an implementation's timing on the first half of the sequence (time_mode's dict).
+HALF = " on T/2"
+
+
+def per_step(whole: float, half: float, T: int) -> float:
+    """Seconds per step: the slope between T and T // 2 steps. What every call pays once
+    (launches before the loop, allocation, the Python around the call) cancels out; the input
+    projection, which grows with T, stays in."""
+    return (whole - half) / (T - T // 2)
 
 
 def time_mode(impls: dict, step, x, reps: int, device: torch.device,
@@ -182,7 +215,14 @@ def time_mode(impls: dict, step, x, reps: int, device: torch.device,
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def measure(cfg, device, dtype, reps, with_reference, progress) -> dict:
+def measure(cfg, device, dtype, reps, with_reference, progress, gpu_rows=False) -> dict:
+    """One configuration's row. gpu_rows (on a GPU) adds nn.LSTM with TF32 on in float32 and the
+    per-step slopes, and runs everything else with TF32 off."""
+    with tf32(False) if gpu_rows else contextlib.nullcontext():
+        return _measure(cfg, device, dtype, reps, with_reference, progress, gpu_rows)
+
+
+def _measure(cfg, device, dtype, reps, with_reference, progress, gpu_rows) -> dict:
     ref, fused, x = make_case(cfg, device, dtype)
     label = f"{cfg.name} {str(dtype).removeprefix('torch.')}"
     progress.show(f"{label}: parity")
@@ -195,12 +235,28 @@ def measure(cfg, device, dtype, reps, with_reference, progress) -> dict:
         with fused_lstm.reference_only():
             step(fused, x)
 
+    def run_tf32(step, x):
+        with tf32(True):
+            step(ref, x)
+
     impls = {"nn.LSTM": lambda step, x: step(ref, x), "FusedLSTM": lambda step, x: step(fused, x)}
+    if gpu_rows and dtype == torch.float32:
+        impls["nn.LSTM TF32"] = run_tf32
     if with_reference:
         impls["reference"] = run_reference
+    if gpu_rows:
+        # Both lengths in the same interleaved repetitions, so that a slope is not a drift.
+        x_half = x[:cfg.T // 2]
+        impls |= {name + HALF: lambda step, _, run=run: run(step, x_half)
+                  for name, run in impls.items()}
+        row["per_step"] = {}
     for mode, step in (("train", train_step), ("infer", infer_step)):
         progress.show(f"{label}: timing {mode}")
-        row[mode] = time_mode(impls, step, x, reps, device)
+        times = time_mode(impls, step, x, reps, device)
+        row[mode] = {name: t for name, t in times.items() if not name.endswith(HALF)}
+        if gpu_rows:
+            row["per_step"][mode] = {name: per_step(t, times[name + HALF], cfg.T)
+                                     for name, t in row[mode].items()}
         progress.advance(f"{label}: {mode} {ratio(row[mode]):.2f}x")
     row["saved_bytes"] = {"nn.LSTM": saved_bytes(ref, x), "FusedLSTM": saved_bytes(fused, x)}
     return row
@@ -222,25 +278,50 @@ def ratio(mode: dict) -> float:
     return mode["nn.LSTM"] / mode["FusedLSTM"]
 
 
+def mode_columns(mode: str, gpu: bool) -> list[tuple[str, object]]:
+    """(heading, cell of a row) for one mode's times. On a GPU, nn.LSTM twice (the ratio is
+    against TF32 off, as FusedLSTM runs) and the per-step slopes; on the CPU, the reference."""
+    def ms(name):
+        return lambda r: f"{r[mode][name] * 1e3:.2f}" if name in r[mode] else "-"
+
+    def us(name):
+        return lambda r: f"{r['per_step'][mode][name] * 1e6:.1f}"
+
+    def bold_ratio(r):
+        return f"**{ratio(r[mode]):.2f}x**"
+
+    if not gpu:
+        return [(f"{mode} nn.LSTM ms", ms("nn.LSTM")), (f"{mode} Fused ms", ms("FusedLSTM")),
+                (f"**{mode} ratio**", bold_ratio)] + (
+            [(f"{mode} ref ms", ms("reference"))] if mode == "train" else [])
+    return [(f"{mode} nn.LSTM ms TF32 off", ms("nn.LSTM")),
+            (f"{mode} nn.LSTM ms TF32 on", ms("nn.LSTM TF32")),
+            (f"{mode} Fused ms", ms("FusedLSTM")),
+            (f"**{mode} ratio** vs TF32 off", bold_ratio),
+            (f"{mode} nn.LSTM µs/step TF32 off", us("nn.LSTM")),
+            (f"{mode} Fused µs/step", us("FusedLSTM"))]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
-    mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
-    lines = [
-        "| config | dtype | T | B | I | H | L | parity out / grad max abs diff | "
-        "train nn.LSTM ms | train Fused ms | **train ratio** | train ref ms | "
-        "infer nn.LSTM ms | infer Fused ms | **infer ratio** | saved MB nn.LSTM | saved MB Fused |",
-        "|---" * 17 + "|",
-    ]
-    for r in rows:
-        p, tr, inf, sv = r["parity"], r["train"], r["infer"], r["saved_bytes"]
-        verdict = "ok" if p["ok"] else "**FAILED**"
-        lines.append(
-            f"| {r['config']} | {r['dtype']} | {r['T']} | {r['B'] or '-'} | {r['I']} | {r['H']} "
-            f"| {r['layers']} | {p['out']:.1e} / {p['grad']:.1e} {verdict} "
-            f"| {ms(tr['nn.LSTM'])} | {ms(tr['FusedLSTM'])} | **{ratio(tr):.2f}x** "
-            f"| {ms(tr['reference']) if 'reference' in tr else '-'} "
-            f"| {ms(inf['nn.LSTM'])} | {ms(inf['FusedLSTM'])} | **{ratio(inf):.2f}x** "
-            f"| {mb(sv['nn.LSTM'])} | {mb(sv['FusedLSTM'])} |")
+    """The CPU's table, or the GPU's (rows from measure(gpu_rows=True), which have per_step)."""
+    gpu = any("per_step" in r for r in rows)
+
+    def mb(name):
+        return lambda r: f"{r['saved_bytes'][name] / 2**20:.2f}"
+
+    def parity_cell(r):
+        p = r["parity"]
+        return f"{p['out']:.1e} / {p['grad']:.1e} {'ok' if p['ok'] else '**FAILED**'}"
+
+    columns = [("config", lambda r: r["config"]), ("dtype", lambda r: r["dtype"]),
+               ("T", lambda r: r["T"]), ("B", lambda r: r["B"] or "-"), ("I", lambda r: r["I"]),
+               ("H", lambda r: r["H"]), ("L", lambda r: r["layers"]),
+               ("parity out / grad max abs diff", parity_cell),
+               *mode_columns("train", gpu), *mode_columns("infer", gpu),
+               ("saved MB nn.LSTM", mb("nn.LSTM")), ("saved MB Fused", mb("FusedLSTM"))]
+    lines = ["| " + " | ".join(heading for heading, _ in columns) + " |",
+             "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -286,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     reps = args.reps or (3 if args.quick else 7)
-    cfgs = configs.GPU if device.type == "cuda" else configs.CPU
+    gpu = device.type == "cuda"
+    cfgs = configs.GPU if gpu else configs.CPU
     if args.only:
         unknown = set(args.only) - {c.name for c in cfgs}
         if unknown:
@@ -299,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     native = sorted(fused_lstm.native_backends())
     header = (f"device: {device} ({machine}); torch {torch.__version__}; native kernels: "
               f"{native or 'none'}; median of {reps} interleaved repetitions")
+    if gpu:
+        header += ("; TF32 off (torch.backends.cudnn.allow_tf32 and "
+                   "torch.backends.cuda.matmul.allow_tf32 False) but in the nn.LSTM columns "
+                   "marked TF32 on; times from CUDA events; µs/step: the slope between T and T/2")
     print(header, flush=True)
     if device.type not in native:
         print(f"warning: no native kernel for {device.type} in this install: FusedLSTM runs on "
@@ -309,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     for cfg, dtype in cases:
         # The reference is a Python loop per step: time it only where that takes seconds, not minutes.
         with_reference = device.type == "cpu" and cfg.H <= 64
-        rows.append(measure(cfg, device, dtype, reps, with_reference, progress))
+        rows.append(measure(cfg, device, dtype, reps, with_reference, progress, gpu))
     progress.close()
 
     table = markdown_table(rows)
@@ -322,8 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(
         {"date": stamp, "device": str(device), "machine": machine, "torch": torch.__version__,
          "native": native, "reps": reps, "command": command, "rows": rows}, indent=1))
-    plot(rows, f"FusedLSTM vs nn.LSTM, {machine}, {stamp}", args.out / "results.png")
-    print(f"wrote {args.out / 'results.md'}, results.json and results.png")
+    try:
+        plot(rows, f"FusedLSTM vs nn.LSTM, {machine}, {stamp}", args.out / "results.png")
+        print(f"wrote {args.out / 'results.md'}, results.json and results.png")
+    except ModuleNotFoundError as e:  # a GPU machine lent bare: the figures matter, not the plot
+        print(f"wrote {args.out / 'results.md'} and results.json; no results.png: {e}",
+              file=sys.stderr)
 
     failed = [r["config"] for r in rows if not r["parity"]["ok"]]
     if failed:

@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,9 +39,99 @@ def test_run_checks_parity_and_writes_table_json_and_plot(run_module, tmp_path, 
         assert row["parity"]["ok"] and row["parity"]["out"] < 1e-5
         assert set(row["train"]) == set(row["infer"]) == {"nn.LSTM", "FusedLSTM", "reference"}
     table = (tmp_path / "results.md").read_text()
+    # The CPU's table keeps its columns whatever the GPU's gained.
+    assert ("| config | dtype | T | B | I | H | L | parity out / grad max abs diff | "
+            "train nn.LSTM ms | train Fused ms | **train ratio** | train ref ms | "
+            "infer nn.LSTM ms | infer Fused ms | **infer ratio** | saved MB nn.LSTM | "
+            "saved MB Fused |\n" + "|---" * 17 + "|\n") in table
     assert "| seed-chars | float32 | 799 | - | 5 | 4 | 1 |" in table
+    assert "TF32" not in table and "per_step" not in report["rows"][0]
     assert table.splitlines()[-1] in capsys.readouterr().out
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_rows_time_nn_lstm_with_and_without_tf32_and_the_per_step_slope(run_module):
+    """What a GPU run adds, on the CPU: the rows' structure and table, not the GPU's timings."""
+    cfg = run_module.configs.CPU[1]
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    try:
+        rows = [run_module.measure(cfg, torch.device("cpu"), dtype, 1, False,
+                                   run_module.Progress(3), gpu_rows=True)
+                for dtype in (torch.float32, torch.float64)]
+        # the caller's settings, not measure's, after it
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
+            True, False)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    f32, f64 = rows
+    for mode in ("train", "infer"):
+        assert set(f32[mode]) == set(f32["per_step"][mode]) == {"nn.LSTM", "FusedLSTM",
+                                                                 "nn.LSTM TF32"}
+        assert set(f64[mode]) == set(f64["per_step"][mode]) == {"nn.LSTM", "FusedLSTM"}
+    header, rule, line32, line64 = run_module.markdown_table(rows).splitlines()
+    columns = header.strip("| ").split(" | ")
+    assert len(rule.split("|")) == len(columns) + 2
+    assert columns[8:14] == [
+        "train nn.LSTM ms TF32 off", "train nn.LSTM ms TF32 on", "train Fused ms",
+        "**train ratio** vs TF32 off", "train nn.LSTM µs/step TF32 off", "train Fused µs/step"]
+    assert "train ref ms" not in columns and "infer nn.LSTM ms TF32 on" in columns
+    tf32_on = columns.index("train nn.LSTM ms TF32 on")
+    assert line32.strip("| ").split(" | ")[tf32_on] != "-"
+    assert line64.strip("| ").split(" | ")[tf32_on] == "-"
+
+
+def test_tf32_switches_both_and_restores_them(run_module):
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+        with pytest.raises(ZeroDivisionError), run_module.tf32(True):
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+            with run_module.tf32(False):
+                assert not (torch.backends.cudnn.allow_tf32
+                            or torch.backends.cuda.matmul.allow_tf32)
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+            1 / 0
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
+            False, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_per_step_is_the_slope_between_T_and_its_first_half(run_module):
+    # 20 us fixed + 3 us a step, at T = 50 and 25
+    assert run_module.per_step(20e-6 + 50 * 3e-6, 20e-6 + 25 * 3e-6, 50) == pytest.approx(3e-6)
+    # odd T: the half is T // 2 = 50 steps, 51 fewer
+    assert run_module.per_step(20e-6 + 101 * 3e-6, 20e-6 + 50 * 3e-6, 101) == pytest.approx(3e-6)
+
+
+def test_gpu_configurations_include_deepbench_latency_rows(run_module):
+    """DeepBench's inference LSTM: T 50, I = H = 1024, B 1, 4 and 8, in both half precisions."""
+    rows = {(c.B, c.T, c.I, c.H, c.layers, c.cell): set(c.dtypes) for c in run_module.configs.GPU}
+    for B in (1, 4, 8):
+        assert rows[(B, 50, 1024, 1024, 1, False)] == {"float16", "bfloat16"}
+
+
+def test_gpu_check_without_python_records_each_step_and_fails(tmp_path):
+    """Where nothing builds, the script still writes every step's line and skips what needs the
+    build."""
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+                            env={**os.environ, "PYTHON": "false"}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["env", "build", "test_cuda", "bench", "total"]
+    assert lines[1].startswith("build rc=1 seconds=")
+    assert lines[2:4] == ["test_cuda skipped: no build with the CUDA kernels",
+                          "bench skipped: no build with the CUDA kernels"]
+    assert (tmp_path / "build.log").exists()
+
+
+def test_run_without_matplotlib_still_writes_the_figures(run_module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises
+    assert run_module.main(["--device", "cpu", "--reps", "1", "--only", "seed-chars",
+                            "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
 def test_parity_check_catches_a_wrong_answer(run_module):
