@@ -58,8 +58,11 @@ print({m: importlib.util.find_spec(m) is not None
   exit \$rc"
 
 # sm_90 only: one architecture's code is half the compile. FORCE_CUDA=1 makes a missing toolkit an
-# error instead of a CPU-only build; -v puts the compilers' warnings into the log.
+# error instead of a CPU-only build; -v puts the compilers' warnings into the log. The emulator
+# (one host-compiled file, built beside the nvcc jobs) reports the kernels' tile shapes, which the
+# tile-crossing tests read to size their cases.
 if step build 190 "$OUT_DIR/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1 \
+    FUSED_LSTM_BUILD_EMULATOR=1 \
     "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . \
   && step native_cuda 20 "$OUT_DIR/native_cuda.txt" "$PYTHON" -c "
 import fused_lstm, fused_lstm._C
