@@ -63,7 +63,7 @@ done
 for source in csrc/emulator/*.cpp; do
   launch g++ -fsyntax-only -DFUSED_LSTM_EMULATED -Wno-unknown-pragmas "${COMMON[@]}" "$source"
 done
-for source in csrc/cuda/*.cu; do
+for source in csrc/cuda/*.cu csrc/cuda/instances/*.cu; do
   launch "$CUDA_HOME/bin/nvcc" --cuda -arch=sm_90 "${NVCC_DEFINES[@]}" -Xcompiler -fPIC \
     "${COMMON[@]}" -o /dev/null "$source"
 done

@@ -27,13 +27,14 @@ namespace {
 using namespace cuda_work;
 using gpu::Vec;
 
-// A tile's budget: the staged rows take at most kStageBytes of shared memory, and a thread holds
-// at most kStageValues of them in registers between its loads and its stores (16 in the
-// forward, whose weights and accumulators take more registers, 32 in the backward); a lane
-// has at most kLoadsInFlight 16-byte weight loads in flight (4 registers each). Set so that no
-// kernel spills (ptxas -v, benchmarks/cuda_resources.py).
+// A tile's budget, set so that no kernel spills (ptxas -v, benchmarks/cuda_resources.py): the
+// staged rows take at most kStageBytes of shared memory; a thread holds at most kStageValues of
+// them in registers between its loads and its stores (16 in the forward, whose accumulators take
+// four times the registers, 32 in the backward); a lane's weights, converted to the
+// accumulation type, take at most kWeightRegs registers, which is also what bounds the 16-byte
+// loads it has in flight.
 constexpr int kStageBytes = 32 * 1024;
-constexpr int kLoadsInFlight = 8;
+constexpr int kWeightRegs = 32;
 
 constexpr int min_int(int a, int b) { return a < b ? a : b; }
 
@@ -45,9 +46,10 @@ struct Tile {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   static constexpr int kLaneSpan = kWarpSize * kVec;
   static constexpr int kStageValues = NG == 1 ? 32 : 16;
-  static constexpr int kUnroll =
-      min_int(min_int(kLoadsInFlight / NG, kStageValues * kThreads / BT / kLaneSpan),
-              kStageBytes / (BT * static_cast<int>(sizeof(acc_t))) / kLaneSpan);
+  static constexpr int kUnroll = min_int(
+      min_int(kWeightRegs * 4 / (NG * kVec * static_cast<int>(sizeof(acc_t))),
+              kStageValues * kThreads / BT / kLaneSpan),
+      kStageBytes / (BT * static_cast<int>(sizeof(acc_t))) / kLaneSpan);
   static constexpr int kCols = kUnroll * kLaneSpan;
   static constexpr int kStagePerThread = (BT * kCols + kThreads - 1) / kThreads;
   static_assert(kUnroll >= 1, "a lane reads at least one vector of each row");
