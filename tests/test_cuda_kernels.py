@@ -119,8 +119,8 @@ TILES = [
     pytest.param(torch.float64, 13, 0, 2, None, id="f64-H13-B2"),
     pytest.param(torch.float64, 14, 0, 3, None, id="f64-H14-B3-vector-rows"),
     pytest.param(torch.float64, 13, 5, 6, None, id="f64-H13-proj-B6"),
-    pytest.param(torch.float64, 9, 0, 19, [4, 4, 4, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
-                 id="f64-H9-B19-3batchtiles-packed"),
+    pytest.param(torch.float64, 9, 0, 19, [4, 4, 4, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1,
+                                           1], id="f64-H9-B19-3batchtiles-packed"),
     pytest.param(torch.float64, "bwd", 0, 11, None, id="f64-bwd-4H-2tiles-B11-remainder"),
     pytest.param(torch.float64, "bwd", 20, 3, [3, 2, 1], id="f64-proj-bwd-4H-2tiles-packed"),
     pytest.param(torch.float64, "fwd", 0, 3, [2, 2, 1], id="f64-fwd-Hr-2tiles-packed"),
@@ -137,7 +137,7 @@ def tile_hidden(dtype, hidden, batch):
         return hidden
     emu = pytest.importorskip("fused_lstm._emulated_cuda")
     backward = hidden == "bwd"
-    cols = emu.tile_columns(dtype, emu.batch_tile(dtype, batch, backward), backward)
+    cols = emu.tile_columns(dtype, emu.batch_tile(dtype, batch, backward, False), backward)
     return cols // 4 + 3 if backward else cols + 4
 
 
@@ -174,9 +174,13 @@ def test_batch_tiles_and_tile_widths():
     number of the warp's 16-byte loads."""
     emu = pytest.importorskip("fused_lstm._emulated_cuda")
     batches = (1, 2, 3, 5, 9, 17)
-    assert [emu.batch_tile(torch.float32, b, False) for b in batches] == [1, 2, 4, 8, 16, 16]
-    for dtype, backward in [(F64, False), (torch.float32, True), (F64, True)]:
-        assert [emu.batch_tile(dtype, b, backward) for b in batches] == [1, 2, 4, 8, 8, 8]
+    want16, want8 = [1, 2, 4, 8, 16, 16], [1, 2, 4, 8, 8, 8]
+    assert [emu.batch_tile(torch.float32, b, False, False) for b in batches] == want16
+    for dtype, backward, regs in itertools.product((F64, torch.float32), (False, True),
+                                                   (False, True)):
+        if dtype == torch.float32 and not backward and not regs:
+            continue
+        assert [emu.batch_tile(dtype, b, backward, regs) for b in batches] == want8
     for dtype in (F64, torch.float32, torch.float16, torch.bfloat16):
         vec = 16 * 8 // torch.finfo(dtype).bits
         for bt, backward in itertools.product((1, 2, 4, 8, 16), (False, True)):

@@ -33,41 +33,45 @@ unsigned blocks_for(int64_t n, int64_t per_block) {
 
 // Batch rows per block, a compile-time constant so the accumulators stay in registers: small
 // batches waste no lanes on empty rows, larger ones reuse each weight load for up to kMaxBT
-// rows. Also the kernels' kRegs (whether any regulariser or reset is given), so that the default
-// path is the code it was: f(bt, regs_on).
+// rows: f(bt).
 template <int kMaxBT, typename F>
-void with_tile_and_regs(int64_t B, bool any, const F& f) {
-  const auto regs = [&](auto bt) {
-    if (any) {
-      f(bt, std::true_type{});
-    } else {
-      f(bt, std::false_type{});
-    }
-  };
+void with_batch_tile(int64_t B, const F& f) {
   if (B <= 1) {
-    regs(std::integral_constant<int, 1>{});
+    f(std::integral_constant<int, 1>{});
   } else if (B <= 2) {
-    regs(std::integral_constant<int, 2>{});
+    f(std::integral_constant<int, 2>{});
   } else if (B <= 4) {
-    regs(std::integral_constant<int, 4>{});
+    f(std::integral_constant<int, 4>{});
   } else if constexpr (kMaxBT >= 16) {
     if (B <= 8) {
-      regs(std::integral_constant<int, 8>{});
+      f(std::integral_constant<int, 8>{});
     } else {
-      regs(std::integral_constant<int, 16>{});
+      f(std::integral_constant<int, 16>{});
     }
   } else {
-    regs(std::integral_constant<int, 8>{});
+    f(std::integral_constant<int, 8>{});
   }
 }
 
-// The largest batch tile of each direction. The forward's 16 rows read W_hh once per step from
-// B = 9 to 16; in double its accumulators would spill. The backward keeps 8, whose tiles of 4H
-// are twice as wide (Tile's kStageValues), so that at B16 H768 a step stays at 3 trips to memory
-// rather than 6.
+// with_batch_tile, and the kernels' kRegs (whether any regulariser or reset is given) as a
+// compile-time constant too, so that the default path is the code it was: f(bt, regs_on). The
+// kRegs kernels take batch tiles up to kMaxBTRegs.
+template <int kMaxBT, int kMaxBTRegs, typename F>
+void with_tile_and_regs(int64_t B, bool any, const F& f) {
+  if (any) {
+    with_batch_tile<kMaxBTRegs>(B, [&](auto bt) { f(bt, std::true_type{}); });
+  } else {
+    with_batch_tile<kMaxBT>(B, [&](auto bt) { f(bt, std::false_type{}); });
+  }
+}
+
+// The largest batch tiles: the forward's 16 rows read W_hh once per step from B = 9 to 16. In
+// double, and with the regularisers' extra loads, 16 rows' accumulators spill, so those take 8.
+// The backward keeps 8, whose tiles of 4H are twice as wide (Tile's kStageValues), so that at
+// B16 H768 a step stays at 3 trips to memory rather than 6.
 template <typename acc_t>
-constexpr int kForwardMaxBT = sizeof(acc_t) > 4 ? 8 : 16;
-constexpr int kBackwardMaxBT = 8;
+constexpr int kForwardMaxBatchTile = sizeof(acc_t) > 4 ? 8 : 16;
+constexpr int kMaxBatchTile = 8;
 
 // Whether every row of a (rows, n) buffer of T starts 16 bytes aligned (WeightTile's `vec`).
 template <typename T>
@@ -101,7 +105,8 @@ void forward_loop(const ForwardBuffers& bufs) {
   for (int64_t s = S - 2; s >= 0; --s) later[s] = std::max(later[s + 1], L.size[s + 1]);
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
-  with_tile_and_regs<kForwardMaxBT<acc_t>>(d.B, bufs.regs.any(), [&](auto bt, auto regs_on) {
+  constexpr int kMaxBT = kForwardMaxBatchTile<acc_t>;
+  with_tile_and_regs<kMaxBT, kMaxBatchTile>(d.B, bufs.regs.any(), [&](auto bt, auto regs_on) {
     constexpr int BT = decltype(bt)::value;
     constexpr bool kRegs = decltype(regs_on)::value;
     for (int64_t s = 0; s < S; ++s) {
@@ -161,7 +166,8 @@ void backward_loop(const BackwardBuffers& bufs) {
   p.w_vec = rows_vectorisable<T>(bufs.w_hh_t, 4 * d.H);
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
-  with_tile_and_regs<kBackwardMaxBT>(d.B, bufs.regs.any(), [&](auto bt, auto regs_on) {
+  constexpr int kMaxBT = kMaxBatchTile;
+  with_tile_and_regs<kMaxBT, kMaxBT>(d.B, bufs.regs.any(), [&](auto bt, auto regs_on) {
     constexpr int BT = decltype(bt)::value;
     constexpr bool kRegs = decltype(regs_on)::value;
     bool first = true;

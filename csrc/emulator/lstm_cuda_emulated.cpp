@@ -54,21 +54,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "(launches, threads) since the process started.");
   // The step kernels' tile shapes (step_kernels.cuh, step_loops.cuh), for tests whose sizes
   // must cross them.
-  m.def("batch_tile", [](at::ScalarType dtype, int64_t batch, bool backward) {
+  m.def("batch_tile", [](at::ScalarType dtype, int64_t batch, bool backward, bool regs) {
     int bt = 0;
     const auto read = [&](auto tile, auto) { bt = decltype(tile)::value; };
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "batch_tile", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       namespace cs = fused_lstm::cuda_steps;
-      backward ? cs::with_tile_and_regs<cs::kBackwardMaxBT>(batch, false, read)
-               : cs::with_tile_and_regs<cs::kForwardMaxBT<acc_t>>(batch, false, read);
+      constexpr int kMax = cs::kMaxBatchTile, kForwardMax = cs::kForwardMaxBatchTile<acc_t>;
+      backward ? cs::with_tile_and_regs<kMax, kMax>(batch, regs, read)
+               : cs::with_tile_and_regs<kForwardMax, kMax>(batch, regs, read);
     });
     return bt;
-  }, "The batch rows per block (BT) of a direction's step kernels for this dtype and batch size.");
+  }, "The batch rows per block (BT) of a direction's step kernels for this dtype and batch size, "
+     "with or without regularisers.");
   m.def("tile_columns", [](at::ScalarType dtype, int bt, bool backward) {
     int cols = 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tile_columns", [&] {
-      fused_lstm::cuda_steps::with_tile_and_regs<16>(bt, false, [&](auto tile, auto) {
+      fused_lstm::cuda_steps::with_batch_tile<16>(bt, [&](auto tile) {
         using acc_t = at::opmath_type<scalar_t>;
         constexpr int BT = decltype(tile)::value;
         cols = backward ? fused_lstm::Tile<scalar_t, acc_t, BT, 1>::kCols
