@@ -4,8 +4,9 @@ memory per kernel (ptxas -v), and the global loads of each step kernel's SASS by
     python benchmarks/cuda_resources.py [--arch sm_90] [--filter step_kernel] [--sass DIR]
                                         [--files GLOB]
 
-Compiles every .cu file under csrc/cuda/ to a cubin with the flags setup.py gives nvcc (CUDA_HOME, default
-/usr/local/cuda) and prints one row per kernel. --sass DIR also writes each cubin's SASS there.
+Compiles every .cu file under csrc/cuda/ to a cubin with the flags setup.py gives nvcc (CUDA_HOME,
+default /usr/local/cuda) and prints one row per kernel. --sass DIR also writes each cubin's SASS
+there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,8 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parent.parent
-CUOBJDUMP = Path(sys.modules["torch"].__file__).parent.parent / "triton/backends/nvidia/bin/cuobjdump"
+# triton, which torch installs, bundles a cuobjdump (a minimal CUDA toolkit has none).
+CUOBJDUMP = Path(torch.__file__).parent.parent / "triton/backends/nvidia/bin/cuobjdump"
 
 
 def nvcc_command(src: Path, out: Path, arch: str) -> list[str]:
@@ -33,7 +36,6 @@ def nvcc_command(src: Path, out: Path, arch: str) -> list[str]:
     incs = [f"-I{p}" for p in cpp_extension.include_paths()]
     incs += [f for d in sorted(glob.glob(str(site / "nvidia" / "*" / "include")))
              for f in ("-isystem", d)]
-    import sysconfig
     incs.append(f"-I{sysconfig.get_paths()['include']}")
     return [f"{cuda_home}/bin/nvcc", "-std=c++20", "-O3", "-cubin", f"-arch={arch}",
             "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
@@ -63,7 +65,8 @@ def ptxas_rows(log: str) -> dict[str, dict[str, int]]:
             continue
         if current is None:
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                      r"(\d+) bytes spill loads", line)
         if m:
             rows[current].update(stack=int(m.group(1)), spill_st=int(m.group(2)),
                                  spill_ld=int(m.group(3)))

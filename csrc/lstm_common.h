@@ -178,17 +178,6 @@ inline std::vector<int64_t> h_prev_sources(const StepLayout& L) {
   return src;
 }
 
-// The row of each batch row's last visited step, i.e. where its h_n / c_n were produced.
-// Every row is active at some step (batch_sizes starts at B), so all B entries are set when
-// there is at least one step.
-inline std::vector<int64_t> last_rows(const StepLayout& L, int64_t B) {
-  std::vector<int64_t> last(static_cast<size_t>(B), 0);
-  for (size_t s = 0; s < L.start.size(); ++s) {
-    for (int64_t b = 0; b < L.size[s]; ++b) last[b] = L.start[s] + b;
-  }
-  return last;
-}
-
 // Held for the whole of a kernel: the ATen calls inside it (GEMMs, allocations, views) then
 // skip the autograd and view-tracking layers of the dispatcher, which the kernel's results never
 // need (the op's own autograd registration handles them) and which at a few steps cost more than

@@ -195,7 +195,8 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
 }
 
 // h_{t-1} of every row, rebuilt from output and h0 rather than saved by the forward; which row
-// each one comes from is lstm_common.h's h_prev_sources, shared with the CUDA backend.
+// each one comes from is lstm_common.h's h_prev_sources (the CUDA backward step kernels write
+// theirs as they go).
 template <typename T>
 void gather_h_prev(const StepLayout& L, int64_t Hr, const T* py, const T* ph0, T* out) {
   const std::vector<int64_t> src = h_prev_sources(L);

@@ -101,12 +101,14 @@ void forward_loop(const ForwardBuffers& bufs) {
   p.w_vec = rows_vectorisable<T>(bufs.w_hh, d.Hr);
   // With a projection, batch row b's h_n is its y at its last visited step: rows
   // [later[s], size[s]) end at step s, where later[s] is the largest batch of the steps after s.
-  std::vector<int64_t> later(static_cast<size_t>(S), 0);
-  for (int64_t s = S - 2; s >= 0; --s) later[s] = std::max(later[s + 1], L.size[s + 1]);
+  std::vector<int64_t> later(d.proj ? static_cast<size_t>(S) : 0, 0);
+  for (int64_t s = static_cast<int64_t>(later.size()) - 2; s >= 0; --s) {
+    later[s] = std::max(later[s + 1], L.size[s + 1]);
+  }
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
   constexpr int kMaxBT = kForwardMaxBatchTile<acc_t>;
-  with_tile_and_regs<kMaxBT, kMaxBatchTile>(d.B, bufs.regs.any(), [&](auto bt, auto regs_on) {
+  with_tile_and_regs<kMaxBT, kMaxBatchTile>(d.B, bufs.regs.any, [&](auto bt, auto regs_on) {
     constexpr int BT = decltype(bt)::value;
     constexpr bool kRegs = decltype(regs_on)::value;
     for (int64_t s = 0; s < S; ++s) {
@@ -167,7 +169,7 @@ void backward_loop(const BackwardBuffers& bufs) {
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
   constexpr int kMaxBT = kMaxBatchTile;
-  with_tile_and_regs<kMaxBT, kMaxBT>(d.B, bufs.regs.any(), [&](auto bt, auto regs_on) {
+  with_tile_and_regs<kMaxBT, kMaxBT>(d.B, bufs.regs.any, [&](auto bt, auto regs_on) {
     constexpr int BT = decltype(bt)::value;
     constexpr bool kRegs = decltype(regs_on)::value;
     bool first = true;

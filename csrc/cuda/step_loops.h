@@ -19,15 +19,11 @@ namespace cuda_steps {
 // points into them); undefined where absent.
 struct RegBuffers {
   at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden, reset;
+  bool any;  // Regularisers::any(): whether the kernels' kRegs instantiations run
 
   explicit RegBuffers(const Regularisers& r)
       : recurrent_mask(contiguous(r.recurrent_mask)), zoneout_cell(contiguous(r.zoneout_cell)),
-        zoneout_hidden(contiguous(r.zoneout_hidden)), reset(contiguous(r.reset)) {}
-
-  bool any() const {
-    return recurrent_mask.defined() || zoneout_cell.defined() || zoneout_hidden.defined() ||
-           reset.defined();
-  }
+        zoneout_hidden(contiguous(r.zoneout_hidden)), reset(contiguous(r.reset)), any(r.any()) {}
 
   template <typename T>
   cuda_work::StepRegs<T> view() const {
