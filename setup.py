@@ -101,7 +101,7 @@ def _extension():
     nvcc = ["-O3", "-lineinfo"]
     extra = _pip_cuda_includes()
     return CUDAExtension("fused_lstm._C", sources, extra_link_args=link,
-                         extra_compile_args={"cxx": cxx + ["-DFUSED_LSTM_CUDA"] + extra,
+                         extra_compile_args={"cxx": cxx + extra,
                                              "nvcc": nvcc + extra})
 
 

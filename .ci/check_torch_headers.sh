@@ -58,7 +58,7 @@ launch() {
   fi
 }
 for source in csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp; do
-  launch g++ -fsyntax-only -fopenmp -DFUSED_LSTM_CUDA "${COMMON[@]}" "$source"
+  launch g++ -fsyntax-only -fopenmp "${COMMON[@]}" "$source"
 done
 for source in csrc/emulator/*.cpp; do
   launch g++ -fsyntax-only -DFUSED_LSTM_EMULATED -Wno-unknown-pragmas "${COMMON[@]}" "$source"

@@ -70,8 +70,8 @@ constexpr int64_t kSmallGrads = int64_t{1} << 16;
 
 // Multiply-adds from which a float32 CPU product with contiguous operands (the input projection,
 // grad_input) goes to oneDNN's matmul rather than to ATen's GEMM (MKL); the weight gradients
-// stay on ATen's GEMM, which reads their transposed operands in place (lstm_common.h,
-// weight_grad). On an AMD EPYC with AVX2 only (Zen 3) the two libraries run the same speed.
+// stay on ATen's GEMM, which reads their transposed operands in place (cpu/gemm_routing.h,
+// CpuProducts::weight). On an AMD EPYC with AVX2 only (Zen 3) the two libraries run the same speed.
 // On the AMD EPYC machine with AVX-512 of benchmarks/HISTORY.md ("After routing large float32
 // products to oneDNN") MKL runs its AVX2 code (about 170 GFLOP/s on two cores) where oneDNN
 // uses AVX-512 (about 380): at medium's sizes 8.9 against 19.6 ms for the input projection

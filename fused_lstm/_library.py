@@ -92,14 +92,22 @@ DOUBLE_BACKWARD_ERROR = (
     "with create_graph=True through FusedLSTM, FusedLSTMCell, fused_lstm::lstm, "
     "fused_lstm::layer_forward or fused_lstm::cell_forward)")
 
-_LIBRARY: torch.library.Library | None = None  # held for the process: the ops live as long
+_LIBRARIES: dict[str, torch.library.Library] = {}  # held for the process: the ops live as long
 
 
-def define() -> None:
-    global _LIBRARY
-    _LIBRARY = torch.library.Library("fused_lstm", "DEF")  # noqa: TOR901
+def _name(schema: str) -> str:
+    return schema[:schema.index("(")]
+
+
+def define(namespace: str = "fused_lstm", names: tuple[str, ...] | None = None) -> None:
+    """Defines the ops of SCHEMAS (those in ``names``, else all) in ``namespace``, once: the
+    fused_lstm ops, and the CUDA emulator's copies of the kernel ops (fused_lstm.testing)."""
+    if namespace in _LIBRARIES:
+        return
+    lib = _LIBRARIES[namespace] = torch.library.Library(namespace, "DEF")  # noqa: TOR901
     for schema in SCHEMAS:
-        _LIBRARY.define(schema, tags=TAGS.get(schema[:schema.index("(")], ()))
+        if names is None or _name(schema) in names:
+            lib.define(schema, tags=TAGS.get(_name(schema), ()))
 
 
 def _check_devices(input: Tensor, **tensors: Tensor | None) -> None:
@@ -127,7 +135,7 @@ def register(native: bool) -> None:
         torch.library.impl("fused_lstm::lstm", "CompositeImplicitAutograd")(reference.lstm)
         torch.library.impl("fused_lstm::keep_mask", "CompositeExplicitAutograd")(
             reference.keep_mask)
-        _register_reference_autograd()
+        register_python_autograd("fused_lstm")
 
     @torch.library.register_fake("fused_lstm::layer_forward")
     def _(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, recurrent_mask=None,
@@ -181,10 +189,13 @@ def register(native: bool) -> None:
                 cx.new_empty(cx.shape))
 
 
-def _register_reference_autograd() -> None:
-    """Without the extension, the autograd of the two forward kernel ops, which
-    csrc/autograd/kernel_ops.cpp has otherwise: the backward is the backward op, the handwritten
-    one, and the workspace outputs (gates, cells) get no gradient."""
+def register_python_autograd(namespace: str) -> None:
+    """The autograd of the kernel ops of ``namespace`` in Python: without the extension, that of
+    the fused_lstm ops, which csrc/autograd/kernel_ops.cpp has otherwise. The forward ops'
+    backward is the backward op, the handwritten one, and the workspace outputs (gates, cells)
+    get no gradient. tests/test_ops.py holds the two equal, registering this one on a namespace
+    of its own over the native kernels."""
+    ops = getattr(torch.ops, namespace)
 
     def setup_layer(ctx, inputs, output):
         (input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, _, w_hr, reverse, *extras) = inputs
@@ -194,7 +205,7 @@ def _register_reference_autograd() -> None:
 
     def layer_backward(ctx, grad_y, grad_h, grad_c, _gates, _cells):
         input, h0, c0, w_ih, w_hh, w_hr, y, gates, cells, *extras = ctx.saved_tensors
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fused_lstm.layer_backward(
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = ops.layer_backward(
             grad_y, grad_h, grad_c, input, ctx.batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, gates,
             cells, ctx.reverse, *extras)
         db = db if ctx.biased else None
@@ -208,7 +219,7 @@ def _register_reference_autograd() -> None:
         ctx.biased = b_ih is not None
 
     def cell_backward(ctx, grad_h, grad_c, _gates, _cells):
-        dx, dh0, dc0, dw_ih, dw_hh, db = torch.ops.fused_lstm.cell_backward(
+        dx, dh0, dc0, dw_ih, dw_hh, db = ops.cell_backward(
             grad_h, grad_c, *ctx.saved_tensors)
         db = db if ctx.biased else None
         return dx, dh0, dc0, dw_ih, dw_hh, db, db
@@ -216,12 +227,12 @@ def _register_reference_autograd() -> None:
     def refuse(ctx, *grads):
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
-    torch.library.register_autograd("fused_lstm::layer_forward", layer_backward,
+    torch.library.register_autograd(f"{namespace}::layer_forward", layer_backward,
                                     setup_context=setup_layer)
-    torch.library.register_autograd("fused_lstm::cell_forward", cell_backward,
+    torch.library.register_autograd(f"{namespace}::cell_forward", cell_backward,
                                     setup_context=setup_cell)
     # The handwritten backwards are not differentiable: a second backward raises, as with the
     # extension, rather than treating them as constants.
     for name in ("layer_backward", "cell_backward"):
-        torch.library.register_autograd(f"fused_lstm::{name}", refuse,
+        torch.library.register_autograd(f"{namespace}::{name}", refuse,
                                         setup_context=lambda ctx, inputs, output: None)

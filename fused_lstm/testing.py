@@ -2,7 +2,8 @@
 
 ``fused_lstm._emulated_cuda`` is ``csrc/cuda/lstm_cuda.cu`` compiled by the host compiler
 against ``csrc/emulator``, built at install where ``FUSED_LSTM_BUILD_EMULATOR=1`` is set (it
-needs no CUDA toolkit).
+needs no CUDA toolkit). It registers those kernels for the CPU key of the kernel ops of the
+namespace ``fused_lstm_emulated``, defined here from the ops' own schemas.
 Inside :func:`emulated_cuda`, the four kernel ops on CPU tensors run those kernels instead of the
 CPU ones; autograd and every other op are unchanged.
 """
@@ -17,10 +18,12 @@ import torch
 import torch.utils.deterministic as _fill
 
 from . import _backend  # noqa: F401  (loads fused_lstm._C, which declares the ops)
+from . import _library
 from ._library import KERNEL_OPS
 from ._redirect import redirect
 
 ORDERS = ("forward", "reverse", "shuffle")
+EMULATED_NAMESPACE = "fused_lstm_emulated"
 
 
 EMULATOR_MISSING = (
@@ -36,6 +39,7 @@ def emulator_built() -> bool:
 def _emulator():
     if not emulator_built():
         raise RuntimeError(EMULATOR_MISSING)
+    _library.define(EMULATED_NAMESPACE, KERNEL_OPS)
     from . import _emulated_cuda
     return _emulated_cuda
 
@@ -78,7 +82,8 @@ def emulated_cuda(order: str = "forward", seed: int = 0) -> Iterator[EmulatorRun
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     emu.set_order(order, seed)
     run = EmulatorRun()
-    table = {f"fused_lstm::{name}": getattr(emu, name) for name in KERNEL_OPS}
+    emulated = getattr(torch.ops, EMULATED_NAMESPACE)
+    table = {f"fused_lstm::{name}": getattr(emulated, name) for name in KERNEL_OPS}
     # Fresh tensors (torch.empty, the kernels' output buffers) start NaN, as shared memory does,
     # so an element a kernel fails to write shows up instead of reading as stale memory.
     saved = torch.are_deterministic_algorithms_enabled(), _fill.fill_uninitialized_memory

@@ -318,3 +318,55 @@ def test_lstm_op_on_fake_tensors():
             out, h_n, c_n = torch.ops.fused_lstm.lstm(*fake)
     assert out.shape == (args[0].shape[0], 2 * P) and h_n.shape == (4, 3, P)
     assert c_n.shape == (4, 3, H)
+
+
+PY_AUTOGRAD = "fused_lstm_pyautograd"
+
+
+def python_autograd_ops():
+    """The kernel ops again, in a namespace of their own, with the native kernels and the Python
+    autograd that an install without the extension registers for the fused_lstm ops."""
+    if not hasattr(python_autograd_ops, "ops"):
+        from fused_lstm import _library
+        _library.define(PY_AUTOGRAD, _library.KERNEL_OPS)
+        for name in _library.KERNEL_OPS:
+            torch.library.impl(f"{PY_AUTOGRAD}::{name}", "CompositeExplicitAutograd")(
+                getattr(torch.ops.fused_lstm, name))
+        _library.register_python_autograd(PY_AUTOGRAD)
+        python_autograd_ops.ops = getattr(torch.ops, PY_AUTOGRAD)
+    return python_autograd_ops.ops
+
+
+def grads_through(op, args, which):
+    """op's outputs and the gradients of a fixed loss of the outputs ``which`` selects, for each
+    tensor argument (None where it gets none); then whether a second backward raises, and
+    its message."""
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    out = op(*args)
+    loss = sum((o * ramp(o)).sum() for k, o in enumerate(out) if k in which)
+    grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+    second = next(g for g in grads if g is not None)
+    with pytest.raises(RuntimeError) as err:
+        torch.autograd.grad(second.sum(), inputs, allow_unused=True)
+    return out, grads, str(err.value)
+
+
+@needs_extension
+@pytest.mark.parametrize("proj,bias,packed,reverse", FLAGS)
+@pytest.mark.parametrize("which", [(0,), (1, 2), (0, 2)])
+def test_python_autograd_matches_the_cpp_one(proj, bias, packed, reverse, which):
+    """The two autograds of the kernel ops (csrc/autograd/kernel_ops.cpp and _library.py's, over
+    the same native kernels) give the same outputs and gradients, bit for bit, leave the same
+    arguments without one, and refuse a second backward alike."""
+    args = op_args(proj, bias, packed, reverse, requires_grad=True)
+    for cpp, py in ((torch.ops.fused_lstm.layer_forward, python_autograd_ops().layer_forward),
+                    (torch.ops.fused_lstm.cell_forward, python_autograd_ops().cell_forward)):
+        call = args if cpp is torch.ops.fused_lstm.layer_forward else cell_args(
+            bias, requires_grad=True)
+        out_cpp, grads_cpp, err_cpp = grads_through(cpp, call, which)
+        out_py, grads_py, err_py = grads_through(py, call, which)
+        assert_same(out_cpp, out_py, atol=0)
+        assert [g is None for g in grads_cpp] == [g is None for g in grads_py]
+        assert_same([g for g in grads_cpp if g is not None],
+                    [g for g in grads_py if g is not None], atol=0)
+        assert err_cpp == err_py == fused_lstm._library.DOUBLE_BACKWARD_ERROR

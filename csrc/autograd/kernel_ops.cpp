@@ -25,73 +25,100 @@ namespace {
 
 // ---- layer_forward -----------------------------------------------------------------------------
 
+// What layer_forward's backward reads, by name: the call (its biases aside, which the gradients do
+// not read) and the forward's results. save_for_backward takes one flat list of tensors; pack
+// lays the tensors out in it and unpack reads them back; batch_sizes, a CPU constant, and the
+// flags go to saved_data.
+struct LayerSaved {
+  LayerArgs forward;
+  Tensor output, gates, cells;
+
+  void save(AutogradContext* ctx, bool has_bias) const {
+    const LayerArgs& a = forward;
+    ctx->saved_data["batch_sizes"] = a.batch_sizes;
+    ctx->saved_data["reverse"] = a.reverse;
+    ctx->saved_data["has_bias"] = has_bias;
+    variable_list out{a.input, a.h0, a.c0, a.w_ih, a.w_hh, a.w_hr.value_or(Tensor()),
+                      output, gates, cells};
+    save_regularisers(out, a.regs);
+    ctx->save_for_backward(out);
+  }
+
+  static LayerSaved load(AutogradContext* ctx, const variable_list& saved) {
+    auto it = saved.cbegin();
+    LayerSaved s;
+    LayerArgs& a = s.forward;
+    a.input = *it++, a.h0 = *it++, a.c0 = *it++, a.w_ih = *it++, a.w_hh = *it++;
+    a.w_hr = opt(*it++);
+    s.output = *it++, s.gates = *it++, s.cells = *it++;
+    a.regs = load_regularisers(it);
+    a.batch_sizes = ctx->saved_data["batch_sizes"].toOptional<Tensor>();
+    a.reverse = ctx->saved_data["reverse"].toBool();
+    return s;
+  }
+};
+
 struct LayerForward : public torch::autograd::Function<LayerForward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input,
-                               const optional<Tensor>& batch_sizes, const Tensor& h0,
-                               const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                               const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                               const optional<Tensor>& w_hr, bool reverse,
-                               const optional<Tensor>& recurrent_mask,
-                               const optional<Tensor>& zoneout_cell,
-                               const optional<Tensor>& zoneout_hidden,
-                               const optional<Tensor>& reset) {
+  // a is the call; the tensors after it are its differentiable ones, which autograd tracks (and
+  // backward returns their gradients in this order).
+  static variable_list forward(AutogradContext* ctx, const LayerArgs& a, const Tensor&,
+                               const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                               const optional<Tensor>&, const optional<Tensor>&,
+                               const optional<Tensor>&) {
     const Below below;
-    auto [y, h, c, gates, cells] =
-        ops().layer_forward.call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                 recurrent_mask, zoneout_cell, zoneout_hidden, reset);
+    auto [y, h, c, gates, cells] = call_layer_forward(ops().layer_forward, a);
     // The workspace is saved state for the backward, not a differentiable result; an unused
     // output's gradient reaches the backward undefined rather than as zeros.
     ctx->mark_non_differentiable({gates, cells});
     ctx->set_materialize_grads(false);
-    ctx->saved_data["batch_sizes"] = batch_sizes;
-    ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["has_bias"] = b_ih.has_value();
-    ctx->save_for_backward({input, h0, c0, w_ih, w_hh, w_hr.value_or(Tensor()), y, gates, cells,
-                            recurrent_mask.value_or(Tensor()), zoneout_cell.value_or(Tensor()),
-                            zoneout_hidden.value_or(Tensor()), reset.value_or(Tensor())});
+    LayerSaved{a, y, gates, cells}.save(ctx, a.b_ih.has_value());
     return {y, h, c, gates, cells};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
-    const auto saved = ctx->get_saved_variables();
-    const auto& [input, h0, c0, w_ih, w_hh, w_hr, y, gates, cells] =
-        std::tie(saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
-                 saved[8]);
-    const auto batch_sizes = ctx->saved_data["batch_sizes"].toOptional<Tensor>();
+    const variable_list saved_list = ctx->get_saved_variables();
+    LayerSaved saved = LayerSaved::load(ctx, saved_list);
     variable_list g;
     {
       const Below below;
-      auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = ops().layer_backward.call(
-          opt(grad[0]), opt(grad[1]), opt(grad[2]), input, batch_sizes, h0, c0, w_ih, w_hh,
-          opt(w_hr), y, gates, cells, ctx->saved_data["reverse"].toBool(), opt(saved[9]),
-          opt(saved[10]), opt(saved[11]), opt(saved[12]));
+      auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = call_layer_backward(
+          ops().layer_backward, {.forward = saved.forward,
+                                 .grad_output = opt(grad[0]),
+                                 .grad_h_n = opt(grad[1]),
+                                 .grad_c_n = opt(grad[2]),
+                                 .output = saved.output,
+                                 .gates = saved.gates,
+                                 .cells = saved.cells});
       g = {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
     }
-    g = refuse_double_backward(g, concat({{grad[0], grad[1], grad[2]}, saved}));
+    g = refuse_double_backward(g, concat({{grad[0], grad[1], grad[2]}, saved_list}));
     const Tensor db = ctx->saved_data["has_bias"].toBool() ? g[5] : Tensor();
-    // batch_sizes, reverse, the masks and the resets are constants.
-    return {g[0], Tensor(), g[1], g[2], g[3], g[4], db, db, w_hr.defined() ? g[6] : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    // The call itself (batch_sizes, reverse, the masks and the resets) is a constant.
+    return {Tensor(), g[0], g[1], g[2], g[3], g[4], db, db,
+            saved.forward.w_hr ? g[6] : Tensor()};
   }
 };
 
-Tensors5 layer_forward_autograd(const Tensor& input, const optional<Tensor>& batch_sizes,
-                                const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
-                                const Tensor& w_hh, const optional<Tensor>& b_ih,
-                                const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                                bool reverse, const optional<Tensor>& recurrent_mask,
-                                const optional<Tensor>& zoneout_cell,
-                                const optional<Tensor>& zoneout_hidden,
-                                const optional<Tensor>& reset) {
-  if (!torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)) {
-    const Below below;
-    return ops().layer_forward.call(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                   reverse, recurrent_mask, zoneout_cell, zoneout_hidden, reset);
+struct LayerAutograd {
+  static LayerForwardResult forward(const LayerArgs& a) {
+    if (!torch::autograd::compute_requires_grad(a.input, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih,
+                                                a.b_hh, a.w_hr)) {
+      const Below below;
+      return call_layer_forward(ops().layer_forward, a);
+    }
+    auto out = LayerForward::apply(a, a.input, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr);
+    return {out[0], out[1], out[2], out[3], out[4]};
   }
-  auto out = LayerForward::apply(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                                 recurrent_mask, zoneout_cell, zoneout_hidden, reset);
-  return {out[0], out[1], out[2], out[3], out[4]};
-}
+
+  // The backward op is not differentiable: its results carry no graph (the forward ops'
+  // backwards attach the double-backward error to them instead). Without an Autograd kernel of
+  // its own, autograd's fallback would give them a graph whose backward only warns and returns
+  // zeros.
+  static LayerBackwardResult backward(const LayerBackwardArgs& b) {
+    const Below below;
+    return call_layer_backward(ops().layer_backward, b);
+  }
+};
 
 // ---- cell_forward ------------------------------------------------------------------------------
 
@@ -124,7 +151,7 @@ struct CellForward : public torch::autograd::Function<CellForward> {
   }
 };
 
-Tensors4 cell_forward_autograd(const Tensor& input, const Tensor& h0, const Tensor& c0,
+CellForwardResult cell_forward_autograd(const Tensor& input, const Tensor& h0, const Tensor& c0,
                                const Tensor& w_ih, const Tensor& w_hh,
                                const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
   if (!torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh)) {
@@ -135,30 +162,9 @@ Tensors4 cell_forward_autograd(const Tensor& input, const Tensor& h0, const Tens
   return {out[0], out[1], out[2], out[3]};
 }
 
-// ---- the backward ops: not differentiable ------------------------------------------------------
-//
-// Their results carry no graph (the forward ops' backwards above attach the double-backward
-// error to them instead). Without an Autograd kernel of their own, autograd's fallback would give
-// them a graph whose backward only warns and returns zeros.
+// ---- cell_backward: not differentiable, as layer_backward above -------------------------------
 
-Tensors7 layer_backward_autograd(const optional<Tensor>& grad_output,
-                                 const optional<Tensor>& grad_h_n,
-                                 const optional<Tensor>& grad_c_n, const Tensor& input,
-                                 const optional<Tensor>& batch_sizes, const Tensor& h0,
-                                 const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                                 const optional<Tensor>& w_hr, const Tensor& output,
-                                 const Tensor& gates, const Tensor& cells, bool reverse,
-                                 const optional<Tensor>& recurrent_mask,
-                                 const optional<Tensor>& zoneout_cell,
-                                 const optional<Tensor>& zoneout_hidden,
-                                 const optional<Tensor>& reset) {
-  const Below below;
-  return ops().layer_backward.call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0,
-                                  w_ih, w_hh, w_hr, output, gates, cells, reverse, recurrent_mask,
-                                  zoneout_cell, zoneout_hidden, reset);
-}
-
-Tensors6 cell_backward_autograd(const optional<Tensor>& grad_h, const optional<Tensor>& grad_c,
+CellBackwardResult cell_backward_autograd(const optional<Tensor>& grad_h, const optional<Tensor>& grad_c,
                                 const Tensor& input, const Tensor& h0, const Tensor& c0,
                                 const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
                                 const Tensor& cells) {
@@ -169,8 +175,8 @@ Tensors6 cell_backward_autograd(const optional<Tensor>& grad_h, const optional<T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) {
-  m.impl("layer_forward", &layer_forward_autograd);
-  m.impl("layer_backward", &layer_backward_autograd);
+  m.impl("layer_forward", &layer_forward_entry<LayerAutograd>);
+  m.impl("layer_backward", &layer_backward_entry<LayerAutograd>);
   m.impl("cell_forward", &cell_forward_autograd);
   m.impl("cell_backward", &cell_backward_autograd);
 }

@@ -19,14 +19,34 @@ namespace {
 // hx (L*D, B, Hr), cx (L*D, B, H); the output of layer l, both directions concatenated, is the
 // input of layer l+1, after dropout in training (never after the last layer).
 
-// lstm's arguments after params, in the schema's order (filled with designated initialisers,
-// which the compiler holds to this order).
+// lstm's options: its arguments after params but reset. fields() is their one table, by name,
+// which the entry point below fills and the autograd saves and loads.
 struct LstmConfig {
   bool has_biases, has_proj;
   int64_t num_layers;
   double dropout;
   bool train, bidirectional;
   double recurrent_dropout, zoneout_cell, zoneout_hidden, weight_drop;
+
+  template <class Self, class F>
+  static void fields(Self& c, F&& f) {
+    f("has_biases", c.has_biases), f("has_proj", c.has_proj), f("num_layers", c.num_layers);
+    f("dropout", c.dropout), f("train", c.train), f("bidirectional", c.bidirectional);
+    f("recurrent_dropout", c.recurrent_dropout), f("zoneout_cell", c.zoneout_cell);
+    f("zoneout_hidden", c.zoneout_hidden), f("weight_drop", c.weight_drop);
+  }
+
+  void save(AutogradContext* ctx) const {
+    fields(*this, [&](const char* name, const auto& v) { ctx->saved_data[name] = v; });
+  }
+  static LstmConfig load(AutogradContext* ctx) {
+    LstmConfig c;
+    fields(c, [&](const char* name, auto& v) {
+      v = ctx->saved_data[name].to<std::decay_t<decltype(v)>>();
+    });
+    return c;
+  }
+
   int64_t dirs() const { return bidirectional ? 2 : 1; }
   int64_t per_dir() const { return 2 + 2 * has_biases + has_proj; }
   bool drops_after(int64_t layer) const {
@@ -147,22 +167,24 @@ Tensor reset_for_reverse(const Tensor& reset, const optional<Tensor>& batch_size
   return at::cat({reset, at::zeros({1}, reset.options())}).index_select(0, index);
 }
 
-// The regularisers of one layer and direction as layer_forward takes them, and the weight-drop
-// mask applied to its w_hh (undefined where off).
+// The regularisers of one layer and direction: what layer_forward takes (with the resets as
+// that direction visits the rows), and the weight-drop mask applied to its w_hh (undefined
+// where off).
 struct DirRegularisers {
   Tensor weight_mask;
-  optional<Tensor> recurrent_mask, zoneout_cell, zoneout_hidden;
+  Regularisers regs;
 };
 
 DirRegularisers draw_regularisers(const LstmConfig& cfg, const Tensor& x, const Tensor& h0,
-                                  const DirWeights& w) {
+                                  const DirWeights& w, const optional<Tensor>& reset) {
   DirRegularisers r;
   if (cfg.train && cfg.weight_drop > 0) r.weight_mask = drop_mask(w.w_hh, cfg.weight_drop);
   if (cfg.train && cfg.recurrent_dropout > 0) {
-    r.recurrent_mask = drop_mask(h0, cfg.recurrent_dropout);
+    r.regs.recurrent_mask = drop_mask(h0, cfg.recurrent_dropout);
   }
-  r.zoneout_cell = zoneout_weights(cfg, cfg.zoneout_cell, x, w.w_hh.sym_size(0) / 4);
-  r.zoneout_hidden = zoneout_weights(cfg, cfg.zoneout_hidden, x, h0.sym_size(-1));
+  r.regs.zoneout_cell = zoneout_weights(cfg, cfg.zoneout_cell, x, w.w_hh.sym_size(0) / 4);
+  r.regs.zoneout_hidden = zoneout_weights(cfg, cfg.zoneout_hidden, x, h0.sym_size(-1));
+  r.regs.reset = reset;
   return r;
 }
 
@@ -172,12 +194,11 @@ Tensor dropped(const Tensor& w_hh, const Tensor& weight_mask) {
 
 // The forward of lstm, and what its backward needs: per layer and direction (in hx's order) the
 // output and workspace layer_forward returned and the regularisers drawn, per layer the dropout
-// noise applied after it (undefined where none), the resets of each direction.
+// noise applied after it (undefined where none).
 struct LstmRun {
   Tensor output, h_n, c_n;
   std::vector<Tensor> ys, gates, cells, noise;
   std::vector<DirRegularisers> regs;
-  optional<Tensor> resets[2];
 };
 
 LstmRun run_lstm(const LstmConfig& cfg, const Tensor& input, const optional<Tensor>& batch_sizes,
@@ -185,9 +206,10 @@ LstmRun run_lstm(const LstmConfig& cfg, const Tensor& input, const optional<Tens
                  const optional<Tensor>& reset) {
   check_lstm_args(cfg, input, batch_sizes, hx, cx, params, reset);
   LstmRun run;
+  optional<Tensor> resets[2];
   if (reset) {
-    run.resets[0] = reset;
-    if (cfg.bidirectional) run.resets[1] = reset_for_reverse(*reset, batch_sizes);
+    resets[0] = reset;
+    if (cfg.bidirectional) resets[1] = reset_for_reverse(*reset, batch_sizes);
   }
   std::vector<Tensor> h_n, c_n;
   Tensor x = input;
@@ -197,11 +219,19 @@ LstmRun run_lstm(const LstmConfig& cfg, const Tensor& input, const optional<Tens
       const int64_t k = layer * cfg.dirs() + d;
       const DirWeights w = dir_weights(cfg, params, k);
       const Tensor h0 = hx.select(0, k);
-      DirRegularisers r = draw_regularisers(cfg, x, h0, w);
-      auto [y, h, c, gates, cells] = ops().layer_forward.call(
-          x, batch_sizes, h0, cx.select(0, k), w.w_ih, dropped(w.w_hh, r.weight_mask), w.b_ih,
-          w.b_hh, w.w_hr, d == 1, r.recurrent_mask, r.zoneout_cell, r.zoneout_hidden,
-          run.resets[d]);
+      DirRegularisers r = draw_regularisers(cfg, x, h0, w, resets[d]);
+      auto [y, h, c, gates, cells] =
+          call_layer_forward(ops().layer_forward, {.input = x,
+                                                   .batch_sizes = batch_sizes,
+                                                   .h0 = h0,
+                                                   .c0 = cx.select(0, k),
+                                                   .w_ih = w.w_ih,
+                                                   .w_hh = dropped(w.w_hh, r.weight_mask),
+                                                   .b_ih = w.b_ih,
+                                                   .b_hh = w.b_hh,
+                                                   .w_hr = w.w_hr,
+                                                   .reverse = d == 1,
+                                                   .regs = r.regs});
       outs.push_back(y);
       h_n.push_back(h);
       c_n.push_back(c);
@@ -234,29 +264,6 @@ Tensor layer_input(const LstmConfig& cfg, int64_t layer, const variable_list& ys
   return mask.defined() ? x * mask : x;
 }
 
-void save_config(AutogradContext* ctx, const LstmConfig& cfg) {
-  auto& s = ctx->saved_data;
-  s["has_biases"] = cfg.has_biases, s["has_proj"] = cfg.has_proj;
-  s["num_layers"] = cfg.num_layers, s["dropout"] = cfg.dropout, s["train"] = cfg.train;
-  s["bidirectional"] = cfg.bidirectional, s["recurrent_dropout"] = cfg.recurrent_dropout;
-  s["zoneout_cell"] = cfg.zoneout_cell, s["zoneout_hidden"] = cfg.zoneout_hidden;
-  s["weight_drop"] = cfg.weight_drop;
-}
-
-LstmConfig load_config(AutogradContext* ctx) {
-  auto& s = ctx->saved_data;
-  return {.has_biases = s["has_biases"].toBool(),
-          .has_proj = s["has_proj"].toBool(),
-          .num_layers = s["num_layers"].toInt(),
-          .dropout = s["dropout"].toDouble(),
-          .train = s["train"].toBool(),
-          .bidirectional = s["bidirectional"].toBool(),
-          .recurrent_dropout = s["recurrent_dropout"].toDouble(),
-          .zoneout_cell = s["zoneout_cell"].toDouble(),
-          .zoneout_hidden = s["zoneout_hidden"].toDouble(),
-          .weight_drop = s["weight_drop"].toDouble()};
-}
-
 // What lstm's backward reads, by name. save_for_backward takes one flat list of tensors; pack
 // lays the fields out in it and unpack reads them back by the same layout, which the config's
 // counts (layers, directions, tensors per direction) determine.
@@ -269,43 +276,35 @@ struct LstmSaved {
   std::vector<DirRegularisers> regs;
   // Per layer but the last: the dropout noise applied after it (undefined where none).
   variable_list noise;
-  // The resets as each direction visits the rows.
-  optional<Tensor> resets[2];
-
-  static constexpr int64_t kPerDir = 7;  // y, gates, cells and the four regularisers
 
   variable_list pack() const {
     variable_list out{input, hx, cx};
     out.insert(out.end(), params.begin(), params.end());
     for (size_t k = 0; k < ys.size(); ++k) {
-      const DirRegularisers& r = regs[k];
-      out.insert(out.end(), {ys[k], gates[k], cells[k], r.weight_mask,
-                             r.recurrent_mask.value_or(Tensor()),
-                             r.zoneout_cell.value_or(Tensor()),
-                             r.zoneout_hidden.value_or(Tensor())});
+      out.insert(out.end(), {ys[k], gates[k], cells[k], regs[k].weight_mask});
+      save_regularisers(out, regs[k].regs);
     }
     out.insert(out.end(), noise.begin(), noise.end());
-    out.insert(out.end(), {resets[0].value_or(Tensor()), resets[1].value_or(Tensor())});
     return out;
   }
 
   static LstmSaved unpack(const LstmConfig& cfg, const variable_list& saved) {
     const int64_t dirs = cfg.num_layers * cfg.dirs(), n_params = dirs * cfg.per_dir();
     LstmSaved v;
-    auto it = saved.begin();
+    auto it = saved.cbegin();
     v.input = *it++, v.hx = *it++, v.cx = *it++;
     v.params.assign(it, it + n_params);
     it += n_params;
-    for (int64_t k = 0; k < dirs; ++k, it += kPerDir) {
-      v.ys.push_back(it[0]);
-      v.gates.push_back(it[1]);
-      v.cells.push_back(it[2]);
-      v.regs.push_back({it[3], opt(it[4]), opt(it[5]), opt(it[6])});
+    for (int64_t k = 0; k < dirs; ++k) {
+      v.ys.push_back(*it++);
+      v.gates.push_back(*it++);
+      v.cells.push_back(*it++);
+      const Tensor weight_mask = *it++;
+      v.regs.push_back({weight_mask, load_regularisers(it)});
     }
     v.noise.assign(it, it + (cfg.num_layers - 1));
     it += cfg.num_layers - 1;
-    v.resets[0] = opt(it[0]), v.resets[1] = opt(it[1]);
-    TORCH_INTERNAL_ASSERT(it + 2 == saved.end(), "fused_lstm: lstm's saved tensors do not match "
+    TORCH_INTERNAL_ASSERT(it == saved.cend(), "fused_lstm: lstm's saved tensors do not match "
                           "the layout of its config");
     return v;
   }
@@ -320,16 +319,16 @@ struct Lstm : public torch::autograd::Function<Lstm> {
     LstmRun run = run_lstm(cfg, input, batch_sizes, hx, cx, params, reset);
     ctx->set_materialize_grads(false);
     ctx->saved_data["batch_sizes"] = batch_sizes;
-    save_config(ctx, cfg);
-    const LstmSaved saved{input, hx, cx, params.vec(), run.ys, run.gates, run.cells, run.regs,
-                          run.noise, {run.resets[0], run.resets[1]}};
+    cfg.save(ctx);
+    const LstmSaved saved{input,     hx,        cx,       params.vec(), run.ys,
+                          run.gates, run.cells, run.regs, run.noise};
     ctx->save_for_backward(saved.pack());
     return {run.output, run.h_n, run.c_n};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grad) {
     const auto saved_list = ctx->get_saved_variables();
-    const LstmConfig cfg = load_config(ctx);
+    const LstmConfig cfg = LstmConfig::load(ctx);
     const auto batch_sizes = ctx->saved_data["batch_sizes"].toOptional<Tensor>();
     const int64_t L = cfg.num_layers, D = cfg.dirs(), n_params = L * D * cfg.per_dir();
     const LstmSaved saved = LstmSaved::unpack(cfg, saved_list);
@@ -337,7 +336,6 @@ struct Lstm : public torch::autograd::Function<Lstm> {
     const variable_list &params = saved.params, &ys = saved.ys, &gates = saved.gates,
                         &cells = saved.cells, &noise = saved.noise;
     const std::vector<DirRegularisers>& regs = saved.regs;
-    const auto& resets = saved.resets;
     const Tensor &grad_output = grad[0], &grad_h_n = grad[1], &grad_c_n = grad[2];
     const c10::SymInt Hr = hx.sym_size(-1);
 
@@ -355,12 +353,23 @@ struct Lstm : public torch::autograd::Function<Lstm> {
           const DirRegularisers& r = regs[k];
           optional<Tensor> dy;
           if (dx.defined()) dy = D == 1 ? dx : dx.narrow_symint(-1, d * Hr, Hr);
-          auto [gx, gh0, gc0, gw_ih, gw_hh, gb, gw_hr] = ops().layer_backward.call(
-              dy, grad_h_n.defined() ? opt(grad_h_n.select(0, k)) : std::nullopt,
-              grad_c_n.defined() ? opt(grad_c_n.select(0, k)) : std::nullopt, x, batch_sizes,
-              hx.select(0, k), cx.select(0, k), w.w_ih, dropped(w.w_hh, r.weight_mask), w.w_hr,
-              ys[k], gates[k], cells[k], d == 1, r.recurrent_mask, r.zoneout_cell,
-              r.zoneout_hidden, resets[d]);
+          auto [gx, gh0, gc0, gw_ih, gw_hh, gb, gw_hr] = call_layer_backward(
+              ops().layer_backward,
+              {.forward = {.input = x,
+                           .batch_sizes = batch_sizes,
+                           .h0 = hx.select(0, k),
+                           .c0 = cx.select(0, k),
+                           .w_ih = w.w_ih,
+                           .w_hh = dropped(w.w_hh, r.weight_mask),
+                           .w_hr = w.w_hr,
+                           .reverse = d == 1,
+                           .regs = r.regs},
+               .grad_output = dy,
+               .grad_h_n = grad_h_n.defined() ? opt(grad_h_n.select(0, k)) : std::nullopt,
+               .grad_c_n = grad_c_n.defined() ? opt(grad_c_n.select(0, k)) : std::nullopt,
+               .output = ys[k],
+               .gates = gates[k],
+               .cells = cells[k]});
           dx_below = dx_below.defined() ? dx_below + gx : gx;
           dh0[k] = gh0;
           dc0[k] = gc0;
@@ -385,45 +394,55 @@ struct Lstm : public torch::autograd::Function<Lstm> {
   }
 };
 
-// lstm's arguments after params, as the schema orders them.
-#define FL_LSTM_CONFIG_ARGS                                                                   \
-  bool has_biases, bool has_proj, int64_t num_layers, double dropout, bool train,            \
-      bool bidirectional, const optional<Tensor>& reset, double recurrent_dropout,            \
-      double zoneout_cell, double zoneout_hidden, double weight_drop
-#define FL_LSTM_CONFIG                                                                        \
-  LstmConfig {                                                                                \
-    .has_biases = has_biases, .has_proj = has_proj, .num_layers = num_layers,                 \
-    .dropout = dropout, .train = train, .bidirectional = bidirectional,                       \
-    .recurrent_dropout = recurrent_dropout, .zoneout_cell = zoneout_cell,                     \
-    .zoneout_hidden = zoneout_hidden, .weight_drop = weight_drop                              \
-  }
-
 Tensors3 lstm_composite(const Tensor& input, const optional<Tensor>& batch_sizes, const Tensor& hx,
-                        const Tensor& cx, at::TensorList params, FL_LSTM_CONFIG_ARGS) {
-  LstmRun run = run_lstm(FL_LSTM_CONFIG, input, batch_sizes, hx, cx, params, reset);
+                        const Tensor& cx, at::TensorList params, const optional<Tensor>& reset,
+                        const LstmConfig& cfg) {
+  LstmRun run = run_lstm(cfg, input, batch_sizes, hx, cx, params, reset);
   return {run.output, run.h_n, run.c_n};
 }
 
 Tensors3 lstm_autograd(const Tensor& input, const optional<Tensor>& batch_sizes, const Tensor& hx,
-                       const Tensor& cx, at::TensorList params, FL_LSTM_CONFIG_ARGS) {
+                       const Tensor& cx, at::TensorList params, const optional<Tensor>& reset,
+                       const LstmConfig& cfg) {
   // Nothing to differentiate: the kernel below autograd, no workspace kept. It calls
   // layer_forward itself rather than redispatching lstm, so that a TorchDispatchMode that
   // replaces the kernel ops (fused_lstm.reference_only) sees every call.
   if (!torch::autograd::compute_requires_grad(input, hx, cx, params)) {
     const Below below;
-    return lstm_composite(input, batch_sizes, hx, cx, params, has_biases, has_proj, num_layers,
-                          dropout, train, bidirectional, reset, recurrent_dropout, zoneout_cell,
-                          zoneout_hidden, weight_drop);
+    return lstm_composite(input, batch_sizes, hx, cx, params, reset, cfg);
   }
-  auto out = Lstm::apply(input, batch_sizes, hx, cx, params, FL_LSTM_CONFIG, reset);
+  auto out = Lstm::apply(input, batch_sizes, hx, cx, params, cfg, reset);
   return {out[0], out[1], out[2]};
+}
+
+// lstm's schema arguments as a call of Impl, its options as one LstmConfig.
+template <Tensors3 (*Impl)(const Tensor&, const optional<Tensor>&, const Tensor&, const Tensor&,
+                           at::TensorList, const optional<Tensor>&, const LstmConfig&)>
+Tensors3 lstm_entry(const Tensor& input, const optional<Tensor>& batch_sizes, const Tensor& hx,
+                    const Tensor& cx, at::TensorList params, bool has_biases, bool has_proj,
+                    int64_t num_layers, double dropout, bool train, bool bidirectional,
+                    const optional<Tensor>& reset, double recurrent_dropout, double zoneout_cell,
+                    double zoneout_hidden, double weight_drop) {
+  return Impl(input, batch_sizes, hx, cx, params, reset,
+              {.has_biases = has_biases,
+               .has_proj = has_proj,
+               .num_layers = num_layers,
+               .dropout = dropout,
+               .train = train,
+               .bidirectional = bidirectional,
+               .recurrent_dropout = recurrent_dropout,
+               .zoneout_cell = zoneout_cell,
+               .zoneout_hidden = zoneout_hidden,
+               .weight_drop = weight_drop});
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) { m.impl("lstm", &lstm_autograd); }
+TORCH_LIBRARY_IMPL(fused_lstm, Autograd, m) { m.impl("lstm", &lstm_entry<&lstm_autograd>); }
 
-TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) { m.impl("lstm", &lstm_composite); }
+TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
+  m.impl("lstm", &lstm_entry<&lstm_composite>);
+}
 
 }  // namespace autograd
 }  // namespace fused_lstm

@@ -1,5 +1,7 @@
 // What the autograd kernels share: the ops they call through the dispatcher, looked up once,
-// and the guard that makes a second backward through the handwritten backwards raise.
+// typed with the entry points' signatures (layer_ops.h); the regularisers' place in a saved
+// tensor list; and the guard that makes a second backward through the handwritten backwards
+// raise.
 //
 // Every call of a kernel op goes through the dispatcher below autograd, so each device's kernel
 // runs (or whatever a TorchDispatchMode such as fused_lstm.reference_only puts in its place) and
@@ -13,6 +15,9 @@
 #include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+
+#include "../layer_ops.h"
 
 namespace fused_lstm {
 
@@ -27,29 +32,9 @@ using torch::autograd::variable_list;
 using Below = at::AutoDispatchBelowADInplaceOrView;
 
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
-using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using Tensors7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// The regularisers and resets that end layer_forward's and layer_backward's arguments.
-#define FL_EXTRAS_SIG \
-  const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&, const optional<Tensor>&
-using LayerForwardSig = Tensors5(const Tensor&, const optional<Tensor>&, const Tensor&,
-                                 const Tensor&, const Tensor&, const Tensor&,
-                                 const optional<Tensor>&, const optional<Tensor>&,
-                                 const optional<Tensor>&, bool, FL_EXTRAS_SIG);
-using LayerBackwardSig = Tensors7(const optional<Tensor>&, const optional<Tensor>&,
-                                  const optional<Tensor>&, const Tensor&, const optional<Tensor>&,
-                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const optional<Tensor>&, const Tensor&, const Tensor&,
-                                  const Tensor&, bool, FL_EXTRAS_SIG);
-#undef FL_EXTRAS_SIG
-using CellForwardSig = Tensors4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const optional<Tensor>&, const optional<Tensor>&);
-using CellBackwardSig = Tensors6(const optional<Tensor>&, const optional<Tensor>&, const Tensor&,
-                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const Tensor&);
+using CellForwardSig = std::remove_pointer_t<decltype(&cell_forward_op<AnyImpl>)>;
+using CellBackwardSig = std::remove_pointer_t<decltype(&cell_backward_op<AnyImpl>)>;
 using KeepMaskSig = Tensor(const Tensor&, c10::SymIntArrayRef, double, double);
 
 template <class Sig>
@@ -77,6 +62,18 @@ inline const Ops& ops() {
 
 inline optional<Tensor> opt(const Tensor& t) {
   return t.defined() ? optional<Tensor>(t) : std::nullopt;
+}
+
+// The regularisers in a saved tensor list (undefined where absent), and read back from it at
+// `it`, which moves past them.
+inline void save_regularisers(variable_list& out, const Regularisers& r) {
+  r.each([&](const char*, const optional<Tensor>& t) { out.push_back(t.value_or(Tensor())); });
+}
+
+inline Regularisers load_regularisers(variable_list::const_iterator& it) {
+  Regularisers r;
+  r.each([&](const char*, optional<Tensor>& t) { t = opt(*it++); });
+  return r;
 }
 
 inline variable_list concat(std::initializer_list<variable_list> parts) {

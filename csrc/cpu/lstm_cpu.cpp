@@ -10,10 +10,11 @@
 // thresholds are ../tuning.h's.
 //
 // This file holds the entry points and their registration; the rest, one concern a header, is
-// included here only, so that the loops inline across them as in one file:
+// included here only, so that the compiler sees the loops whole and inlines across them:
 //   microkernels.h    register tiles of a step's product, per ISA
 //   step_product.h    W packed once per call, the thread split, the hand-over to BLAS
 //   step_regs.h       the regularisers and resets as the loops read them
+//   gemm_routing.h    which library computes a product over the whole sequence
 //   pointwise.h       the gate math of a step, forward and backward
 //   recurrence.h      the forward and backward loops over the steps
 //   small_products.h  the input projection and the small-size closing gradient loops
@@ -24,8 +25,9 @@
 #include <algorithm>
 #include <optional>
 
+#include "../layer_buffers.h"
 #include "../layer_ops.h"
-#include "../lstm_common.h"
+#include "gemm_routing.h"
 #include "recurrence.h"
 #include "small_products.h"
 #include "step_regs.h"
@@ -99,7 +101,7 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   const Regularisers& regs = p.regs;
   const StepLayout& L = p.steps;
   const auto opts = input.options();
-  const FlatSequence seq = flatten_sequence(d, input, p.gates, p.cells, p.output, p.grad_output);
+  const FlatSequence seq = flatten_sequence(p);
   const at::Tensor &acts = seq.acts, &cs = seq.cells, &y = seq.y, &dy = seq.dy;
   at::Tensor dh = grad_h_n ? grad_h_n->contiguous().clone() : at::zeros({d.B, d.Hr}, opts);
   at::Tensor dc = grad_c_n ? grad_c_n->contiguous().clone() : at::zeros({d.B, d.H}, opts);
@@ -144,7 +146,7 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   });
   if (!small) {
     std::tie(grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr) =
-        sequence_grads(d, input, seq, w_ih, dz, h_prev, dh_all, m_all);
+        sequence_grads<CpuProducts>(p, seq, dz, h_prev, dh_all, m_all);
   }
   return {grad_input, dh, dc, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }

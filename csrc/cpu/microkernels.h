@@ -12,7 +12,7 @@
 
 namespace fused_lstm {
 // Internal to lstm_cpu.cpp, the one file that includes this header: its definitions keep that
-// file's internal linkage, so the loops inline across the headers as they did in one file.
+// file's internal linkage, so that the compiler sees the loops whole and inlines across headers.
 namespace {
 
 using namespace tuning;

@@ -7,7 +7,7 @@
 #include <optional>
 #include <vector>
 
-#include "../lstm_common.h"
+#include "../layer_args.h"
 #include "../lstm_gates.h"
 #include "pointwise.h"
 #include "step_product.h"
@@ -15,7 +15,7 @@
 
 namespace fused_lstm {
 // Internal to lstm_cpu.cpp, the one file that includes this header: its definitions keep that
-// file's internal linkage, so the loops inline across the headers as they did in one file.
+// file's internal linkage, so that the compiler sees the loops whole and inlines across headers.
 namespace {
 
 using namespace tuning;
@@ -194,9 +194,22 @@ void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const a
   }
 }
 
-// h_{t-1} of every row, rebuilt from output and h0 rather than saved by the forward; which row
-// each one comes from is lstm_common.h's h_prev_sources (the CUDA backward step kernels write
-// theirs as they go).
+// Where each row's h_{t-1} comes from, for rebuilding H_prev with one gather instead of saving
+// it: src[r] >= 0 is a row of the layer's output (the previously visited step, where that batch
+// row was active), src[r] < 0 is row -1 - src[r] of h0 (the row's first visited step).
+inline std::vector<int64_t> h_prev_sources(const StepLayout& L) {
+  std::vector<int64_t> src(static_cast<size_t>(L.rows));
+  for (size_t s = 0; s < L.start.size(); ++s) {
+    const int64_t prev_size = s > 0 ? L.size[s - 1] : 0, prev_start = s > 0 ? L.start[s - 1] : 0;
+    for (int64_t b = 0; b < L.size[s]; ++b) {
+      src[L.start[s] + b] = b < prev_size ? prev_start + b : -1 - b;
+    }
+  }
+  return src;
+}
+
+// h_{t-1} of every row, rebuilt from output and h0 rather than saved by the forward (the CUDA
+// backward step kernels write theirs as they go).
 template <typename T>
 void gather_h_prev(const StepLayout& L, int64_t Hr, const T* py, const T* ph0, T* out) {
   const std::vector<int64_t> src = h_prev_sources(L);

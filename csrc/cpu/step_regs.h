@@ -5,14 +5,12 @@
 
 #include <algorithm>
 
-#include "../lstm_common.h"
+#include "../layer_args.h"
 
 namespace fused_lstm {
 // Internal to lstm_cpu.cpp, the one file that includes this header: its definitions keep that
-// file's internal linkage, so the loops inline across the headers as they did in one file.
+// file's internal linkage, so that the compiler sees the loops whole and inlines across headers.
 namespace {
-
-using namespace tuning;
 
 // A layer's regularisers and resets (meanings: fused_lstm/_library.py) as the step loops read them:
 // raw pointers taken once per call, null where not given. The zoneout weights of row r (a row of

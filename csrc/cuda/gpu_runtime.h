@@ -1,7 +1,8 @@
-// Everything lstm_cuda.cu needs from a real GPU runtime, behind one small interface with two
-// implementations: CUDA's (nvcc build) and the emulator's (FUSED_LSTM_EMULATED, host compiler,
-// csrc/emulator). Everything else in lstm_cuda.cu, kernels and host code alike, is compiled
-// unchanged by both. The emulated build replaces exactly:
+// Everything the CUDA backend (lstm_cuda.cu, and the step kernels and loops it calls:
+// step_kernels.cuh, step_loops.cuh) needs from a real GPU runtime, behind one small interface
+// with two implementations: CUDA's (nvcc build) and the emulator's (FUSED_LSTM_EMULATED, host
+// compiler, csrc/emulator). Everything else, kernels and host code alike, is compiled unchanged
+// by both. The emulated build replaces exactly:
 //   - the launch `kernel<<<grid, block, smem, stream>>>(args)` + C10_CUDA_KERNEL_LAUNCH_CHECK by
 //     cuda_emu::launch (same grid and block, same checks, run on the CPU);
 //   - __shared__ arrays (FL_SHARED_ARRAY) by the emulator's block-shared arena;

@@ -19,7 +19,9 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
+#include "../layer_args.h"
 #include "../lstm_gates.h"
 
 namespace fused_lstm {
@@ -58,10 +60,17 @@ struct ZoneoutWeight {
   FL_HD acc_t at(int64_t row, int64_t k) const {
     return static_cast<acc_t>(p[row * ld + k * inc]);
   }
+  // On the host, from a contiguous mask or a 0-dim rate, or absent.
+  static ZoneoutWeight of(const std::optional<at::Tensor>& z) {
+    if (!z) return {};
+    const bool rate = z->dim() == 0;
+    return {z->const_data_ptr<T>(), rate ? 0 : z->size(-1), rate ? 0 : 1};
+  }
 };
 
-// The regularisers and resets of one layer call (fused_lstm/_library.py); any of them may be absent
-// (nullptr). Only the kernels' kRegs instantiations read them, so the default path stays as it was.
+// The regularisers and resets of one layer call (fused_lstm/_library.py) as the step kernels
+// read them; any of them may be absent (nullptr). Only the kernels' kRegs instantiations read
+// them, so that a call without any runs kernels with none of their loads or branches.
 template <typename T>
 struct StepRegs {
   const T* recurrent_mask = nullptr;  // (B, Hr)
@@ -69,6 +78,18 @@ struct StepRegs {
   ZoneoutWeight<T> zc, zh;            // cells (rows, H), hidden (rows, Hr)
   FL_HD bool fresh(int64_t row) const { return reset != nullptr && reset[row]; }
 };
+
+// On the host: the view of a call's regularisers, which LayerParams holds contiguous and alive
+// for the launches that read them.
+template <typename T>
+StepRegs<T> step_regs(const Regularisers& r) {
+  StepRegs<T> v;
+  v.recurrent_mask = r.recurrent_mask ? r.recurrent_mask->const_data_ptr<T>() : nullptr;
+  v.reset = r.reset ? r.reset->const_data_ptr<bool>() : nullptr;
+  v.zc = ZoneoutWeight<T>::of(r.zoneout_cell);
+  v.zh = ZoneoutWeight<T>::of(r.zoneout_hidden);
+  return v;
+}
 
 // Component k of the state h_{t-1} that the step of `row` (batch row b) starts from: zero after a
 // reset, unmasked (what zoneout_hidden keeps).

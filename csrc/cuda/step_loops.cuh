@@ -54,8 +54,8 @@ void with_batch_tile(int64_t B, const F& f) {
 }
 
 // with_batch_tile, and the kernels' kRegs (whether any regulariser or reset is given) as a
-// compile-time constant too, so that the default path is the code it was: f(bt, regs_on). The
-// kRegs kernels take batch tiles up to kMaxBTRegs.
+// compile-time constant too, so that a call without any runs kernels with none of their loads
+// or branches: f(bt, regs_on). The kRegs kernels take batch tiles up to kMaxBTRegs.
 template <int kMaxBT, int kMaxBTRegs, typename F>
 void with_tile_and_regs(int64_t B, bool any, const F& f) {
   if (any) {
@@ -64,14 +64,6 @@ void with_tile_and_regs(int64_t B, bool any, const F& f) {
     with_batch_tile<kMaxBT>(B, [&](auto bt) { f(bt, std::false_type{}); });
   }
 }
-
-// The largest batch tiles: the forward's 16 rows read W_hh once per step from B = 9 to 16. In
-// double, and with the regularisers' extra loads, 16 rows' accumulators spill, so those take 8.
-// The backward keeps 8, whose tiles of 4H are twice as wide (Tile's kStageValues), so that at
-// B16 H768 a step stays at 3 trips to memory rather than 6.
-template <typename acc_t>
-constexpr int kForwardMaxBatchTile = sizeof(acc_t) > 4 ? 8 : 16;
-constexpr int kMaxBatchTile = 8;
 
 // Whether every row of a (rows, n) buffer of T starts 16 bytes aligned (WeightTile's `vec`).
 template <typename T>
@@ -83,8 +75,8 @@ bool rows_vectorisable(const at::Tensor& t, int64_t n) {
 template <typename T>
 void forward_loop(const ForwardBuffers& bufs) {
   using acc_t = at::opmath_type<T>;
-  const LayerDims& d = bufs.d;
-  const StepLayout& L = bufs.L;
+  const LayerDims& d = bufs.p.d;
+  const StepLayout& L = bufs.p.steps;
   const int64_t S = static_cast<int64_t>(L.start.size());
   ForwardStep<T, acc_t> p{};
   p.w_hh = bufs.w_hh.const_data_ptr<T>();
@@ -95,7 +87,7 @@ void forward_loop(const ForwardBuffers& bufs) {
   p.m = d.proj ? bufs.m.data_ptr<T>() : nullptr;
   p.h_n = bufs.h_n.data_ptr<T>();
   p.c_run = bufs.c_run.data_ptr<acc_t>();
-  p.regs = bufs.regs.view<T>();
+  p.regs = step_regs<T>(bufs.p.regs);
   p.H = d.H;
   p.Hr = d.Hr;
   p.w_vec = rows_vectorisable<T>(bufs.w_hh, d.Hr);
@@ -108,7 +100,7 @@ void forward_loop(const ForwardBuffers& bufs) {
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
   constexpr int kMaxBT = kForwardMaxBatchTile<acc_t>;
-  with_tile_and_regs<kMaxBT, kMaxBatchTile>(d.B, bufs.regs.any, [&](auto bt, auto regs_on) {
+  with_tile_and_regs<kMaxBT, kMaxBatchTile>(d.B, bufs.p.regs.any(), [&](auto bt, auto regs_on) {
     constexpr int BT = decltype(bt)::value;
     constexpr bool kRegs = decltype(regs_on)::value;
     for (int64_t s = 0; s < S; ++s) {
@@ -141,8 +133,8 @@ void forward_loop(const ForwardBuffers& bufs) {
 template <typename T>
 void backward_loop(const BackwardBuffers& bufs) {
   using acc_t = at::opmath_type<T>;
-  const LayerDims& d = bufs.d;
-  const StepLayout& L = bufs.L;
+  const LayerDims& d = bufs.p.d;
+  const StepLayout& L = bufs.p.steps;
   const int64_t S = static_cast<int64_t>(L.start.size());
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
   BackwardStep<T, acc_t> p{};
@@ -162,14 +154,14 @@ void backward_loop(const BackwardBuffers& bufs) {
   p.h_prev = bufs.h_prev.data_ptr<T>();
   p.dc_run = bufs.dc_run.data_ptr<acc_t>();
   p.dh_keep = bufs.dh_keep.defined() ? bufs.dh_keep.data_ptr<acc_t>() : nullptr;
-  p.regs = bufs.regs.view<T>();
+  p.regs = step_regs<T>(bufs.p.regs);
   p.H = d.H;
   p.Hr = d.Hr;
   p.w_vec = rows_vectorisable<T>(bufs.w_hh_t, 4 * d.H);
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
   constexpr int kMaxBT = kMaxBatchTile;
-  with_tile_and_regs<kMaxBT, kMaxBT>(d.B, bufs.regs.any, [&](auto bt, auto regs_on) {
+  with_tile_and_regs<kMaxBT, kMaxBT>(d.B, bufs.p.regs.any(), [&](auto bt, auto regs_on) {
     constexpr int BT = decltype(bt)::value;
     constexpr bool kRegs = decltype(regs_on)::value;
     bool first = true;
@@ -217,3 +209,16 @@ void backward_loop(const BackwardBuffers& bufs) {
 }  // namespace
 }  // namespace cuda_steps
 }  // namespace fused_lstm
+
+// The definitions of forward_steps<T> and backward_steps<T> (step_loops.h): one a file in
+// instances/, all of FL_CUDA_DTYPES in the emulated build.
+#define FL_FORWARD_STEPS(T)                                                          \
+  template <>                                                                        \
+  void fused_lstm::cuda_steps::forward_steps<T>(const ForwardBuffers& b) {           \
+    forward_loop<T>(b);                                                              \
+  }
+#define FL_BACKWARD_STEPS(T)                                                         \
+  template <>                                                                        \
+  void fused_lstm::cuda_steps::backward_steps<T>(const BackwardBuffers& b) {         \
+    backward_loop<T>(b);                                                             \
+  }

@@ -1,43 +1,25 @@
-// The emulated CUDA backend: csrc/cuda/lstm_cuda.cu and its step loops (instances/) themselves,
-// compiled by the host compiler against the emulator (setup.py defines FUSED_LSTM_EMULATED, so
-// gpu_runtime.h picks the emulated runtime), exported to Python as fused_lstm._emulated_cuda.
-// fused_lstm.testing.emulated_cuda() routes the ops to it.
+// The emulated CUDA backend: csrc/cuda/lstm_cuda.cu and its step loops themselves, compiled by
+// the host compiler against the emulator (setup.py defines FUSED_LSTM_EMULATED, so gpu_runtime.h
+// picks the emulated runtime). Its kernels are registered for the CPU key of the ops of the
+// namespace fused_lstm_emulated, which fused_lstm.testing defines from the ops' own schemas;
+// fused_lstm.testing.emulated_cuda() routes the fused_lstm ops to them.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include "../cuda/lstm_cuda.cu"
-#include "../cuda/instances/backward_bfloat16.cu"
-#include "../cuda/instances/backward_double.cu"
-#include "../cuda/instances/backward_float.cu"
-#include "../cuda/instances/backward_half.cu"
-#include "../cuda/instances/forward_bfloat16.cu"
-#include "../cuda/instances/forward_double.cu"
-#include "../cuda/instances/forward_float.cu"
-#include "../cuda/instances/forward_half.cu"
+#include "../cuda/step_loops.cuh"
 #include "selftest_kernels.h"
+
+FL_CUDA_DTYPES(FL_FORWARD_STEPS)
+FL_CUDA_DTYPES(FL_BACKWARD_STEPS)
+
+TORCH_LIBRARY_IMPL(fused_lstm_emulated, CPU, m) {
+  fused_lstm::register_layer_ops<fused_lstm::CudaKernels>(m);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_lstm's CUDA kernels run on CPU tensors by a CUDA emulator (for tests)";
-  // The ops' own signatures (fused_lstm/_library.py), called with the dispatcher's positional
-  // arguments, which leave out trailing ones equal to their defaults: the regularisers and resets.
-  namespace py = pybind11;
-  const auto regularisers = [](auto... leading) {
-    return std::make_tuple(leading..., py::arg("recurrent_mask") = py::none(),
-                           py::arg("zoneout_cell") = py::none(),
-                           py::arg("zoneout_hidden") = py::none(), py::arg("reset") = py::none());
-  };
-  using Kernels = fused_lstm::CudaKernels;
-  std::apply([&](auto... a) { m.def("layer_forward", &fused_lstm::layer_forward_op<Kernels>, a...); },
-             regularisers(py::arg("input"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"),
-                          py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
-                          py::arg("w_hr"), py::arg("reverse")));
-  std::apply([&](auto... a) { m.def("layer_backward", &fused_lstm::layer_backward_op<Kernels>, a...); },
-             regularisers(py::arg("grad_output"), py::arg("grad_h_n"), py::arg("grad_c_n"),
-                          py::arg("input"), py::arg("batch_sizes"), py::arg("h0"), py::arg("c0"),
-                          py::arg("w_ih"), py::arg("w_hh"), py::arg("w_hr"), py::arg("output"),
-                          py::arg("gates"), py::arg("cells"), py::arg("reverse")));
-  m.def("cell_forward", &fused_lstm::cell_forward_op<Kernels>);
-  m.def("cell_backward", &fused_lstm::cell_backward_op<Kernels>);
   m.def("set_order", [](const std::string& order, uint64_t seed) {
     static const std::pair<const char*, cuda_emu::Order> kOrders[] = {
         {"forward", cuda_emu::Order::kForward},

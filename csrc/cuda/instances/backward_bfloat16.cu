@@ -1,5 +1,2 @@
 #include "../step_loops.cuh"  // one dtype and direction per file (step_loops.h)
-template <>
-void fused_lstm::cuda_steps::backward_steps<c10::BFloat16>(const BackwardBuffers& b) {
-  backward_loop<c10::BFloat16>(b);
-}
+FL_BACKWARD_STEPS(c10::BFloat16)

@@ -1,5 +1,2 @@
 #include "../step_loops.cuh"  // one dtype and direction per file (step_loops.h)
-template <>
-void fused_lstm::cuda_steps::forward_steps<float>(const ForwardBuffers& b) {
-  forward_loop<float>(b);
-}
+FL_FORWARD_STEPS(float)
