@@ -517,9 +517,19 @@ def test_onnx_export_refuses_what_onnx_lstm_cannot_express(tmp_path, kwargs, res
 
 
 def test_dropouts_in_eval_export_to_onnx(tmp_path):
-    pytest.importorskip("onnx")
+    """In eval the dropouts are the identity: the exported model is the plain LSTM, and
+    onnxruntime computes what the module does."""
+    onnxruntime = pytest.importorskip("onnxruntime")
     m = FusedLSTM(I, H, recurrent_dropout=0.3, weight_drop=0.3).eval()
-    torch.onnx.export(m, (torch.randn(4, 2, I),), str(tmp_path / "m.onnx"), dynamo=False)
+    x = torch.randn(4, 2, I)
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(m, (x,), path, dynamo=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        out, (h_n, c_n) = m(x)
+    for want, have in zip((out, h_n, c_n), got, strict=True):
+        torch.testing.assert_close(torch.from_numpy(have), want, atol=1e-5, rtol=1e-5)
 
 
 def test_torch_compile_fullgraph_with_regularisers_and_reset():
