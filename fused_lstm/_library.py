@@ -209,8 +209,9 @@ def register_python_autograd(namespace: str) -> None:
             grad_y, grad_h, grad_c, input, ctx.batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, gates,
             cells, ctx.reverse, *extras)
         db = db if ctx.biased else None
+        # reverse, the regularisers and the resets are constants.
         return (dx, None, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr if w_hr is not None else None,
-                None, None, None, None, None)
+                None, *(None for _ in extras))
 
     def setup_cell(ctx, inputs, output):
         input, h0, c0, w_ih, w_hh, b_ih, _ = inputs

@@ -78,19 +78,19 @@ void forward_loop(const ForwardBuffers& bufs) {
   const LayerDims& d = bufs.p.d;
   const StepLayout& L = bufs.p.steps;
   const int64_t S = static_cast<int64_t>(L.start.size());
-  ForwardStep<T, acc_t> p{};
-  p.w_hh = bufs.w_hh.const_data_ptr<T>();
-  p.h0 = bufs.h0.const_data_ptr<T>();
-  p.gates = bufs.gates.data_ptr<T>();
-  p.cells = bufs.cells.data_ptr<T>();
-  p.out = bufs.output.data_ptr<T>();
-  p.m = d.proj ? bufs.m.data_ptr<T>() : nullptr;
-  p.h_n = bufs.h_n.data_ptr<T>();
-  p.c_run = bufs.c_run.data_ptr<acc_t>();
-  p.regs = step_regs<T>(bufs.p.regs);
-  p.H = d.H;
-  p.Hr = d.Hr;
-  p.w_vec = rows_vectorisable<T>(bufs.w_hh, d.Hr);
+  // The step's rows (start, bs, prev_start, prev_size) are set per launch below.
+  ForwardStep<T, acc_t> p{.w_hh = bufs.w_hh.const_data_ptr<T>(),
+                          .h0 = bufs.h0.const_data_ptr<T>(),
+                          .gates = bufs.gates.data_ptr<T>(),
+                          .cells = bufs.cells.data_ptr<T>(),
+                          .out = bufs.output.data_ptr<T>(),
+                          .m = d.proj ? bufs.m.data_ptr<T>() : nullptr,
+                          .h_n = bufs.h_n.data_ptr<T>(),
+                          .c_run = bufs.c_run.data_ptr<acc_t>(),
+                          .regs = step_regs<T>(bufs.p.regs),
+                          .H = d.H,
+                          .Hr = d.Hr,
+                          .w_vec = rows_vectorisable<T>(bufs.w_hh, d.Hr)};
   // With a projection, batch row b's h_n is its y at its last visited step: rows
   // [later[s], size[s]) end at step s, where later[s] is the largest batch of the steps after s.
   std::vector<int64_t> later(d.proj ? static_cast<size_t>(S) : 0, 0);
@@ -137,27 +137,30 @@ void backward_loop(const BackwardBuffers& bufs) {
   const StepLayout& L = bufs.p.steps;
   const int64_t S = static_cast<int64_t>(L.start.size());
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-  BackwardStep<T, acc_t> p{};
-  p.w_hh_t = bufs.w_hh_t.const_data_ptr<T>();
-  p.dy = ptr(bufs.dy);
-  p.ghn = ptr(bufs.ghn);
-  p.acts = bufs.acts.const_data_ptr<T>();
-  p.cells = bufs.cells.const_data_ptr<T>();
-  p.c0 = bufs.c0.const_data_ptr<T>();
-  p.dm = ptr(bufs.dm);
-  p.dz = bufs.dz.data_ptr<T>();
-  p.dh_all = ptr(bufs.dh_all);
-  p.m_all = ptr(bufs.m_all);
-  p.grad_h0 = bufs.grad_h0.data_ptr<T>();
-  p.y = bufs.y.const_data_ptr<T>();
-  p.h0 = bufs.h0.const_data_ptr<T>();
-  p.h_prev = bufs.h_prev.data_ptr<T>();
-  p.dc_run = bufs.dc_run.data_ptr<acc_t>();
-  p.dh_keep = bufs.dh_keep.defined() ? bufs.dh_keep.data_ptr<acc_t>() : nullptr;
-  p.regs = step_regs<T>(bufs.p.regs);
-  p.H = d.H;
-  p.Hr = d.Hr;
-  p.w_vec = rows_vectorisable<T>(bufs.w_hh_t, 4 * d.H);
+  const auto ptr_acc = [](const at::Tensor& t) {
+    return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+  };
+  // The step's rows (start, bs and its neighbours') are set per launch below.
+  BackwardStep<T, acc_t> p{.w_hh_t = bufs.w_hh_t.const_data_ptr<T>(),
+                           .dy = ptr(bufs.dy),
+                           .ghn = ptr(bufs.ghn),
+                           .acts = bufs.acts.const_data_ptr<T>(),
+                           .cells = bufs.cells.const_data_ptr<T>(),
+                           .c0 = bufs.c0.const_data_ptr<T>(),
+                           .dm = ptr(bufs.dm),
+                           .dz = bufs.dz.data_ptr<T>(),
+                           .dh_all = ptr(bufs.dh_all),
+                           .m_all = ptr(bufs.m_all),
+                           .grad_h0 = bufs.grad_h0.data_ptr<T>(),
+                           .y = bufs.y.const_data_ptr<T>(),
+                           .h0 = bufs.h0.const_data_ptr<T>(),
+                           .h_prev = bufs.h_prev.data_ptr<T>(),
+                           .dc_run = bufs.dc_run.data_ptr<acc_t>(),
+                           .dh_keep = ptr_acc(bufs.dh_keep),
+                           .regs = step_regs<T>(bufs.p.regs),
+                           .H = d.H,
+                           .Hr = d.Hr,
+                           .w_vec = rows_vectorisable<T>(bufs.w_hh_t, 4 * d.H)};
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
   constexpr int kMaxBT = kMaxBatchTile;
