@@ -39,13 +39,16 @@ def _build_cuda() -> bool:
         if not _cuda_toolkit_ok():
             raise RuntimeError(
                 f"FORCE_CUDA=1 but no CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME!r}: "
-                "set CUDA_HOME to the toolkit's root (the folder holding bin/nvcc and include/)")
+                "set CUDA_HOME to the toolkit's root (the folder holding bin/nvcc and include/)"
+            )
         return True
     if torch.version.cuda is None:
         return False
     if not _cuda_toolkit_ok():
-        print(f"fused_lstm: no CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME!r}; building the "
-              "CPU kernels only (set CUDA_HOME, or FORCE_CUDA=1, to build the CUDA ones)")
+        print(
+            f"fused_lstm: no CUDA toolkit at CUDA_HOME={cpp_extension.CUDA_HOME!r}; building the "
+            "CPU kernels only (set CUDA_HOME, or FORCE_CUDA=1, to build the CUDA ones)"
+        )
         return False
     return True
 
@@ -64,10 +67,12 @@ def _pip_cuda_includes() -> list[str]:
 
 def _extension():
     with_cuda = _build_cuda()
-    sources = [os.path.relpath(p, ROOT) for p in
-               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
-               + sorted(glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
-               + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    sources = [
+        os.path.relpath(p, ROOT)
+        for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+        + sorted(glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
+        + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    ]
     # -fopenmp: at::parallel_for is inline code that splits work across threads only where the
     # including file is compiled with OpenMP; without it every "parallel" step ran on one thread.
     # The link resolves to the libgomp.so.1 torch has already loaded (same soname), so torch's
@@ -79,40 +84,56 @@ def _extension():
     torch_lib = os.path.join(torch_dir, "lib")
     if sys.platform.startswith("linux"):
         openmp = link = ["-fopenmp"]
-    elif sys.platform == "darwin" and os.path.exists(os.path.join(torch_dir, "include", "omp.h")) \
-            and os.path.exists(os.path.join(torch_lib, "libomp.dylib")):
+    elif (
+        sys.platform == "darwin"
+        and os.path.exists(os.path.join(torch_dir, "include", "omp.h"))
+        and os.path.exists(os.path.join(torch_lib, "libomp.dylib"))
+    ):
         openmp = ["-Xpreprocessor", "-fopenmp"]
         link = [f"-L{torch_lib}", "-lomp", f"-Wl,-rpath,{torch_lib}"]
     else:
-        print("fused_lstm: no OpenMP for this platform and torch; the CPU kernels will run on one "
-              "thread (fused_lstm._C.parallel_for_threads() says 1)")
+        print(
+            "fused_lstm: no OpenMP for this platform and torch; the CPU kernels will run on one "
+            "thread (fused_lstm._C.parallel_for_threads() says 1)"
+        )
         openmp = link = []
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp
     if not with_cuda:
-        return CppExtension("fused_lstm._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=link)
+        return CppExtension(
+            "fused_lstm._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     # The step loops are one file per dtype and direction (csrc/cuda/instances/), so that
     # MAX_JOBS nvcc processes compile them in parallel.
-    sources += [os.path.relpath(p, ROOT) for p in
-                sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "instances", "*.cu")))]
+    sources += [
+        os.path.relpath(p, ROOT)
+        for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "instances", "*.cu")))
+    ]
     nvcc = ["-O3", "-lineinfo"]
     extra = _pip_cuda_includes()
-    return CUDAExtension("fused_lstm._C", sources, extra_link_args=link,
-                         extra_compile_args={"cxx": cxx + extra,
-                                             "nvcc": nvcc + extra})
+    return CUDAExtension(
+        "fused_lstm._C",
+        sources,
+        extra_link_args=link,
+        extra_compile_args={"cxx": cxx + extra, "nvcc": nvcc + extra},
+    )
 
 
 def _emulated_extension():
-    sources = ["csrc/emulator/lstm_cuda_emulated.cpp", "csrc/emulator/emulator.cpp",
-               "csrc/emulator/selftest_kernels.cpp"]
+    sources = [
+        "csrc/emulator/lstm_cuda_emulated.cpp",
+        "csrc/emulator/emulator.cpp",
+        "csrc/emulator/selftest_kernels.cpp",
+    ]
     # -O1: the emulated kernels are for checking, and -O3 of the whole kernel set takes twice
     # as long to compile for little gain in the tests' run time.
-    return CppExtension("fused_lstm._emulated_cuda", sources,
-                        extra_compile_args={"cxx": ["-O1", "-DFUSED_LSTM_EMULATED",
-                                                   "-Wno-unknown-pragmas"]})
+    return CppExtension(
+        "fused_lstm._emulated_cuda",
+        sources,
+        extra_compile_args={"cxx": ["-O1", "-DFUSED_LSTM_EMULATED", "-Wno-unknown-pragmas"]},
+    )
 
 
 def _compiler_found() -> bool:
@@ -124,10 +145,12 @@ def _extensions() -> list:
     if os.environ.get("FUSED_LSTM_NO_EXTENSION", "0") == "1":
         return []
     if not _compiler_found():
-        warnings.warn("fused_lstm: no C++ compiler found, so no native kernels are built: "
-                      "FusedLSTM will run the pure-PyTorch reference, which is much slower. "
-                      "Install a C++ compiler (g++ or clang++; Xcode's command line tools on "
-                      "macOS), then reinstall with `pip install --no-build-isolation .`.")
+        warnings.warn(
+            "fused_lstm: no C++ compiler found, so no native kernels are built: "
+            "FusedLSTM will run the pure-PyTorch reference, which is much slower. "
+            "Install a C++ compiler (g++ or clang++; Xcode's command line tools on "
+            "macOS), then reinstall with `pip install --no-build-isolation .`."
+        )
         return []
     emulator = os.environ.get("FUSED_LSTM_BUILD_EMULATOR", "0") == "1"
     return [_extension()] + ([_emulated_extension()] if emulator else [])

@@ -43,12 +43,31 @@ import run  # noqa: E402
 import sweep  # noqa: E402
 
 CATEGORIES = ["step loops", "products", "copies", "allocation", "other ATen", "outside ops"]
-PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul",
-            "aten::linear", "aten::mv", "aten::addmv", "aten::addmv_",
-            "mkldnn::_linear_pointwise", "aten::_mkldnn_matmul", "aten::mkldnn_matmul"}
+PRODUCTS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmm_",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::mv",
+    "aten::addmv",
+    "aten::addmv_",
+    "mkldnn::_linear_pointwise",
+    "aten::_mkldnn_matmul",
+    "aten::mkldnn_matmul",
+}
 COPIES = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
-ALLOCATION = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::zeros",
-              "aten::zeros_like", "aten::resize_", "aten::new_empty", "aten::new_zeros"}
+ALLOCATION = {
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::zeros",
+    "aten::zeros_like",
+    "aten::resize_",
+    "aten::new_empty",
+    "aten::new_zeros",
+}
 
 
 def category(name: str) -> str:
@@ -79,8 +98,10 @@ def profile(module, step, x, steps: int) -> dict[str, float]:
 
 
 def markdown(rows: list[tuple[str, str, str, dict]]) -> str:
-    lines = ["| config | dtype | mode | impl | " + " | ".join(CATEGORIES) + " | total ms |",
-             "|---" * (len(CATEGORIES) + 5) + "|"]
+    lines = [
+        "| config | dtype | mode | impl | " + " | ".join(CATEGORIES) + " | total ms |",
+        "|---" * (len(CATEGORIES) + 5) + "|",
+    ]
     for cfg, dtype, mode, splits in rows:
         for impl, s in splits.items():
             cells = " | ".join(f"{s[k]:.2f}" for k in CATEGORIES)
@@ -98,24 +119,35 @@ def below(path: Path) -> list[tuple[configs.Config, str, str, float]]:
     """(config, dtype, mode, ratio) of every case and mode below 1.0x in a sweep.json."""
     found = []
     for r in json.loads(path.read_text())["rows"]:
-        cfg = configs.Config(r["case"], r["T"], r["B"], r["I"], r["H"], r["layers"],
-                             cell=r["kind"] == "cell")
-        found += [(cfg, r["dtype"], mode, r[mode]["ratio"]) for mode in sweep.MODES
-                  if r[mode]["ratio"] < 1.0]
+        cfg = configs.Config(
+            r["case"], r["T"], r["B"], r["I"], r["H"], r["layers"], cell=r["kind"] == "cell"
+        )
+        found += [
+            (cfg, r["dtype"], mode, r[mode]["ratio"])
+            for mode in sweep.MODES
+            if r[mode]["ratio"] < 1.0
+        ]
     return found
 
 
 def sweep_markdown(rows: list[tuple[configs.Config, str, str, float, dict]]) -> str:
     short = ["loops", "products", "copies", "alloc", "other", "outside"]
     head = " | ".join(f"{impl} {k}" for impl in ("fused", "nn") for k in short + ["total"])
-    lines = [f"| case | dtype | mode | ratio | {head} | fused GFLOP/s | nn GFLOP/s |",
-             "|---" * (2 * len(short) + 8) + "|"]
+    lines = [
+        f"| case | dtype | mode | ratio | {head} | fused GFLOP/s | nn GFLOP/s |",
+        "|---" * (2 * len(short) + 8) + "|",
+    ]
     for cfg, dtype, mode, ratio, splits in rows:
-        cells = " | ".join(f"{splits[impl][k]:.2f}" for impl in ("FusedLSTM", "nn.LSTM")
-                           for k in CATEGORIES + ["total"])
-        lines.append(f"| {cfg.name} | {dtype} | {mode} | {ratio:.2f}x | {cells} | "
-                     f"{gflops(cfg, mode, splits['FusedLSTM']):.3g} | "
-                     f"{gflops(cfg, mode, splits['nn.LSTM']):.3g} |")
+        cells = " | ".join(
+            f"{splits[impl][k]:.2f}"
+            for impl in ("FusedLSTM", "nn.LSTM")
+            for k in CATEGORIES + ["total"]
+        )
+        lines.append(
+            f"| {cfg.name} | {dtype} | {mode} | {ratio:.2f}x | {cells} | "
+            f"{gflops(cfg, mode, splits['FusedLSTM']):.3g} | "
+            f"{gflops(cfg, mode, splits['nn.LSTM']):.3g} |"
+        )
     return "\n".join(lines)
 
 
@@ -126,8 +158,18 @@ def profile_sweep(path: Path, most_steps: int) -> str:
         ref, fused, x = run.make_case(cfg, torch.device("cpu"), dtype)
         steps, _ = sweep.plan(cfg, mode, dtype, most_steps)
         step = sweep.MODES[mode]
-        rows.append((cfg, dtype_name, mode, ratio, {"FusedLSTM": profile(fused, step, x, steps),
-                                                    "nn.LSTM": profile(ref, step, x, steps)}))
+        rows.append(
+            (
+                cfg,
+                dtype_name,
+                mode,
+                ratio,
+                {
+                    "FusedLSTM": profile(fused, step, x, steps),
+                    "nn.LSTM": profile(ref, step, x, steps),
+                },
+            )
+        )
         print(f"{cfg.name} {dtype_name} {mode} done", file=sys.stderr, flush=True)
     return sweep_markdown(rows)
 
@@ -136,27 +178,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="configuration names")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--steps", type=int, default=10,
-                        help="profiled steps per case (fewer for big sweep cases)")
-    parser.add_argument("--sweep", type=Path, metavar="JSON",
-                        help="profile the cases below 1.0x of this sweep.py output instead")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="profiled steps per case (fewer for big sweep cases)"
+    )
+    parser.add_argument(
+        "--sweep",
+        type=Path,
+        metavar="JSON",
+        help="profile the cases below 1.0x of this sweep.py output instead",
+    )
     args = parser.parse_args(argv)
     if args.sweep:
-        print(f"{run.machine_description(torch.device('cpu'))}; torch {torch.__version__}; "
-              f"ms per call from torch.profiler; the cases below 1.0x in {args.sweep}", flush=True)
+        print(
+            f"{run.machine_description(torch.device('cpu'))}; torch {torch.__version__}; "
+            f"ms per call from torch.profiler; the cases below 1.0x in {args.sweep}",
+            flush=True,
+        )
         print(profile_sweep(args.sweep, args.steps))
         return 0
     cfgs = [c for c in configs.CPU if not args.only or c.name in args.only]
     dtype = getattr(torch, args.dtype)
-    print(f"{run.machine_description(torch.device('cpu'))}; torch {torch.__version__}; "
-          f"self CPU time per step from torch.profiler, {args.steps} steps", flush=True)
+    print(
+        f"{run.machine_description(torch.device('cpu'))}; torch {torch.__version__}; "
+        f"self CPU time per step from torch.profiler, {args.steps} steps",
+        flush=True,
+    )
     rows = []
     for cfg in cfgs:
         ref, fused, x = run.make_case(cfg, torch.device("cpu"), dtype)
         for mode, step in (("train", run.train_step), ("infer", run.infer_step)):
-            rows.append((cfg.name, args.dtype, mode,
-                         {"nn.LSTM": profile(ref, step, x, args.steps),
-                          "FusedLSTM": profile(fused, step, x, args.steps)}))
+            rows.append(
+                (
+                    cfg.name,
+                    args.dtype,
+                    mode,
+                    {
+                        "nn.LSTM": profile(ref, step, x, args.steps),
+                        "FusedLSTM": profile(fused, step, x, args.steps),
+                    },
+                )
+            )
             print(f"{cfg.name} {mode} done", file=sys.stderr, flush=True)
     print(markdown(rows))
     return 0

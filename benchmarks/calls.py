@@ -25,8 +25,10 @@ I, H, B, T = 5, 4, 1, 5
 
 def cases():
     cell, lstm = nn.LSTMCell(I, H), nn.LSTM(I, H)
-    mods = {"cell": (cell, fused_lstm.FusedLSTMCell.from_lstm_cell(cell)),
-            "lstm": (lstm, fused_lstm.FusedLSTM.from_lstm(lstm))}
+    mods = {
+        "cell": (cell, fused_lstm.FusedLSTMCell.from_lstm_cell(cell)),
+        "lstm": (lstm, fused_lstm.FusedLSTM.from_lstm(lstm)),
+    }
     x_cell, x_seq = torch.randn(B, I, requires_grad=True), torch.randn(T, B, I, requires_grad=True)
     hx = (torch.zeros(B, H), torch.zeros(B, H))
 
@@ -58,8 +60,10 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     for case, name, fn in cases():
         fn()  # warm-up
-        times = [Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median
-                 for _ in range(args.reps)]
+        times = [
+            Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median
+            for _ in range(args.reps)
+        ]
         rows.setdefault(case, {})[name] = sorted(times)[len(times) // 2] * 1e6
     print(f"{'case':<16}{'nn (us)':>10}{'fused (us)':>12}{'nn / fused':>12}")
     for case, t in rows.items():

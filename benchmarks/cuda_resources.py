@@ -34,14 +34,32 @@ def nvcc_command(src: Path, out: Path, arch: str) -> list[str]:
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     site = Path(torch.__file__).parent.parent
     incs = [f"-I{p}" for p in cpp_extension.include_paths()]
-    incs += [f for d in sorted(glob.glob(str(site / "nvidia" / "*" / "include")))
-             for f in ("-isystem", d)]
+    incs += [
+        f
+        for d in sorted(glob.glob(str(site / "nvidia" / "*" / "include")))
+        for f in ("-isystem", d)
+    ]
     incs.append(f"-I{sysconfig.get_paths()['include']}")
-    return [f"{cuda_home}/bin/nvcc", "-std=c++20", "-O3", "-cubin", f"-arch={arch}",
-            "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-            "--expt-relaxed-constexpr", *incs, str(src), "-o", str(out)]
+    return [
+        f"{cuda_home}/bin/nvcc",
+        "-std=c++20",
+        "-O3",
+        "-cubin",
+        f"-arch={arch}",
+        "-Xptxas",
+        "-v",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "--expt-relaxed-constexpr",
+        *incs,
+        str(src),
+        "-o",
+        str(out),
+    ]
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -65,11 +83,15 @@ def ptxas_rows(log: str) -> dict[str, dict[str, int]]:
             continue
         if current is None:
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                      r"(\d+) bytes spill loads", line)
+        m = re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+            r"(\d+) bytes spill loads",
+            line,
+        )
         if m:
-            rows[current].update(stack=int(m.group(1)), spill_st=int(m.group(2)),
-                                 spill_ld=int(m.group(3)))
+            rows[current].update(
+                stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3))
+            )
         m = re.search(r"Used (\d+) registers", line)
         if m:
             rows[current]["regs"] = int(m.group(1))
@@ -89,8 +111,9 @@ def sass_loads(sass: str) -> dict[str, collections.Counter]:
             continue
         m = re.search(r"\bLDG\.E((?:\.\w+)*)", line)
         if m and current:
-            width = next((w for w in (".128", ".64", ".U16", ".S16", ".U8") if w in m.group(1)),
-                         ".32")
+            width = next(
+                (w for w in (".128", ".64", ".U16", ".S16", ".U8") if w in m.group(1)), ".32"
+            )
             loads[current][width.strip(".")] += 1
     return loads
 
@@ -106,13 +129,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for src in sorted((ROOT / "csrc" / "cuda").glob(args.files)):
             cubin = Path(tmp) / (src.stem + ".cubin")
-            run = subprocess.run(nvcc_command(src, cubin, args.arch), capture_output=True,
-                                 text=True)
+            run = subprocess.run(
+                nvcc_command(src, cubin, args.arch), capture_output=True, text=True
+            )
             if run.returncode != 0:
                 sys.exit(f"nvcc failed on {src.name}:\n{run.stderr[-4000:]}")
             rows.update(ptxas_rows(run.stderr))
-            sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True,
-                                  text=True, check=True).stdout
+            sass = subprocess.run(
+                [str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True, check=True
+            ).stdout
             if args.sass:
                 args.sass.mkdir(parents=True, exist_ok=True)
                 (args.sass / f"{src.stem}.{args.arch}.sass").write_text(sass)
@@ -125,8 +150,10 @@ def main() -> None:
             continue
         r = rows[mangled]
         widths = " ".join(f"{w}:{n}" for w, n in sorted(loads.get(mangled, {}).items()))
-        print(f"| {short(names[mangled])} | {r.get('regs')} | {r.get('spill_st')}/"
-              f"{r.get('spill_ld')} | {r.get('stack')} | {r.get('smem')} | {widths} |")
+        print(
+            f"| {short(names[mangled])} | {r.get('regs')} | {r.get('spill_st')}/"
+            f"{r.get('spill_ld')} | {r.get('stack')} | {r.get('smem')} | {widths} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 // Cost of the CUDA emulator's thread switches (csrc/emulator): one block of 256 threads doing
 // 80 warp shuffles and 2 barriers each, about what one step of the LSTM kernels does. Build
 // and run with the hand-written x86-64 switch, then with the portable ucontext one:
-//   g++ -O1 -std=c++20 -Icsrc benchmarks/emulator_switch.cpp csrc/emulator/emulator.cpp -o /tmp/sw && /tmp/sw
-//   g++ -O1 -std=c++20 -DFL_EMU_UCONTEXT -Icsrc benchmarks/emulator_switch.cpp csrc/emulator/emulator.cpp -o /tmp/sw && /tmp/sw
+//   g++ -O1 -std=c++20 -Icsrc benchmarks/emulator_switch.cpp csrc/emulator/emulator.cpp -o /tmp/sw
+//   && /tmp/sw g++ -O1 -std=c++20 -DFL_EMU_UCONTEXT -Icsrc benchmarks/emulator_switch.cpp
+//   csrc/emulator/emulator.cpp -o /tmp/sw && /tmp/sw
 #include <chrono>
 #include <cstdio>
 

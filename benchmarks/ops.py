@@ -38,8 +38,22 @@ def make_args(cfg: configs.Config, T: int):
     x, h0, c0 = torch.randn(T, B, cfg.I), torch.zeros(B, cfg.H), torch.zeros(B, cfg.H)
     fwd = (x, None, h0, c0, *w, None, False)
     y, _, _, gates, cells = OPS.layer_forward(*fwd)
-    bwd = (torch.randn_like(y), None, None, x, None, h0, c0, w[0], w[1], None, y, gates, cells,
-           False)
+    bwd = (
+        torch.randn_like(y),
+        None,
+        None,
+        x,
+        None,
+        h0,
+        c0,
+        w[0],
+        w[1],
+        None,
+        y,
+        gates,
+        cells,
+        False,
+    )
     return fwd, bwd
 
 
@@ -73,10 +87,12 @@ def main(argv=None) -> int:
                 continue
             one_step, _ = make_args(cpu[name], 1)
             reps = args.reps if cpu[name].H < 256 else max(1, args.reps // 4)  # the big ones
-            print(f"{name:12s} forward {fastest(lambda: OPS.layer_forward(*fwd), reps):9.3f} ms"
-                  f"  backward {fastest(lambda: OPS.layer_backward(*bwd), reps):9.3f} ms"
-                  f"  one step {fastest(lambda: OPS.layer_forward(*one_step), reps) * 1e3:6.1f} us",
-                  flush=True)
+            print(
+                f"{name:12s} forward {fastest(lambda: OPS.layer_forward(*fwd), reps):9.3f} ms"
+                f"  backward {fastest(lambda: OPS.layer_backward(*bwd), reps):9.3f} ms"
+                f"  one step {fastest(lambda: OPS.layer_forward(*one_step), reps) * 1e3:6.1f} us",
+                flush=True,
+            )
     return 0
 
 

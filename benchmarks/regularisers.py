@@ -50,6 +50,7 @@ def train_step_with(reset):
         out.sum().backward()
         for p in module.parameters():
             p.grad = None
+
     return step
 
 
@@ -66,13 +67,18 @@ def measure(cfg: configs.Config, reps: int) -> dict:
         step = train_step_with(reset if name == "reset" else None)
         impls[name] = lambda _, x, step=step, module=module: step(module, x)
     times = run.time_mode(impls, None, x, reps, torch.device("cpu"))
-    return {"config": cfg.name, "plain_s": times["plain"],
-            "ratios": {name: times[name] / times["plain"] for name in OPTIONS}}
+    return {
+        "config": cfg.name,
+        "plain_s": times["plain"],
+        "ratios": {name: times[name] / times["plain"] for name in OPTIONS},
+    }
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| configuration | plain step (ms) | " + " | ".join(OPTIONS) + " |",
-             "|---|---|" + "---|" * len(OPTIONS)]
+    lines = [
+        "| configuration | plain step (ms) | " + " | ".join(OPTIONS) + " |",
+        "|---|---|" + "---|" * len(OPTIONS),
+    ]
     for r in rows:
         cells = " | ".join(f"{r['ratios'][name]:.2f}x" for name in OPTIONS)
         lines.append(f"| {r['config']} | {r['plain_s'] * 1e3:.2f} | {cells} |")
@@ -89,18 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only) - set(by_name)
     if unknown:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {list(by_name)}")
-    header = (f"{run.machine_description(torch.device('cpu'))}; torch {torch.__version__}; "
-              f"median of {args.reps} interleaved training steps; time with / time without")
+    header = (
+        f"{run.machine_description(torch.device('cpu'))}; torch {torch.__version__}; "
+        f"median of {args.reps} interleaved training steps; time with / time without"
+    )
     print(header, flush=True)
     rows = [measure(by_name[name], args.reps) for name in args.only]
     table = markdown_table(rows)
     print(table)
     command = "python benchmarks/regularisers.py" + "".join(
-        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "regularisers.md").write_text(f"{header}\n\nCommand: `{command}`\n\n{table}\n")
-    (args.out / "regularisers.json").write_text(json.dumps(
-        {"header": header, "command": command, "rows": rows}, indent=1))
+    (args.out / "regularisers.json").write_text(
+        json.dumps({"header": header, "command": command, "rows": rows}, indent=1)
+    )
     return 0
 
 

@@ -59,8 +59,13 @@ class Progress:
             return
         filled = self.width * self.done // self.total
         elapsed = time.perf_counter() - self.start
-        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
-              f"{elapsed:5.0f}s  {label:<42.42}", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+            f"{elapsed:5.0f}s  {label:<42.42}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def advance(self, label: str) -> None:
         self.done += 1
@@ -200,8 +205,9 @@ def per_step(whole: float, half: float, T: int) -> float:
     return (whole - half) / (T - T // 2)
 
 
-def time_mode(impls: dict, step, x, reps: int, device: torch.device,
-              warm_up: bool = True) -> dict[str, float]:
+def time_mode(
+    impls: dict, step, x, reps: int, device: torch.device, warm_up: bool = True
+) -> dict[str, float]:
     """Median of `reps` interleaved timings of each implementation. warm_up=False is for calls
     of seconds, where the first call's extra costs are lost in the noise but a warm-up would
     double the time taken."""
@@ -226,9 +232,16 @@ def _measure(cfg, device, dtype, reps, with_reference, progress, gpu_rows) -> di
     ref, fused, x = make_case(cfg, device, dtype)
     label = f"{cfg.name} {str(dtype).removeprefix('torch.')}"
     progress.show(f"{label}: parity")
-    row = {"config": cfg.name, "dtype": str(dtype).removeprefix("torch."), "T": cfg.T,
-           "B": cfg.B, "I": cfg.I, "H": cfg.H, "layers": cfg.layers,
-           "parity": parity(ref, fused, x)}
+    row = {
+        "config": cfg.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "T": cfg.T,
+        "B": cfg.B,
+        "I": cfg.I,
+        "H": cfg.H,
+        "layers": cfg.layers,
+        "parity": parity(ref, fused, x),
+    }
     progress.advance(f"{label}: parity {'ok' if row['parity']['ok'] else 'FAILED'}")
 
     def run_reference(step, x):
@@ -246,17 +259,19 @@ def _measure(cfg, device, dtype, reps, with_reference, progress, gpu_rows) -> di
         impls["reference"] = run_reference
     if gpu_rows:
         # Both lengths in the same interleaved repetitions, so that a slope is not a drift.
-        x_half = x[:cfg.T // 2]
-        impls |= {name + HALF: lambda step, _, run=run: run(step, x_half)
-                  for name, run in impls.items()}
+        x_half = x[: cfg.T // 2]
+        impls |= {
+            name + HALF: lambda step, _, run=run: run(step, x_half) for name, run in impls.items()
+        }
         row["per_step"] = {}
     for mode, step in (("train", train_step), ("infer", infer_step)):
         progress.show(f"{label}: timing {mode}")
         times = time_mode(impls, step, x, reps, device)
         row[mode] = {name: t for name, t in times.items() if not name.endswith(HALF)}
         if gpu_rows:
-            row["per_step"][mode] = {name: per_step(t, times[name + HALF], cfg.T)
-                                     for name, t in row[mode].items()}
+            row["per_step"][mode] = {
+                name: per_step(t, times[name + HALF], cfg.T) for name, t in row[mode].items()
+            }
         progress.advance(f"{label}: {mode} {ratio(row[mode]):.2f}x")
     row["saved_bytes"] = {"nn.LSTM": saved_bytes(ref, x), "FusedLSTM": saved_bytes(fused, x)}
     return row
@@ -267,8 +282,9 @@ def machine_description(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model}, {torch.get_num_threads()} threads"
@@ -281,6 +297,7 @@ def ratio(mode: dict) -> float:
 def mode_columns(mode: str, gpu: bool) -> list[tuple[str, object]]:
     """(heading, cell of a row) for one mode's times. On a GPU, nn.LSTM twice (the ratio is
     against TF32 off, as FusedLSTM runs) and the per-step slopes; on the CPU, the reference."""
+
     def ms(name):
         return lambda r: f"{r[mode][name] * 1e3:.2f}" if name in r[mode] else "-"
 
@@ -291,15 +308,19 @@ def mode_columns(mode: str, gpu: bool) -> list[tuple[str, object]]:
         return f"**{ratio(r[mode]):.2f}x**"
 
     if not gpu:
-        return [(f"{mode} nn.LSTM ms", ms("nn.LSTM")), (f"{mode} Fused ms", ms("FusedLSTM")),
-                (f"**{mode} ratio**", bold_ratio)] + (
-            [(f"{mode} ref ms", ms("reference"))] if mode == "train" else [])
-    return [(f"{mode} nn.LSTM ms TF32 off", ms("nn.LSTM")),
-            (f"{mode} nn.LSTM ms TF32 on", ms("nn.LSTM TF32")),
+        return [
+            (f"{mode} nn.LSTM ms", ms("nn.LSTM")),
             (f"{mode} Fused ms", ms("FusedLSTM")),
-            (f"**{mode} ratio** vs TF32 off", bold_ratio),
-            (f"{mode} nn.LSTM µs/step TF32 off", us("nn.LSTM")),
-            (f"{mode} Fused µs/step", us("FusedLSTM"))]
+            (f"**{mode} ratio**", bold_ratio),
+        ] + ([(f"{mode} ref ms", ms("reference"))] if mode == "train" else [])
+    return [
+        (f"{mode} nn.LSTM ms TF32 off", ms("nn.LSTM")),
+        (f"{mode} nn.LSTM ms TF32 on", ms("nn.LSTM TF32")),
+        (f"{mode} Fused ms", ms("FusedLSTM")),
+        (f"**{mode} ratio** vs TF32 off", bold_ratio),
+        (f"{mode} nn.LSTM µs/step TF32 off", us("nn.LSTM")),
+        (f"{mode} Fused µs/step", us("FusedLSTM")),
+    ]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -313,32 +334,49 @@ def markdown_table(rows: list[dict]) -> str:
         p = r["parity"]
         return f"{p['out']:.1e} / {p['grad']:.1e} {'ok' if p['ok'] else '**FAILED**'}"
 
-    columns = [("config", lambda r: r["config"]), ("dtype", lambda r: r["dtype"]),
-               ("T", lambda r: r["T"]), ("B", lambda r: r["B"] or "-"), ("I", lambda r: r["I"]),
-               ("H", lambda r: r["H"]), ("L", lambda r: r["layers"]),
-               ("parity out / grad max abs diff", parity_cell),
-               *mode_columns("train", gpu), *mode_columns("infer", gpu),
-               ("saved MB nn.LSTM", mb("nn.LSTM")), ("saved MB Fused", mb("FusedLSTM"))]
-    lines = ["| " + " | ".join(heading for heading, _ in columns) + " |",
-             "|---" * len(columns) + "|"]
+    columns = [
+        ("config", lambda r: r["config"]),
+        ("dtype", lambda r: r["dtype"]),
+        ("T", lambda r: r["T"]),
+        ("B", lambda r: r["B"] or "-"),
+        ("I", lambda r: r["I"]),
+        ("H", lambda r: r["H"]),
+        ("L", lambda r: r["layers"]),
+        ("parity out / grad max abs diff", parity_cell),
+        *mode_columns("train", gpu),
+        *mode_columns("infer", gpu),
+        ("saved MB nn.LSTM", mb("nn.LSTM")),
+        ("saved MB Fused", mb("FusedLSTM")),
+    ]
+    lines = [
+        "| " + " | ".join(heading for heading, _ in columns) + " |",
+        "|---" * len(columns) + "|",
+    ]
     lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    labels = [r["config"] if r["dtype"] == "float32" else f"{r['config']}\n{r['dtype']}"
-              for r in rows]
+    labels = [
+        r["config"] if r["dtype"] == "float32" else f"{r['config']}\n{r['dtype']}" for r in rows
+    ]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.5))
     for offset, mode, color in ((-0.2, "train", "tab:blue"), (0.2, "infer", "tab:orange")):
         values = [ratio(r[mode]) for r in rows]
-        bars = ax.bar([x + offset for x in xs], values, 0.4, color=color,
-                      label="training (fwd + bwd)" if mode == "train" else "inference")
+        bars = ax.bar(
+            [x + offset for x in xs],
+            values,
+            0.4,
+            color=color,
+            label="training (fwd + bwd)" if mode == "train" else "inference",
+        )
         ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], fontsize=8, padding=2)
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
     ax.text(len(rows) - 0.5, 1.0, " nn.LSTM", va="bottom", ha="right", fontsize=8)
@@ -360,8 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", help="run every configuration in this dtype only")
     parser.add_argument("--reps", type=int, help="timed repetitions (default 7, 3 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repetitions, for a first look (under 2 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions, for a first look (under 2 minutes on 2 cores)",
+    )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="configuration names")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -372,28 +413,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         unknown = set(args.only) - {c.name for c in cfgs}
         if unknown:
-            parser.error(f"unknown configuration(s) {sorted(unknown)} for {device.type}; "
-                         f"choose from {[c.name for c in cfgs]}")
+            parser.error(
+                f"unknown configuration(s) {sorted(unknown)} for {device.type}; "
+                f"choose from {[c.name for c in cfgs]}"
+            )
         cfgs = [c for c in cfgs if c.name in args.only]
-    cases = [(c, getattr(torch, d)) for c in cfgs for d in ((args.dtype,) if args.dtype else c.dtypes)]
+    cases = [
+        (c, getattr(torch, d)) for c in cfgs for d in ((args.dtype,) if args.dtype else c.dtypes)
+    ]
 
     machine = machine_description(device)
     native = sorted(fused_lstm.native_backends())
-    header = (f"device: {device} ({machine}); torch {torch.__version__}; native kernels: "
-              f"{native or 'none'}; median of {reps} interleaved repetitions")
+    header = (
+        f"device: {device} ({machine}); torch {torch.__version__}; native kernels: "
+        f"{native or 'none'}; median of {reps} interleaved repetitions"
+    )
     if gpu:
-        header += ("; TF32 off (torch.backends.cudnn.allow_tf32 and "
-                   "torch.backends.cuda.matmul.allow_tf32 False) but in the nn.LSTM columns "
-                   "marked TF32 on; times from CUDA events; µs/step: the slope between T and T/2")
+        header += (
+            "; TF32 off (torch.backends.cudnn.allow_tf32 and "
+            "torch.backends.cuda.matmul.allow_tf32 False) but in the nn.LSTM columns "
+            "marked TF32 on; times from CUDA events; µs/step: the slope between T and T/2"
+        )
     print(header, flush=True)
     if device.type not in native:
-        print(f"warning: no native kernel for {device.type} in this install: FusedLSTM runs on "
-              "the pure-PyTorch reference", file=sys.stderr)
+        print(
+            f"warning: no native kernel for {device.type} in this install: FusedLSTM runs on "
+            "the pure-PyTorch reference",
+            file=sys.stderr,
+        )
 
     progress = Progress(3 * len(cases))
     rows = []
     for cfg, dtype in cases:
-        # The reference is a Python loop per step: time it only where that takes seconds, not minutes.
+        # The reference is a Python loop per step: time it only where that takes seconds, not
+        # minutes.
         with_reference = device.type == "cpu" and cfg.H <= 64
         rows.append(measure(cfg, device, dtype, reps, with_reference, progress, gpu))
     progress.close()
@@ -401,19 +454,36 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     print(table)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    command = "python benchmarks/run.py" + "".join(
+        f" {shlex.quote(a)}" for a in (argv or sys.argv[1:])
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(
-        f"# FusedLSTM vs nn.LSTM, {stamp}\n\n{header}\n\nCommand: `{command}`\n\n{table}\n")
-    (args.out / "results.json").write_text(json.dumps(
-        {"date": stamp, "device": str(device), "machine": machine, "torch": torch.__version__,
-         "native": native, "reps": reps, "command": command, "rows": rows}, indent=1))
+        f"# FusedLSTM vs nn.LSTM, {stamp}\n\n{header}\n\nCommand: `{command}`\n\n{table}\n"
+    )
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "date": stamp,
+                "device": str(device),
+                "machine": machine,
+                "torch": torch.__version__,
+                "native": native,
+                "reps": reps,
+                "command": command,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     try:
         plot(rows, f"FusedLSTM vs nn.LSTM, {machine}, {stamp}", args.out / "results.png")
         print(f"wrote {args.out / 'results.md'}, results.json and results.png")
     except ModuleNotFoundError as e:  # a GPU machine lent bare: the figures matter, not the plot
-        print(f"wrote {args.out / 'results.md'} and results.json; no results.png: {e}",
-              file=sys.stderr)
+        print(
+            f"wrote {args.out / 'results.md'} and results.json; no results.png: {e}",
+            file=sys.stderr,
+        )
 
     failed = [r["config"] for r in rows if not r["parity"]["ok"]]
     if failed:

@@ -51,8 +51,14 @@ class Grid:
     cell_T: int = 20
 
 
-FULL = Grid(T=(1, 35, 100), B=(1, 4, 16, 64), H=(32, 128, 256, 512, 1024), layers=(1, 2),
-            cell_B=(1, 8, 64, 256), cell_H=(20, 64, 256, 512))
+FULL = Grid(
+    T=(1, 35, 100),
+    B=(1, 4, 16, 64),
+    H=(32, 128, 256, 512, 1024),
+    layers=(1, 2),
+    cell_B=(1, 8, 64, 256),
+    cell_H=(20, 64, 256, 512),
+)
 QUICK = Grid(T=(35,), B=(1, 16), H=(32, 256, 1024), layers=(1,), cell_B=(1, 64), cell_H=(20, 256))
 DTYPES = ("float32", "float64")
 MODES = {"train": run.train_step, "infer": run.infer_step}
@@ -69,11 +75,22 @@ PARITY_WORK = 1 << 27
 
 
 def cases(grid: Grid, only_cells: bool) -> list[configs.Config]:
-    lstm = [] if only_cells else [
-        configs.Config(f"L{layers} T{T} B{B} H{H}", T, B, H, H, layers)
-        for layers in grid.layers for T in grid.T for B in grid.B for H in grid.H]
-    cell = [configs.Config(f"cell B{B} H{H}", grid.cell_T, B, H, H, cell=True)
-            for B in grid.cell_B for H in grid.cell_H]
+    lstm = (
+        []
+        if only_cells
+        else [
+            configs.Config(f"L{layers} T{T} B{B} H{H}", T, B, H, H, layers)
+            for layers in grid.layers
+            for T in grid.T
+            for B in grid.B
+            for H in grid.H
+        ]
+    )
+    cell = [
+        configs.Config(f"cell B{B} H{H}", grid.cell_T, B, H, H, cell=True)
+        for B in grid.cell_B
+        for H in grid.cell_H
+    ]
     return lstm + cell
 
 
@@ -99,16 +116,29 @@ def measure(cfg: configs.Config, dtype: torch.dtype, most_reps: int) -> dict:
     device = torch.device("cpu")
     ref, fused, x = run.make_case(cfg, device, dtype)
     steps = max(min(cfg.T, 2), min(cfg.T, PARITY_WORK * cfg.T // max(work(cfg), 1)))
-    row = {"case": cfg.name, "kind": "cell" if cfg.cell else "lstm",
-           "dtype": str(dtype).removeprefix("torch."), "T": cfg.T, "B": cfg.B, "I": cfg.I,
-           "H": cfg.H, "layers": cfg.layers, "parity_T": steps,
-           "parity": run.parity(ref, fused, x[:steps])}
+    row = {
+        "case": cfg.name,
+        "kind": "cell" if cfg.cell else "lstm",
+        "dtype": str(dtype).removeprefix("torch."),
+        "T": cfg.T,
+        "B": cfg.B,
+        "I": cfg.I,
+        "H": cfg.H,
+        "layers": cfg.layers,
+        "parity_T": steps,
+        "parity": run.parity(ref, fused, x[:steps]),
+    }
     impls = {"nn": lambda step, x: step(ref, x), "fused": lambda step, x: step(fused, x)}
     for mode, step in MODES.items():
         reps, warm_up = plan(cfg, mode, dtype, most_reps)
         times = run.time_mode(impls, step, x, reps, device, warm_up)
-        row[mode] = {"nn_s": times["nn"], "fused_s": times["fused"], "reps": reps,
-                     "warm_up": warm_up, "ratio": times["nn"] / times["fused"]}
+        row[mode] = {
+            "nn_s": times["nn"],
+            "fused_s": times["fused"],
+            "reps": reps,
+            "warm_up": warm_up,
+            "ratio": times["nn"] / times["fused"],
+        }
     return row
 
 
@@ -118,11 +148,21 @@ def ratio_table(rows: list[dict], mode: str, keys: tuple[str, ...], columns: lis
     by_key: dict[tuple, dict[int, float]] = {}
     for r in rows:
         by_key.setdefault(tuple(r[k] for k in keys), {})[r["H"]] = r[mode]["ratio"]
-    lines = ["| " + " | ".join(keys) + " | " + " | ".join(f"H={h}" for h in columns) + " |",
-             "|---" * (len(keys) + len(columns)) + "|"]
+    lines = [
+        "| " + " | ".join(keys) + " | " + " | ".join(f"H={h}" for h in columns) + " |",
+        "|---" * (len(keys) + len(columns)) + "|",
+    ]
     for key, cells in by_key.items():
-        shown = [("-" if h not in cells else f"**{cells[h]:.2f}x**" if round(cells[h], 2) < 1
-                  else f"{cells[h]:.2f}x") for h in columns]
+        shown = [
+            (
+                "-"
+                if h not in cells
+                else f"**{cells[h]:.2f}x**"
+                if round(cells[h], 2) < 1
+                else f"{cells[h]:.2f}x"
+            )
+            for h in columns
+        ]
         lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
@@ -130,23 +170,26 @@ def ratio_table(rows: list[dict], mode: str, keys: tuple[str, ...], columns: lis
 def markdown(rows: list[dict]) -> str:
     parts = []
     for dtype in sorted({r["dtype"] for r in rows}):
-        for kind, keys, what in (("lstm", ("layers", "T", "B"), "FusedLSTM / nn.LSTM, I = H"),
-                                 ("cell", ("B",), "FusedLSTMCell / nn.LSTMCell stepped in a "
-                                                  "Python loop, I = H")):
+        for kind, keys, what in (
+            ("lstm", ("layers", "T", "B"), "FusedLSTM / nn.LSTM, I = H"),
+            ("cell", ("B",), "FusedLSTMCell / nn.LSTMCell stepped in a Python loop, I = H"),
+        ):
             sel = [r for r in rows if r["dtype"] == dtype and r["kind"] == kind]
             if not sel:
                 continue
             columns = sorted({r["H"] for r in sel})
             steps = f", {sel[0]['T']} steps" if kind == "cell" else ""
-            for mode, name in (("train", "training (forward + backward)"),
-                               ("infer", "inference")):
-                parts.append(f"### {what}{steps}: {dtype}, {name}\n\n"
-                             f"{ratio_table(sel, mode, keys, columns)}\n")
+            for mode, name in (("train", "training (forward + backward)"), ("infer", "inference")):
+                parts.append(
+                    f"### {what}{steps}: {dtype}, {name}\n\n"
+                    f"{ratio_table(sel, mode, keys, columns)}\n"
+                )
     return "\n".join(parts)
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -163,10 +206,13 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
             for mode in MODES:
                 m = np.full((len(labels), len(columns)), np.nan)
                 for r in sel:
-                    m[labels.index(tuple(r[k] for k in keys)), columns.index(r["H"])] = \
-                        r[mode]["ratio"]
-                names = [" ".join(f"{'L' if k == 'layers' else k}={v}" for k, v in zip(keys, lab))
-                         for lab in labels]
+                    m[labels.index(tuple(r[k] for k in keys)), columns.index(r["H"])] = r[mode][
+                        "ratio"
+                    ]
+                names = [
+                    " ".join(f"{'L' if k == 'layers' else k}={v}" for k, v in zip(keys, lab))
+                    for lab in labels
+                ]
                 panels.append((kind, dtype, mode, names, columns, m))
 
     ratios = [r[mode]["ratio"] for r in rows for mode in MODES]
@@ -175,21 +221,33 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     kinds = list(dict.fromkeys(p[0] for p in panels))
     per_kind = max(sum(p[0] == k for p in panels) for k in kinds)
     heights = [max(len(p[3]) for p in panels if p[0] == k) + 2 for k in kinds]
-    fig, axes = plt.subplots(len(kinds), per_kind, squeeze=False,
-                             figsize=(3.3 * per_kind + 1.5, 0.28 * sum(heights) + 1.8),
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(kinds),
+        per_kind,
+        squeeze=False,
+        figsize=(3.3 * per_kind + 1.5, 0.28 * sum(heights) + 1.8),
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax in axes.flat:
         ax.set_visible(False)
     for i, kind in enumerate(kinds):
-        for ax, (_, dtype, mode, names, columns, m) in zip(axes[i], [p for p in panels
-                                                                     if p[0] == kind]):
+        for ax, (_, dtype, mode, names, columns, m) in zip(
+            axes[i], [p for p in panels if p[0] == kind]
+        ):
             ax.set_visible(True)
             image = ax.imshow(m, cmap="RdBu", norm=norm, aspect="auto")
             for (y, x), v in np.ndenumerate(m):
                 if not np.isnan(v):
                     dark = abs(np.log(v)) > 0.6 * np.log(span)
-                    ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
-                            color="white" if dark else "black")
+                    ax.text(
+                        x,
+                        y,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6.5,
+                        color="white" if dark else "black",
+                    )
             ax.set_xticks(range(len(columns)), [f"H={h}" for h in columns], fontsize=7)
             ax.set_yticks(range(len(names)), names, fontsize=6.5)
             what = "FusedLSTM" if kind == "lstm" else "FusedLSTMCell"
@@ -209,27 +267,38 @@ def label(r: dict, mode: str) -> str:
 def main(argv: list[str] | None = None, grid: Grid | None = None) -> int:
     """`grid` replaces the --quick / full grid (the tests pass a tiny one)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a reduced grid and 3 repetitions (under 3 minutes on 2 cores)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced grid and 3 repetitions (under 3 minutes on 2 cores)",
+    )
     parser.add_argument("--only-cells", action="store_true", help="the FusedLSTMCell cases only")
     parser.add_argument("--dtype", choices=DTYPES, help="one dtype only (default both)")
-    parser.add_argument("--reps", type=int,
-                        help="repetitions of the small cases (default 9, 3 with --quick); "
-                             "bigger cases get fewer")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        help="repetitions of the small cases (default 9, 3 with --quick); bigger cases get fewer",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     grid = grid or (QUICK if args.quick else FULL)
     most_reps = args.reps or (3 if args.quick else 9)
-    todo = [(c, getattr(torch, d)) for d in ((args.dtype,) if args.dtype else DTYPES)
-            for c in cases(grid, args.only_cells)]
+    todo = [
+        (c, getattr(torch, d))
+        for d in ((args.dtype,) if args.dtype else DTYPES)
+        for c in cases(grid, args.only_cells)
+    ]
 
     machine = run.machine_description(torch.device("cpu"))
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     command = "python benchmarks/sweep.py" + "".join(
-        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
-    header = (f"{machine}; torch {torch.__version__}; native kernels: "
-              f"{sorted(fused_lstm.native_backends()) or 'none'}; median of up to {most_reps} "
-              f"interleaved repetitions (fewer for big cases); {stamp}")
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    header = (
+        f"{machine}; torch {torch.__version__}; native kernels: "
+        f"{sorted(fused_lstm.native_backends()) or 'none'}; median of up to {most_reps} "
+        f"interleaved repetitions (fewer for big cases); {stamp}"
+    )
     print(header, file=sys.stderr, flush=True)
 
     start = time.perf_counter()
@@ -241,9 +310,11 @@ def main(argv: list[str] | None = None, grid: Grid | None = None) -> int:
             r = measure(cfg, dtype, most_reps)
             rows.append(r)
             verdict = "" if r["parity"]["ok"] else ", PARITY FAILED"
-            progress.advance(f"{cfg.name} {r['dtype']}: train {r['train']['ratio']:.2f}x, "
-                             f"infer {r['infer']['ratio']:.2f}x{verdict} "
-                             f"({time.perf_counter() - start:.0f}s)")
+            progress.advance(
+                f"{cfg.name} {r['dtype']}: train {r['train']['ratio']:.2f}x, "
+                f"infer {r['infer']['ratio']:.2f}x{verdict} "
+                f"({time.perf_counter() - start:.0f}s)"
+            )
     except KeyboardInterrupt:  # Ctrl-C (SIGINT) keeps the cases measured so far
         if not rows:
             raise
@@ -254,25 +325,46 @@ def main(argv: list[str] | None = None, grid: Grid | None = None) -> int:
 
     measured = sorted((r[mode]["ratio"], label(r, mode)) for r in rows for mode in MODES)
     below = [m for m in measured if m[0] < 1.0]
-    summary = (f"{len(below)} of {len(measured)} ratios below 1.0x; worst: "
-               + ", ".join(f"{name} {v:.2f}x" for v, name in measured[:5]))
+    summary = f"{len(below)} of {len(measured)} ratios below 1.0x; worst: " + ", ".join(
+        f"{name} {v:.2f}x" for v, name in measured[:5]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.md").write_text(
         f"# FusedLSTM vs nn.LSTM sweep, {stamp}\n\n{header}\n\nCommand: `{command}` "
         f"({elapsed:.0f} s)\n\nnn time / fused time: above 1.0x FusedLSTM is faster; below in "
-        f"bold.\n\n{summary}\n\n{markdown(rows)}")
-    (args.out / "sweep.json").write_text(json.dumps(
-        {"date": stamp, "machine": machine, "threads": torch.get_num_threads(),
-         "torch": torch.__version__, "native": sorted(fused_lstm.native_backends()),
-         "command": command, "elapsed_s": elapsed, "cases_planned": len(todo),
-         "most_reps": most_reps,
-         "rep_work": REP_WORK, "parity_work": PARITY_WORK, "grid": asdict(grid), "rows": rows},
-        indent=1))
-    plot(rows, f"FusedLSTM vs nn.LSTM: nn time / fused time. {machine}, torch "
-               f"{torch.__version__}, {stamp}", args.out / "sweep.png")
+        f"bold.\n\n{summary}\n\n{markdown(rows)}"
+    )
+    (args.out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "date": stamp,
+                "machine": machine,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "native": sorted(fused_lstm.native_backends()),
+                "command": command,
+                "elapsed_s": elapsed,
+                "cases_planned": len(todo),
+                "most_reps": most_reps,
+                "rep_work": REP_WORK,
+                "parity_work": PARITY_WORK,
+                "grid": asdict(grid),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    plot(
+        rows,
+        f"FusedLSTM vs nn.LSTM: nn time / fused time. {machine}, torch "
+        f"{torch.__version__}, {stamp}",
+        args.out / "sweep.png",
+    )
     print(summary, file=sys.stderr)
-    print(f"wrote {args.out / 'sweep.md'}, sweep.json and sweep.png ({elapsed:.0f} s)",
-          file=sys.stderr)
+    print(
+        f"wrote {args.out / 'sweep.md'}, sweep.json and sweep.png ({elapsed:.0f} s)",
+        file=sys.stderr,
+    )
 
     failed = [f"{r['case']} {r['dtype']}" for r in rows if not r["parity"]["ok"]]
     if failed:

@@ -19,9 +19,12 @@
 
 namespace fused_lstm {
 
-#define FL_CHECK_SHAPE(x, ...)                                                              \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "fused_lstm: " #x " must have " \
-              "shape ", at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+#define FL_CHECK_SHAPE(x, ...)                               \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), \
+              "fused_lstm: " #x                              \
+              " must have "                                  \
+              "shape ",                                      \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
 
 // The regularisers and resets that end layer_forward's and layer_backward's arguments, in the
 // schemas' order (meanings: fused_lstm/_library.py). The one list that the struct below, the
@@ -99,10 +102,10 @@ inline LayerDims check_layer_args(const LayerArgs& a) {
   const at::Tensor &input = a.input, &w_ih = a.w_ih, &w_hh = a.w_hh, &h0 = a.h0, &c0 = a.c0;
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "fused_lstm: input must be a floating-point tensor, got ", input.scalar_type());
-  TORCH_CHECK(input.dim() == (a.batch_sizes ? 2 : 3), "fused_lstm: input must be ",
-              a.batch_sizes ? "(N, I) packed data with batch_sizes"
-                            : "(T, B, I) without batch_sizes",
-              ", got ", input.dim(), "-D");
+  TORCH_CHECK(
+      input.dim() == (a.batch_sizes ? 2 : 3), "fused_lstm: input must be ",
+      a.batch_sizes ? "(N, I) packed data with batch_sizes" : "(T, B, I) without batch_sizes",
+      ", got ", input.dim(), "-D");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0 && w_hh.size(0) > 0,
               "fused_lstm: w_hh must be (4*hidden_size, Hr), got ", w_hh.sizes());
   LayerDims d;
@@ -196,8 +199,7 @@ inline void check_zoneout(const std::optional<at::Tensor>& z, const char* name,
   check_same(*z, name, input);
 }
 
-inline void check_regularisers(const Regularisers& r, const LayerDims& d,
-                               const at::Tensor& input) {
+inline void check_regularisers(const Regularisers& r, const LayerDims& d, const at::Tensor& input) {
   if (r.recurrent_mask) {
     const at::Tensor& recurrent_mask = *r.recurrent_mask;
     FL_CHECK_SHAPE(recurrent_mask, d.B, d.Hr);
@@ -218,8 +220,8 @@ inline void check_regularisers(const Regularisers& r, const LayerDims& d,
 
 // An incoming gradient, which may be undefined (None): the shape of `like`, the dtype and device
 // of `input`.
-inline void check_grad(const std::optional<at::Tensor>& g, const char* name,
-                       const at::Tensor& like, const at::Tensor& input) {
+inline void check_grad(const std::optional<at::Tensor>& g, const char* name, const at::Tensor& like,
+                       const at::Tensor& input) {
   if (!g) return;
   TORCH_CHECK(g->sizes() == like.sizes(), "fused_lstm: ", name, " must have shape ", like.sizes(),
               ", got ", g->sizes());

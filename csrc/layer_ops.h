@@ -65,12 +65,14 @@ LayerForwardResult layer_forward_entry(const at::Tensor& input, const OptTensor&
 }
 
 template <class Impl>
-LayerBackwardResult layer_backward_entry(
-    const OptTensor& grad_output, const OptTensor& grad_h_n, const OptTensor& grad_c_n,
-    const at::Tensor& input, const OptTensor& batch_sizes, const at::Tensor& h0,
-    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const OptTensor& w_hr,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
-    bool reverse FL_REGULARISERS(FL_REG_PARAM)) {
+LayerBackwardResult layer_backward_entry(const OptTensor& grad_output, const OptTensor& grad_h_n,
+                                         const OptTensor& grad_c_n, const at::Tensor& input,
+                                         const OptTensor& batch_sizes, const at::Tensor& h0,
+                                         const at::Tensor& c0, const at::Tensor& w_ih,
+                                         const at::Tensor& w_hh, const OptTensor& w_hr,
+                                         const at::Tensor& output, const at::Tensor& gates,
+                                         const at::Tensor& cells,
+                                         bool reverse FL_REGULARISERS(FL_REG_PARAM)) {
   return Impl::backward(LayerBackwardArgs{.forward = {.input = input,
                                                       .batch_sizes = batch_sizes,
                                                       .h0 = h0,
@@ -101,12 +103,11 @@ inline LayerForwardResult call_layer_forward(const c10::TypedOperatorHandle<Laye
                  a.reverse FL_REGULARISERS(FL_REG_ARG));
 }
 
-inline LayerBackwardResult call_layer_backward(
-    const c10::TypedOperatorHandle<LayerBackwardSig>& op, const LayerBackwardArgs& b) {
+inline LayerBackwardResult call_layer_backward(const c10::TypedOperatorHandle<LayerBackwardSig>& op,
+                                               const LayerBackwardArgs& b) {
   const LayerArgs& a = b.forward;
-  return op.call(b.grad_output, b.grad_h_n, b.grad_c_n, a.input, a.batch_sizes, a.h0, a.c0,
-                 a.w_ih, a.w_hh, a.w_hr, b.output, b.gates, b.cells,
-                 a.reverse FL_REGULARISERS(FL_REG_ARG));
+  return op.call(b.grad_output, b.grad_h_n, b.grad_c_n, a.input, a.batch_sizes, a.h0, a.c0, a.w_ih,
+                 a.w_hh, a.w_hr, b.output, b.gates, b.cells, a.reverse FL_REGULARISERS(FL_REG_ARG));
 }
 
 #undef FL_REG_PARAM
@@ -138,8 +139,7 @@ inline void check_cell_args(const at::Tensor& input, const at::Tensor& h0, const
   TORCH_CHECK(input.dim() == 2, "fused_lstm: input must be (B, I), got ", input.dim(), "-D");
   for (const auto& [t, name] : {std::pair{&h0, "h0"}, {&c0, "c0"}}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == input.size(0), "fused_lstm: ", name,
-                " must be (B, H) with B = input.size(0) = ", input.size(0), ", got ",
-                t->sizes());
+                " must be (B, H) with B = input.size(0) = ", input.size(0), ", got ", t->sizes());
   }
 }
 
@@ -150,14 +150,14 @@ CellForwardResult cell_forward_op(const at::Tensor& input, const at::Tensor& h0,
                                   const OptTensor& b_hh) {
   const BelowAutograd below_autograd;
   check_cell_args(input, h0, c0);
-  auto [output, h, c, gates, cells] = Kernels::forward(LayerParams(LayerArgs{
-      .input = input.unsqueeze(0),
-      .h0 = h0,
-      .c0 = c0,
-      .w_ih = w_ih,
-      .w_hh = w_hh,
-      .b_ih = b_ih,
-      .b_hh = b_hh}));
+  auto [output, h, c, gates, cells] =
+      Kernels::forward(LayerParams(LayerArgs{.input = input.unsqueeze(0),
+                                             .h0 = h0,
+                                             .c0 = c0,
+                                             .w_ih = w_ih,
+                                             .w_hh = w_hh,
+                                             .b_ih = b_ih,
+                                             .b_hh = b_hh}));
   return {h, c, gates.squeeze(0), cells.squeeze(0)};
 }
 
@@ -171,17 +171,15 @@ CellBackwardResult cell_backward_op(const OptTensor& grad_h, const OptTensor& gr
   check_cell_args(input, h0, c0);
   // With one step every h_{t-1} is h0, so the backward reads nothing of the output but its
   // shape, which h0 has: the cell need not save h.
-  const LayerBackwardParams p(LayerBackwardArgs{.forward = {.input = input.unsqueeze(0),
-                                                            .h0 = h0,
-                                                            .c0 = c0,
-                                                            .w_ih = w_ih,
-                                                            .w_hh = w_hh},
-                                                .grad_h_n = grad_h,
-                                                .grad_c_n = grad_c,
-                                                .output = h0.unsqueeze(0),
-                                                .gates = gates.unsqueeze(0),
-                                                .cells = cells.unsqueeze(0)},
-                              "grad_h", "grad_c");
+  const LayerBackwardParams p(
+      LayerBackwardArgs{
+          .forward = {.input = input.unsqueeze(0), .h0 = h0, .c0 = c0, .w_ih = w_ih, .w_hh = w_hh},
+          .grad_h_n = grad_h,
+          .grad_c_n = grad_c,
+          .output = h0.unsqueeze(0),
+          .gates = gates.unsqueeze(0),
+          .cells = cells.unsqueeze(0)},
+      "grad_h", "grad_c");
   // The layer does not check the workspace it is given (layer_forward's own); the cell's is
   // checked here, in the cell's shapes.
   FL_CHECK_SHAPE(gates, p.d.B, 4 * p.d.H);

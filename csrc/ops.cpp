@@ -26,39 +26,53 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   {
     using namespace fused_lstm::tuning;
     pybind11::dict tuning;
-    for (const auto& [name, value] :
-         {std::pair{"gemm_work", kGemmWork}, {"direct_gemm_work", kDirectGemmWork},
-          {"gemm_rows", kGemmRows},
-          {"parallel_work", kParallelWork}, {"pointwise_weight", kPointwiseWeight},
-          {"row_split_min_rows", kRowSplitMinRows}, {"row_split_copies", kRowSplitCopies},
-          {"default_l2_bytes", kDefaultL2Bytes}, {"sweep_bytes", kSweepBytes},
-          {"panel_bytes", kPanelBytes}, {"pack_copy_elements", kPackCopyElements},
-          {"small_projection", kSmallProjection}, {"small_grads", kSmallGrads},
-          {"onednn_work", kOneDnnWork}, {"narrow_columns", kNarrowColumns}}) {
+    for (const auto& [name, value] : {std::pair{"gemm_work", kGemmWork},
+                                      {"direct_gemm_work", kDirectGemmWork},
+                                      {"gemm_rows", kGemmRows},
+                                      {"parallel_work", kParallelWork},
+                                      {"pointwise_weight", kPointwiseWeight},
+                                      {"row_split_min_rows", kRowSplitMinRows},
+                                      {"row_split_copies", kRowSplitCopies},
+                                      {"default_l2_bytes", kDefaultL2Bytes},
+                                      {"sweep_bytes", kSweepBytes},
+                                      {"panel_bytes", kPanelBytes},
+                                      {"pack_copy_elements", kPackCopyElements},
+                                      {"small_projection", kSmallProjection},
+                                      {"small_grads", kSmallGrads},
+                                      {"onednn_work", kOneDnnWork},
+                                      {"narrow_columns", kNarrowColumns}}) {
       tuning[name] = value;
     }
     m.attr("TUNING") = tuning;
   }
   // The CPU kernels' ISA (cpu/isa.h). fused_lstm's import asks for it, so that a bad
   // FUSED_LSTM_CPU_ISA is a ValueError there (std::invalid_argument) rather than at a kernel call.
-  m.def("cpu_isa", [] { return fused_lstm::cpu_isa_name(fused_lstm::cpu_isa()); },
-        "the ISA the CPU kernels run in: avx512, avx2 or baseline");
-  m.def("cpu_isas", [] {
-    pybind11::list names;
-    for (const fused_lstm::CpuIsa isa : fused_lstm::cpu_isas()) {
-      names.append(fused_lstm::cpu_isa_name(isa));
-    }
-    return names;
-  }, "the ISAs this build's CPU kernels can run in on this CPU, widest first");
+  m.def(
+      "cpu_isa", [] { return fused_lstm::cpu_isa_name(fused_lstm::cpu_isa()); },
+      "the ISA the CPU kernels run in: avx512, avx2 or baseline");
+  m.def(
+      "cpu_isas",
+      [] {
+        pybind11::list names;
+        for (const fused_lstm::CpuIsa isa : fused_lstm::cpu_isas()) {
+          names.append(fused_lstm::cpu_isa_name(isa));
+        }
+        return names;
+      },
+      "the ISAs this build's CPU kernels can run in on this CPU, widest first");
   // at::parallel_for is inline: it runs on one thread in a file compiled without OpenMP, which is
   // how the kernels' threaded steps once ran. This file is compiled with the kernels' flags.
-  m.def("parallel_for_threads", [] {
-    std::mutex mutex;
-    std::set<int> seen;
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      const std::lock_guard<std::mutex> lock(mutex);
-      seen.insert(at::get_thread_num());
-    });
-    return seen.size();
-  }, "how many threads at::parallel_for runs a split of get_num_threads() pieces on in the kernels");
+  m.def(
+      "parallel_for_threads",
+      [] {
+        std::mutex mutex;
+        std::set<int> seen;
+        at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+          const std::lock_guard<std::mutex> lock(mutex);
+          seen.insert(at::get_thread_num());
+        });
+        return seen.size();
+      },
+      "how many threads at::parallel_for runs a split of get_num_threads() pieces on in the "
+      "kernels");
 }

@@ -27,9 +27,16 @@ def water(rnn: torch.nn.Module) -> torch.Tensor | tuple[torch.Tensor, torch.Tens
     return zeros if isinstance(rnn, torch.nn.RNN) else (zeros, zeros)
 
 
-def train(params: Iterable[torch.nn.Parameter], compute_loss: Callable[[], torch.Tensor], *,
-          steps: int, lr: float, every: int = 0, label: str = "",
-          max_grad_norm: float | None = None) -> list[float]:
+def train(
+    params: Iterable[torch.nn.Parameter],
+    compute_loss: Callable[[], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    every: int = 0,
+    label: str = "",
+    max_grad_norm: float | None = None,
+) -> list[float]:
     """The lectures' loop: full-batch Adam, one step per epoch; returns every step's loss.
 
     ``compute_loss`` runs the forward pass and returns the loss. With ``every``, the loss is
@@ -52,17 +59,26 @@ def train(params: Iterable[torch.nn.Parameter], compute_loss: Callable[[], torch
     return losses
 
 
-def parse_args(argv: list[str] | None, doc: str, *, steps: int, quick_steps: int,
-               prints: int = 10,
-               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-               ) -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None,
+    doc: str,
+    *,
+    steps: int,
+    quick_steps: int,
+    prints: int = 10,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """Parse an example's command line: ``--quick`` trains ``quick_steps`` steps instead of
     ``steps`` (what the tests run), ``--steps`` overrides both, ``--every`` sets how often the loss
     is printed (``prints`` times by default). ``add_arguments`` adds the example's own options."""
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"train {quick_steps} steps instead of {steps} (the tests' run)")
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"train {quick_steps} steps instead of {steps} (the tests' run)",
+    )
     parser.add_argument("--steps", type=int, help="training steps (full-batch epochs)")
     parser.add_argument("--every", type=int, help="print the loss every this many steps")
     if add_arguments is not None:

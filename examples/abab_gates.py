@@ -43,25 +43,45 @@ PICTURES = {"abab_gates.png": ("i", "f", "o"), "abab_states.png": ("g", "c", "h"
 LAST = 8  # the lecture looks at the last two periods
 
 
-def draw(panels: dict, names: tuple, steps: list[int], inputs: list[str], chars: list[str],
-         title: str, path: pathlib.Path) -> dict:
+def draw(
+    panels: dict,
+    names: tuple,
+    steps: list[int],
+    inputs: list[str],
+    chars: list[str],
+    title: str,
+    path: pathlib.Path,
+) -> dict:
     """One heatmap per name, time along x (labelled with the input character), units along y.
     Returns what each heatmap shows, read back from the figure."""
     rows = [panels[name].shape[0] for name in names]
-    fig, axes = plt.subplots(len(names), 1, figsize=(9, 1.6 + 1.1 * sum(rows)),
-                             gridspec_kw={"height_ratios": rows}, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(names),
+        1,
+        figsize=(9, 1.6 + 1.1 * sum(rows)),
+        gridspec_kw={"height_ratios": rows},
+        squeeze=False,
+        layout="constrained",
+    )
     fig.suptitle(title)
     shown = {}
     for ax, name in zip(axes[:, 0], names):
         values = panels[name].numpy()
         image = ax.imshow(values, cmap="bwr", vmin=-1, vmax=1, aspect="auto")
         for (unit, t), v in np.ndenumerate(values):
-            ax.text(t, unit, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if abs(v) > 0.7 else "black")
+            ax.text(
+                t,
+                unit,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if abs(v) > 0.7 else "black",
+            )
         ax.set_title(TITLES[name], fontsize=10, loc="left")
-        ax.set_xticks(range(len(steps)), [f"t={t}\nx='{ch}'" for t, ch in zip(steps, inputs)],
-                      fontsize=8)
+        ax.set_xticks(
+            range(len(steps)), [f"t={t}\nx='{ch}'" for t, ch in zip(steps, inputs)], fontsize=8
+        )
         if name == "yhat":
             ax.set_yticks(range(len(chars)), [f"'{ch}'" for ch in chars])
             ax.set_ylabel("next char")
@@ -82,10 +102,14 @@ def main(argv=None) -> dict:
     """Returns ``losses``, ``trace`` (gate_trace's dict), ``model`` and ``linr``, ``x``, ``hx``,
     ``files`` (the PNGs) and ``shown`` (each heatmap's values, read back from its figure:
     ``shown[name][unit, k]`` is step ``len(x) - LAST + k``)."""
+
     def add_arguments(parser):
-        parser.add_argument("--out", type=pathlib.Path,
-                            default=pathlib.Path(__file__).resolve().parent / "out",
-                            help="folder for the PNGs (default: examples/out)")
+        parser.add_argument(
+            "--out",
+            type=pathlib.Path,
+            default=pathlib.Path(__file__).resolve().parent / "out",
+            help="folder for the PNGs (default: examples/out)",
+        )
 
     args = parse_args(argv, __doc__, steps=1000, quick_steps=100, add_arguments=add_arguments)
     x, y, chars = text_data("abaB")
@@ -98,8 +122,13 @@ def main(argv=None) -> dict:
         hidden, _ = lstm(x, water(lstm))
         return loss_fn(linr(hidden), y)
 
-    losses = train([*lstm.parameters(), *linr.parameters()], compute_loss,
-                   steps=args.steps, lr=0.1, every=args.every)
+    losses = train(
+        [*lstm.parameters(), *linr.parameters()],
+        compute_loss,
+        steps=args.steps,
+        lr=0.1,
+        every=args.every,
+    )
 
     hx = water(lstm)
     trace = gate_trace(lstm, x, hx)  # each (num_layers, T, hidden_size) = (1, 399, 2)
@@ -113,20 +142,32 @@ def main(argv=None) -> dict:
 
     i, f, g, c = (trace[name][0] for name in "ifgc")
     fmt = lambda v: "[" + ", ".join(f"{e:.4f}" for e in v.tolist()) + "]"  # noqa: E731
-    print(f"t=1, input '{chars[x[1].argmax()]}': i={fmt(i[1])} g={fmt(g[1])} "
-          f"f={fmt(f[1])} c(t-1)={fmt(c[0])}")
+    print(
+        f"t=1, input '{chars[x[1].argmax()]}': i={fmt(i[1])} g={fmt(g[1])} "
+        f"f={fmt(f[1])} c(t-1)={fmt(c[0])}"
+    )
     print(f"  i*g + f*c(t-1) = {fmt(i[1] * g[1] + f[1] * c[0])} = c(t) {fmt(c[1])}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     files, shown = [], {}
     for filename, names in PICTURES.items():
         files.append(args.out / filename)
-        title = (f"abaB, FusedLSTM(3, 2) after {args.steps} epochs: "
-                 f"{', '.join(names)} of the last {LAST} steps, from gate_trace")
+        title = (
+            f"abaB, FusedLSTM(3, 2) after {args.steps} epochs: "
+            f"{', '.join(names)} of the last {LAST} steps, from gate_trace"
+        )
         shown.update(draw(panels, names, steps, inputs, chars, title, files[-1]))
         print(f"wrote {files[-1]}")
-    return {"losses": losses, "trace": trace, "model": lstm, "linr": linr, "x": x, "hx": hx,
-            "files": files, "shown": shown}
+    return {
+        "losses": losses,
+        "trace": trace,
+        "model": lstm,
+        "linr": linr,
+        "x": x,
+        "hx": hx,
+        "files": files,
+        "shown": shown,
+    }
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ def main(argv=None, *, steps=None, every=None) -> tuple[list[float], list[float]
     for k in range(0, args.steps, args.every):
         print(f"{k:5d} {ref_losses[k]:10.5f} {fused_losses[k]:10.5f}")
     print(f"{args.steps:5d} {ref_losses[-1]:10.5f} {fused_losses[-1]:10.5f}")
-    print(f"training time: nn.LSTM {t_ref:.2f} s, FusedLSTM {t_fused:.2f} s "
-          f"({t_ref / t_fused:.1f}x)")
+    print(
+        f"training time: nn.LSTM {t_ref:.2f} s, FusedLSTM {t_fused:.2f} s ({t_ref / t_fused:.1f}x)"
+    )
     return ref_losses, fused_losses
 
 

@@ -34,12 +34,21 @@ sequence_len = 6
 
 def seed_shapes() -> dict:
     """The seed's forward pass on FusedLSTM and on nn.LSTM with the same weights."""
-    reference = nn.LSTM(input_size=input_size, hidden_size=ouput_size, num_layers=num_layers,
-                        batch_first=True, bidirectional=bidirectional, proj_size=proj_size)
+    reference = nn.LSTM(
+        input_size=input_size,
+        hidden_size=ouput_size,
+        num_layers=num_layers,
+        batch_first=True,
+        bidirectional=bidirectional,
+        proj_size=proj_size,
+    )
     model = FusedLSTM.from_lstm(reference)
     inputs = torch.randn(batch_size, sequence_len, input_size)
-    h_0 = torch.rand(num_layers * (int(bidirectional) + 1), batch_size,
-                     proj_size if proj_size > 0 else ouput_size)
+    h_0 = torch.rand(
+        num_layers * (int(bidirectional) + 1),
+        batch_size,
+        proj_size if proj_size > 0 else ouput_size,
+    )
     c_0 = torch.rand(num_layers * (int(bidirectional) + 1), batch_size, ouput_size)
 
     outputs, (h_n, c_n) = model(inputs, (h_0, c_0))
@@ -53,10 +62,14 @@ def seed_shapes() -> dict:
         ref_outputs, (ref_h_n, ref_c_n) = reference(inputs, (h_0, c_0))
     shapes = [tuple(t.shape) for t in (outputs, h_n, c_n)]
     ref_shapes = [tuple(t.shape) for t in (ref_outputs, ref_h_n, ref_c_n)]
-    difference = max((a - b).abs().max().item()
-                     for a, b in zip((outputs, h_n, c_n), (ref_outputs, ref_h_n, ref_c_n)))
-    print(f"nn.LSTM with the same weights: shapes {'agree' if shapes == ref_shapes else 'DIFFER'}"
-          f" {ref_shapes}, max |difference| {difference:.1e}")
+    difference = max(
+        (a - b).abs().max().item()
+        for a, b in zip((outputs, h_n, c_n), (ref_outputs, ref_h_n, ref_c_n))
+    )
+    print(
+        f"nn.LSTM with the same weights: shapes {'agree' if shapes == ref_shapes else 'DIFFER'}"
+        f" {ref_shapes}, max |difference| {difference:.1e}"
+    )
     return {"shapes": shapes, "nn_lstm_shapes": ref_shapes, "difference": difference}
 
 
@@ -66,8 +79,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     result = seed_shapes()
 
-    model = FusedLSTM(input_size=input_size, hidden_size=ouput_size, num_layers=num_layers,
-                      batch_first=True, bidirectional=bidirectional, proj_size=proj_size)
+    model = FusedLSTM(
+        input_size=input_size,
+        hidden_size=ouput_size,
+        num_layers=num_layers,
+        batch_first=True,
+        bidirectional=bidirectional,
+        proj_size=proj_size,
+    )
     readout = nn.Linear(2 * proj_size, 8)
     loss_fn = nn.MSELoss()
 
@@ -76,8 +95,13 @@ def main(argv=None) -> dict:
         outputs, _ = model(inputs)
         return loss_fn(readout(outputs[:, :-1]), inputs[:, 1:, :8])
 
-    result["losses"] = train([*model.parameters(), *readout.parameters()], compute_loss,
-                             steps=args.steps, lr=3e-3, every=args.every)
+    result["losses"] = train(
+        [*model.parameters(), *readout.parameters()],
+        compute_loss,
+        steps=args.steps,
+        lr=3e-3,
+        every=args.every,
+    )
     return result
 
 

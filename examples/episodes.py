@@ -65,7 +65,7 @@ def step_loop(policy: Policy, obs: torch.Tensor, reset: torch.Tensor) -> torch.T
     outs = []
     for t in range(T):
         keep = (~reset[t]).float().view(1, B, 1)
-        out, (h, c) = lstm(obs[t:t + 1], (h * keep, c * keep))
+        out, (h, c) = lstm(obs[t : t + 1], (h * keep, c * keep))
         outs.append(out)
     return policy.head(torch.cat(outs)).squeeze(-1)
 
@@ -107,13 +107,22 @@ def main(argv=None) -> dict:
         label = "with reset:    " if with_reset else "without reset: "
         # Clipped, as RecurrentPPO clips (max_grad_norm): once the loss is near zero, an
         # unclipped Adam step could throw the latch away (seen at step 150 of one seed in five).
-        losses = train(policy.parameters(), loss, steps=args.steps, lr=0.02, every=args.every,
-                       label=label, max_grad_norm=1.0)
+        losses = train(
+            policy.parameters(),
+            loss,
+            steps=args.steps,
+            lr=0.02,
+            every=args.every,
+            label=label,
+            max_grad_norm=1.0,
+        )
         test = torch.Generator().manual_seed(2)
         acc = accuracy(policy, with_reset, test)
         print(f"{label}accuracy on fresh rollouts {acc:.3f}")
-        result["with_reset" if with_reset else "without_reset"] = {"losses": losses,
-                                                                   "accuracy": acc}
+        result["with_reset" if with_reset else "without_reset"] = {
+            "losses": losses,
+            "accuracy": acc,
+        }
         if with_reset:
             trained = policy
 
@@ -121,10 +130,13 @@ def main(argv=None) -> dict:
     fused = trained(obs, reset)
     loop = step_loop(trained, obs, reset)
     result["loop_difference"] = (fused - loop).abs().max().item()
-    result["seconds"] = {"FusedLSTM(reset=...)": time_training_step(lambda: trained(obs, reset)),
-                         "step loop": time_training_step(lambda: step_loop(trained, obs, reset))}
-    print(f"FusedLSTM with reset vs the step loop: largest difference "
-          f"{result['loop_difference']:.2e}")
+    result["seconds"] = {
+        "FusedLSTM(reset=...)": time_training_step(lambda: trained(obs, reset)),
+        "step loop": time_training_step(lambda: step_loop(trained, obs, reset)),
+    }
+    print(
+        f"FusedLSTM with reset vs the step loop: largest difference {result['loop_difference']:.2e}"
+    )
     for name, seconds in result["seconds"].items():
         print(f"training step, {name}: {seconds * 1e3:.1f} ms")
     return result

@@ -54,8 +54,13 @@ def main(argv=None) -> dict:
     X_train, Y_train = generate_data(seq_length=5, num_samples=1000)
     criterion = nn.MSELoss()
 
-    losses = train(model.parameters(), lambda: criterion(model(X_train), Y_train),
-                   steps=args.steps, lr=0.01, every=args.every)
+    losses = train(
+        model.parameters(),
+        lambda: criterion(model(X_train), Y_train),
+        steps=args.steps,
+        lr=0.01,
+        every=args.every,
+    )
 
     model.eval()
     with torch.no_grad():

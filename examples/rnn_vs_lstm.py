@@ -49,14 +49,21 @@ def run(kind, seed, x, y, hidden_size, steps):
 def main(argv=None) -> dict:
     """Returns ``{pattern: {"RNN": [run, ...], "LSTM": [...]}}``, a run being a dict with
     ``seed``, ``losses`` and ``context_accuracy`` (the share of c/C or d/D choices right)."""
-    def add_arguments(parser):
-        parser.add_argument("--runs", type=int,
-                            help="random starts per model (default 6, 1 with --quick)")
-        parser.add_argument("--repeat", type=int, default=10,
-                            help="repeats of the text (default 10, the lecture's 100)")
 
-    args = parse_args(argv, __doc__, steps=250, quick_steps=40, prints=5,
-                      add_arguments=add_arguments)
+    def add_arguments(parser):
+        parser.add_argument(
+            "--runs", type=int, help="random starts per model (default 6, 1 with --quick)"
+        )
+        parser.add_argument(
+            "--repeat",
+            type=int,
+            default=10,
+            help="repeats of the text (default 10, the lecture's 100)",
+        )
+
+    args = parse_args(
+        argv, __doc__, steps=250, quick_steps=40, prints=5, add_arguments=add_arguments
+    )
     runs = args.runs or (1 if args.quick else 6)
     results = {}
     seconds = {"RNN": 0.0, "LSTM": 0.0}
@@ -69,8 +76,10 @@ def main(argv=None) -> dict:
         context = (target == pair[0]) | (target == pair[1])
         floor = math.log(2) * context.float().mean().item()
         last = -2 * len(pattern)  # the lecture looks at the last period or two
-        print(f"\n{pattern} x {args.repeat}: {len(x)} steps; without memory the loss stops at "
-              f"{floor:.3f}; next characters of the last two periods: {spell(target[last:])}")
+        print(
+            f"\n{pattern} x {args.repeat}: {len(x)} steps; without memory the loss stops at "
+            f"{floor:.3f}; next characters of the last two periods: {spell(target[last:])}"
+        )
         results[pattern] = {"RNN": [], "LSTM": []}
         for k in range(runs):
             for kind in ("RNN", "LSTM"):
@@ -79,10 +88,13 @@ def main(argv=None) -> dict:
                 seconds[kind] += time.perf_counter() - t0
                 accuracy = (predicted == target)[context].float().mean().item()
                 results[pattern][kind].append(
-                    {"seed": 43052 + k, "losses": losses, "context_accuracy": accuracy})
-                shown = " ".join(f"{loss:.3f}" for loss in [*losses[::args.every], losses[-1]])
-                print(f"  {kind:4} seed {43052 + k}  loss {shown}  next {spell(predicted[last:])}"
-                      f"  {pattern[-1].lower()}/{pattern[-1]} right {accuracy:4.0%}")
+                    {"seed": 43052 + k, "losses": losses, "context_accuracy": accuracy}
+                )
+                shown = " ".join(f"{loss:.3f}" for loss in [*losses[:: args.every], losses[-1]])
+                print(
+                    f"  {kind:4} seed {43052 + k}  loss {shown}  next {spell(predicted[last:])}"
+                    f"  {pattern[-1].lower()}/{pattern[-1]} right {accuracy:4.0%}"
+                )
         for kind in ("RNN", "LSTM"):
             learned = sum(r["context_accuracy"] == 1.0 for r in results[pattern][kind])
             print(f"  {kind:4} learned {pattern} in {learned} of {runs} runs")

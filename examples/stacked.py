@@ -37,8 +37,12 @@ def seed_cell_loop(model: LSTM, x: torch.Tensor) -> torch.Tensor:
     cells = []
     for k in range(lstm.num_layers):
         cell = FusedLSTMCell(lstm.input_size if k == 0 else lstm.hidden_size, lstm.hidden_size)
-        cell.load_state_dict({name: getattr(lstm, f"{name}_l{k}")
-                              for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+        cell.load_state_dict(
+            {
+                name: getattr(lstm, f"{name}_l{k}")
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            }
+        )
         cells.append(cell)
     batch_size, seq_len, _ = x.size()
     h = [x.new_zeros(batch_size, lstm.hidden_size) for _ in cells]
@@ -57,8 +61,8 @@ def windows(num_samples=1000, seq_len=5, input_window_size=10):
     n = torch.arange(num_samples + seq_len * input_window_size, dtype=torch.float32)
     series = torch.sin(0.1 * n) + 0.5 * torch.sin(0.37 * n)
     span = seq_len * input_window_size
-    x = torch.stack([series[s:s + span] for s in range(num_samples)])
-    y = series[span:span + num_samples].unsqueeze(-1)
+    x = torch.stack([series[s : s + span] for s in range(num_samples)])
+    y = series[span : span + num_samples].unsqueeze(-1)
     return x.view(num_samples, seq_len, input_window_size), y
 
 
@@ -75,8 +79,13 @@ def main(argv=None) -> dict:
 
     x, y = windows(seq_len=5, input_window_size=input_window_size)
     loss_fn = nn.MSELoss()
-    losses = train(model.parameters(), lambda: loss_fn(model(x), y),
-                   steps=args.steps, lr=0.01, every=args.every)
+    losses = train(
+        model.parameters(),
+        lambda: loss_fn(model(x), y),
+        steps=args.steps,
+        lr=0.01,
+        every=args.every,
+    )
 
     with torch.no_grad():
         difference = (seed_cell_loop(model, x) - model(x)).abs().max().item()

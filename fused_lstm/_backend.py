@@ -39,7 +39,8 @@ def _load_extension() -> bool:
         raise ImportError(
             f"fused_lstm: the compiled extension fused_lstm._C does not load ({exc}). Rebuild it "
             "against the torch installed here with `pip install --no-build-isolation -e .`, or "
-            "install without it: `FUSED_LSTM_NO_EXTENSION=1 pip install .`") from exc
+            "install without it: `FUSED_LSTM_NO_EXTENSION=1 pip install .`"
+        ) from exc
     # The CPU kernels' ISA is chosen once, here: a FUSED_LSTM_CPU_ISA that names none this CPU
     # runs raises (ValueError, naming the variable) at import rather than at the first kernel
     # call.
@@ -53,7 +54,8 @@ _library.register(native=EXTENSION)
 MISSING_KERNELS = (
     "fused_lstm: this install has no native kernels (fused_lstm._C was not built), so FusedLSTM "
     "and FusedLSTMCell run the pure-PyTorch reference, which is much slower. With a C++ "
-    "compiler, reinstall: `pip install --no-build-isolation -e .`")
+    "compiler, reinstall: `pip install --no-build-isolation -e .`"
+)
 _warned = False
 
 
@@ -64,13 +66,19 @@ def warn_if_no_extension() -> None:
         _warned = True
         warnings.warn(MISSING_KERNELS, stacklevel=3)
 
+
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 # Asked once, at import: the registrations do not change afterwards.
 _COMPILED = frozenset(
-    device for device, key in _DISPATCH_KEYS.items()
-    if EXTENSION and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lstm::{op}", key)
-           for op in _library.KERNEL_OPS))
+    device
+    for device, key in _DISPATCH_KEYS.items()
+    if EXTENSION
+    and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lstm::{op}", key)
+        for op in _library.KERNEL_OPS
+    )
+)
 
 
 def native_backends() -> set[str]:

@@ -90,13 +90,14 @@ TAGS = {"keep_mask": (torch.Tag.nondeterministic_seeded,)}
 DOUBLE_BACKWARD_ERROR = (
     "fused_lstm: double backward is not supported (differentiating gradients that were computed "
     "with create_graph=True through FusedLSTM, FusedLSTMCell, fused_lstm::lstm, "
-    "fused_lstm::layer_forward or fused_lstm::cell_forward)")
+    "fused_lstm::layer_forward or fused_lstm::cell_forward)"
+)
 
 _LIBRARIES: dict[str, torch.library.Library] = {}  # held for the process: the ops live as long
 
 
 def _name(schema: str) -> str:
-    return schema[:schema.index("(")]
+    return schema[: schema.index("(")]
 
 
 def define(namespace: str = "fused_lstm", names: tuple[str, ...] | None = None) -> None:
@@ -115,78 +116,188 @@ def _check_devices(input: Tensor, **tensors: Tensor | None) -> None:
     # the fake kernel, rather than to a device kernel whose check_layer_args would refuse it.
     for name, t in tensors.items():
         if t is not None and t.device != input.device:
-            raise RuntimeError(f"fused_lstm: {name} must be on the device of input "
-                               f"({input.device}), got {t.device}")
+            raise RuntimeError(
+                f"fused_lstm: {name} must be on the device of input "
+                f"({input.device}), got {t.device}"
+            )
 
 
 def register(native: bool) -> None:
     """Fakes and reference kernels; ``native``: whether fused_lstm._C registered its kernels."""
+
     @torch.library.register_fake("fused_lstm::keep_mask")
     def _(like, size, prob, value):
         return like.new_empty(size)
 
     for name in KERNEL_OPS:
         torch.library.impl(f"fused_lstm::{name}", "CompositeExplicitAutograd")(
-            getattr(reference, name))
+            getattr(reference, name)
+        )
     if not native:
         # lstm decomposes, above autograd, into layer_forward calls, which the kernel ops'
         # autograd below makes differentiable, and traceable and redirectable as in a native
         # install. So it needs no fake kernel of its own (nor may it have one).
         torch.library.impl("fused_lstm::lstm", "CompositeImplicitAutograd")(reference.lstm)
         torch.library.impl("fused_lstm::keep_mask", "CompositeExplicitAutograd")(
-            reference.keep_mask)
+            reference.keep_mask
+        )
         register_python_autograd("fused_lstm")
 
     @torch.library.register_fake("fused_lstm::layer_forward")
-    def _(input, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, recurrent_mask=None,
-          zoneout_cell=None, zoneout_hidden=None, reset=None):
-        _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr,
-                       recurrent_mask=recurrent_mask, zoneout_cell=zoneout_cell,
-                       zoneout_hidden=zoneout_hidden, reset=reset)
+    def _(
+        input,
+        batch_sizes,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        w_hr,
+        reverse,
+        recurrent_mask=None,
+        zoneout_cell=None,
+        zoneout_hidden=None,
+        reset=None,
+    ):
+        _check_devices(
+            input,
+            h0=h0,
+            c0=c0,
+            w_ih=w_ih,
+            w_hh=w_hh,
+            b_ih=b_ih,
+            b_hh=b_hh,
+            w_hr=w_hr,
+            recurrent_mask=recurrent_mask,
+            zoneout_cell=zoneout_cell,
+            zoneout_hidden=zoneout_hidden,
+            reset=reset,
+        )
         H, Hr = w_hh.shape[0] // 4, w_hh.shape[1]
         lead = input.shape[:-1]
-        return (input.new_empty(*lead, Hr), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-                input.new_empty(*lead, 4 * H), input.new_empty(*lead, H))
+        return (
+            input.new_empty(*lead, Hr),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape),
+            input.new_empty(*lead, 4 * H),
+            input.new_empty(*lead, H),
+        )
 
     @torch.library.register_fake("fused_lstm::layer_backward")
-    def _(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, w_ih, w_hh, w_hr,
-          output, gates, cells, reverse, recurrent_mask=None, zoneout_cell=None,
-          zoneout_hidden=None, reset=None):
-        _check_devices(input, grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n,
-                       h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, output=output,
-                       gates=gates, cells=cells, recurrent_mask=recurrent_mask,
-                       zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden, reset=reset)
+    def _(
+        grad_output,
+        grad_h_n,
+        grad_c_n,
+        input,
+        batch_sizes,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        w_hr,
+        output,
+        gates,
+        cells,
+        reverse,
+        recurrent_mask=None,
+        zoneout_cell=None,
+        zoneout_hidden=None,
+        reset=None,
+    ):
+        _check_devices(
+            input,
+            grad_output=grad_output,
+            grad_h_n=grad_h_n,
+            grad_c_n=grad_c_n,
+            h0=h0,
+            c0=c0,
+            w_ih=w_ih,
+            w_hh=w_hh,
+            w_hr=w_hr,
+            output=output,
+            gates=gates,
+            cells=cells,
+            recurrent_mask=recurrent_mask,
+            zoneout_cell=zoneout_cell,
+            zoneout_hidden=zoneout_hidden,
+            reset=reset,
+        )
         grad_w_hr: Tensor = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty(0)
-        return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-                w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
-                w_hh.new_empty(w_hh.shape[0]), grad_w_hr)
+        return (
+            input.new_empty(input.shape),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            w_hh.new_empty(w_hh.shape[0]),
+            grad_w_hr,
+        )
 
     @torch.library.register_fake("fused_lstm::cell_forward")
     def _(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
         _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
-        return (h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-                input.new_empty(input.shape[0], w_hh.shape[0]), c0.new_empty(c0.shape))
+        return (
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape),
+            input.new_empty(input.shape[0], w_hh.shape[0]),
+            c0.new_empty(c0.shape),
+        )
 
     @torch.library.register_fake("fused_lstm::cell_backward")
     def _(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, cells):
-        _check_devices(input, grad_h=grad_h, grad_c=grad_c, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
-                       gates=gates, cells=cells)
-        return (input.new_empty(input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-                w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
-                w_hh.new_empty(w_hh.shape[0]))
+        _check_devices(
+            input,
+            grad_h=grad_h,
+            grad_c=grad_c,
+            h0=h0,
+            c0=c0,
+            w_ih=w_ih,
+            w_hh=w_hh,
+            gates=gates,
+            cells=cells,
+        )
+        return (
+            input.new_empty(input.shape),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            w_hh.new_empty(w_hh.shape[0]),
+        )
 
     if not native:
         return
 
     @torch.library.register_fake("fused_lstm::lstm")
-    def _(input, batch_sizes, hx, cx, params, has_biases, has_proj, num_layers, dropout, train,
-          bidirectional, *, reset=None, recurrent_dropout=0.0, zoneout_cell=0.0,
-          zoneout_hidden=0.0, weight_drop=0.0):
-        _check_devices(input, hx=hx, cx=cx, reset=reset,
-                       **{f"params[{k}]": p for k, p in enumerate(params)})
+    def _(
+        input,
+        batch_sizes,
+        hx,
+        cx,
+        params,
+        has_biases,
+        has_proj,
+        num_layers,
+        dropout,
+        train,
+        bidirectional,
+        *,
+        reset=None,
+        recurrent_dropout=0.0,
+        zoneout_cell=0.0,
+        zoneout_hidden=0.0,
+        weight_drop=0.0,
+    ):
+        _check_devices(
+            input, hx=hx, cx=cx, reset=reset, **{f"params[{k}]": p for k, p in enumerate(params)}
+        )
         D = 2 if bidirectional else 1
-        return (input.new_empty(*input.shape[:-1], D * hx.shape[-1]), hx.new_empty(hx.shape),
-                cx.new_empty(cx.shape))
+        return (
+            input.new_empty(*input.shape[:-1], D * hx.shape[-1]),
+            hx.new_empty(hx.shape),
+            cx.new_empty(cx.shape),
+        )
 
 
 def register_python_autograd(namespace: str) -> None:
@@ -206,12 +317,37 @@ def register_python_autograd(namespace: str) -> None:
     def layer_backward(ctx, grad_y, grad_h, grad_c, _gates, _cells):
         input, h0, c0, w_ih, w_hh, w_hr, y, gates, cells, *extras = ctx.saved_tensors
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = ops.layer_backward(
-            grad_y, grad_h, grad_c, input, ctx.batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, gates,
-            cells, ctx.reverse, *extras)
+            grad_y,
+            grad_h,
+            grad_c,
+            input,
+            ctx.batch_sizes,
+            h0,
+            c0,
+            w_ih,
+            w_hh,
+            w_hr,
+            y,
+            gates,
+            cells,
+            ctx.reverse,
+            *extras,
+        )
         db = db if ctx.biased else None
         # reverse, the regularisers and the resets are constants.
-        return (dx, None, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr if w_hr is not None else None,
-                None, *(None for _ in extras))
+        return (
+            dx,
+            None,
+            dh0,
+            dc0,
+            dw_ih,
+            dw_hh,
+            db,
+            db,
+            dw_hr if w_hr is not None else None,
+            None,
+            *(None for _ in extras),
+        )
 
     def setup_cell(ctx, inputs, output):
         input, h0, c0, w_ih, w_hh, b_ih, _ = inputs
@@ -220,20 +356,22 @@ def register_python_autograd(namespace: str) -> None:
         ctx.biased = b_ih is not None
 
     def cell_backward(ctx, grad_h, grad_c, _gates, _cells):
-        dx, dh0, dc0, dw_ih, dw_hh, db = ops.cell_backward(
-            grad_h, grad_c, *ctx.saved_tensors)
+        dx, dh0, dc0, dw_ih, dw_hh, db = ops.cell_backward(grad_h, grad_c, *ctx.saved_tensors)
         db = db if ctx.biased else None
         return dx, dh0, dc0, dw_ih, dw_hh, db, db
 
     def refuse(ctx, *grads):
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
-    torch.library.register_autograd(f"{namespace}::layer_forward", layer_backward,
-                                    setup_context=setup_layer)
-    torch.library.register_autograd(f"{namespace}::cell_forward", cell_backward,
-                                    setup_context=setup_cell)
+    torch.library.register_autograd(
+        f"{namespace}::layer_forward", layer_backward, setup_context=setup_layer
+    )
+    torch.library.register_autograd(
+        f"{namespace}::cell_forward", cell_backward, setup_context=setup_cell
+    )
     # The handwritten backwards are not differentiable: a second backward raises, as with the
     # extension, rather than treating them as constants.
     for name in ("layer_backward", "cell_backward"):
-        torch.library.register_autograd(f"{namespace}::{name}", refuse,
-                                        setup_context=lambda ctx, inputs, output: None)
+        torch.library.register_autograd(
+            f"{namespace}::{name}", refuse, setup_context=lambda ctx, inputs, output: None
+        )

@@ -36,8 +36,9 @@ def exporting() -> bool:
     modules at every call, 2.5 us here, a sixth of a FusedLSTMCell step; but each exporter traces
     the module under a flag that costs nothing to read: torch.jit.trace (``dynamo=False``) or
     torch.export (``dynamo=True``)."""
-    return ((torch.jit.is_tracing() or torch.compiler.is_exporting())
-            and torch.onnx.is_in_onnx_export())
+    return (
+        torch.jit.is_tracing() or torch.compiler.is_exporting()
+    ) and torch.onnx.is_in_onnx_export()
 
 
 # PyTorch stacks the gates' rows as i, f, g, o; ONNX's LSTM as i, o, f, g (its "c").
@@ -48,11 +49,13 @@ _ONNX_GATE_ORDER = [0, 3, 1, 2]
 # cannot even read batch_sizes[0]. FusedLSTM.forward raises this before it tries.
 PACKED_SEQUENCE_ERROR = (
     "fused_lstm: torch.onnx.export of FusedLSTM with a PackedSequence input is not supported; "
-    "export the model with a padded tensor input instead")
+    "export the model with a padded tensor input instead"
+)
 REGULARISER_ERROR = (
     "fused_lstm: torch.onnx.export of FusedLSTM with reset or zoneout (or, in training mode, "
     "recurrent_dropout or weight_drop) is not supported: ONNX's LSTM has no such inputs; export "
-    "in eval mode with zoneout=0 and no reset")
+    "in eval mode with zoneout=0 and no reset"
+)
 
 
 def split_direction_weights(weights, has_bias: bool, has_proj: bool):
@@ -64,9 +67,19 @@ def split_direction_weights(weights, has_bias: bool, has_proj: bool):
     return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
-def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor,
-         params: list[Tensor], has_biases: bool, has_proj: bool, num_layers: int, dropout: float,
-         train: bool, bidirectional: bool) -> tuple[Tensor, Tensor, Tensor]:
+def lstm(
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    hx: Tensor,
+    cx: Tensor,
+    params: list[Tensor],
+    has_biases: bool,
+    has_proj: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The ``fused_lstm::lstm`` op for export, with its signature: ``input`` time-major
     ``(T, B, I)``, ``hx``, ``cx`` and ``params`` as nn.LSTM's (``_flat_weights`` order).
     ``batch_sizes`` is always None: FusedLSTM refuses a PackedSequence at export.
@@ -76,8 +89,10 @@ def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor,
     x, h_n, c_n = input, [], []
     for layer in range(num_layers):
         lo, hi = layer * num_directions, (layer + 1) * num_directions
-        directions = [split_direction_weights(params[d * per_dir:(d + 1) * per_dir], has_biases,
-                                              has_proj) for d in range(lo, hi)]
+        directions = [
+            split_direction_weights(params[d * per_dir : (d + 1) * per_dir], has_biases, has_proj)
+            for d in range(lo, hi)
+        ]
         x, h, c = _layer(x, hx[lo:hi], cx[lo:hi], directions)
         if dropout > 0 and train and layer < num_layers - 1:
             x = F.dropout(x, dropout, training=True)
@@ -86,8 +101,15 @@ def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor,
     return x, torch.cat(h_n), torch.cat(c_n)
 
 
-def lstm_cell(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-              b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def lstm_cell(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """FusedLSTMCell's step for export, as a one-step layer: ``input (B, I)``, ``h0``, ``c0``
     ``(B, H)``. Returns ``(h, c)``."""
     _, h, c = _layer(input[None], h0[None], c0[None], [(w_ih, w_hh, b_ih, b_hh, None)])
@@ -109,7 +131,7 @@ def _layer(x: Tensor, h0: Tensor, c0: Tensor, directions: list[tuple]) -> tuple[
     m0 = c0.new_zeros(c0.shape)
     m, m_n, c_n = _lstm_node(torch.cat([x, *first_steps], dim=-1), m0, c0, weights)
     H = c0.shape[-1]
-    projected = [m[..., d * H:(d + 1) * H] @ w[-1].t() for d, w in enumerate(directions)]
+    projected = [m[..., d * H : (d + 1) * H] @ w[-1].t() for d, w in enumerate(directions)]
     h_n = torch.stack([m_n[d] @ w[-1].t() for d, w in enumerate(directions)])
     return torch.cat(projected, dim=-1), h_n, c_n
 
@@ -123,18 +145,25 @@ def _lstm_node(x: Tensor, h0: Tensor, c0: Tensor, weights: list[tuple]) -> tuple
     # module's arithmetic that way, in float64.
     if torch.jit.is_tracing() or not exporting():
         flat = [w for direction in weights for w in direction if w is not None]
-        return tuple(torch._VF.lstm(x, (h0, c0), flat, has_biases, 1, 0.0, False,
-                                    len(weights) == 2, False))
+        return tuple(
+            torch._VF.lstm(x, (h0, c0), flat, has_biases, 1, 0.0, False, len(weights) == 2, False)
+        )
     T, B, _ = x.shape
     D, H = len(weights), c0.shape[-1]
     # ONNX's inputs: W (D, 4H, I), R (D, 4H, H), B (D, 8H) = [Wb, Rb], gates reordered.
     W, R = (torch.stack([_onnx_gates(w[k]) for w in weights]) for k in (0, 1))
-    bias = torch.stack([torch.cat([_onnx_gates(w[2]), _onnx_gates(w[3])]) for w in weights]) \
-        if has_biases else None
+    bias = (
+        torch.stack([torch.cat([_onnx_gates(w[2]), _onnx_gates(w[3])]) for w in weights])
+        if has_biases
+        else None
+    )
     y, h_n, c_n = torch.onnx.ops.symbolic_multi_out(
-        "LSTM", [x, W, R, bias, None, h0, c0],
+        "LSTM",
+        [x, W, R, bias, None, h0, c0],
         {"hidden_size": H, "direction": "bidirectional" if D == 2 else "forward"},
-        dtypes=[x.dtype] * 3, shapes=[(T, D, B, H), (D, B, H), (D, B, H)])
+        dtypes=[x.dtype] * 3,
+        shapes=[(T, D, B, H), (D, B, H), (D, B, H)],
+    )
     # ONNX's Y is (T, D, B, H); PyTorch's output (T, B, D*H).
     return y.permute(0, 2, 1, 3).reshape(T, B, D * H), h_n, c_n
 

@@ -79,8 +79,16 @@ class FusedLSTM(nn.Module):
     feature dimension) marks where a batch row starts a new sequence; no state crosses it.
     """
 
-    __constants__ = ["input_size", "hidden_size", "num_layers", "bias", "batch_first",
-                     "dropout", "bidirectional", "proj_size"]
+    __constants__ = [
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+        "proj_size",
+    ]
     _REGULARISERS = ("recurrent_dropout", "zoneout", "weight_drop")
 
     def __init__(
@@ -102,28 +110,36 @@ class FusedLSTM(nn.Module):
     ) -> None:
         super().__init__()
         _backend.warn_if_no_extension()
-        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-                or not 0 <= dropout <= 1):
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
             raise ValueError(
                 "dropout should be a number in range [0, 1] representing the probability of an "
-                "element being zeroed")
+                "element being zeroed"
+            )
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero "
                 "dropout expects num_layers greater than 1, but got "
-                f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
+                f"dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
         if not isinstance(bias, bool):
             raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
         if not isinstance(batch_first, bool):
             raise TypeError(
-                f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+                f"batch_first should be of type bool, got: {type(batch_first).__name__}"
+            )
         _check_size_arg("input_size", input_size)
         _check_size_arg("hidden_size", hidden_size)
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
         if proj_size < 0:
             raise ValueError(
-                "proj_size should be a positive integer or zero to disable projections")
+                "proj_size should be a positive integer or zero to disable projections"
+            )
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
 
@@ -148,8 +164,10 @@ class FusedLSTM(nn.Module):
             layer_input = input_size if layer == 0 else real_hidden * num_directions
             for direction in range(num_directions):
                 suffix = "_reverse" if direction == 1 else ""
-                shapes = {"weight_ih": (4 * hidden_size, layer_input),
-                          "weight_hh": (4 * hidden_size, real_hidden)}
+                shapes = {
+                    "weight_ih": (4 * hidden_size, layer_input),
+                    "weight_hh": (4 * hidden_size, real_hidden),
+                }
                 if bias:
                     shapes["bias_ih"] = (4 * hidden_size,)
                     shapes["bias_hh"] = (4 * hidden_size,)
@@ -179,9 +197,18 @@ class FusedLSTM(nn.Module):
         """A FusedLSTM with ``lstm``'s configuration and a copy of its parameters (same device
         and dtype), in the same training/eval mode."""
         p = lstm.weight_ih_l0
-        fused = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias,
-                    lstm.batch_first, lstm.dropout, lstm.bidirectional, lstm.proj_size,
-                    device=p.device, dtype=p.dtype)
+        fused = cls(
+            lstm.input_size,
+            lstm.hidden_size,
+            lstm.num_layers,
+            lstm.bias,
+            lstm.batch_first,
+            lstm.dropout,
+            lstm.bidirectional,
+            lstm.proj_size,
+            device=p.device,
+            dtype=p.dtype,
+        )
         fused.load_state_dict(lstm.state_dict())
         return fused.train(lstm.training)
 
@@ -240,28 +267,37 @@ class FusedLSTM(nn.Module):
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
         return (lead, mini_batch, real_hidden), (lead, mini_batch, self.hidden_size)
 
-    def _check_forward_args(self, input: Tensor, hx: Tuple[Tensor, Tensor], is_packed: bool,
-                            mini_batch: int) -> None:
+    def _check_forward_args(
+        self, input: Tensor, hx: Tuple[Tensor, Tensor], is_packed: bool, mini_batch: int
+    ) -> None:
         weight = self.weight_ih_l0
         if not torch.jit.is_scripting():
             if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
                 raise ValueError(
                     f"RNN input dtype ({input.dtype}) does not match weight dtype "
                     f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
-                    f"model: model.to({input.dtype})")
+                    f"model: model.to({input.dtype})"
+                )
         expected_dim = 2 if is_packed else 3
         if input.dim() != expected_dim:
             raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
         if self.input_size != input.size(-1):
             raise RuntimeError(
                 "input.size(-1) must be equal to input_size. "
-                f"Expected {self.input_size}, got {input.size(-1)}")
+                f"Expected {self.input_size}, got {input.size(-1)}"
+            )
         h_size, c_size = self._expected_sizes(mini_batch)
         for k, (state, expected) in enumerate([(hx[0], h_size), (hx[1], c_size)]):
             want0, want1, want2 = expected
-            if state.dim() != 3 or _known_unequal(state.size(0), want0) or _known_unequal(
-                    state.size(1), want1) or _known_unequal(state.size(2), want2):
-                raise RuntimeError(f"Expected hidden[{k}] size {expected}, got {list(state.size())}")
+            if (
+                state.dim() != 3
+                or _known_unequal(state.size(0), want0)
+                or _known_unequal(state.size(1), want1)
+                or _known_unequal(state.size(2), want2)
+            ):
+                raise RuntimeError(
+                    f"Expected hidden[{k}] size {expected}, got {list(state.size())}"
+                )
             # For a PackedSequence under torch.compile, mini_batch is batch_sizes[0], a value the
             # compiler cannot read: the comparison above is undecided there (guard_or_false says
             # False) and this makes it a check at run time rather than a graph break.
@@ -281,13 +317,21 @@ class FusedLSTM(nn.Module):
     # TorchScript compiles forward once for each of these signatures (as nn.LSTM's); Python
     # calls the definition below them.
     @torch.jit._overload_method  # noqa: F811
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None,
-                reset: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self,
+        input: Tensor,
+        hx: Optional[Tuple[Tensor, Tensor]] = None,
+        reset: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         pass
 
     @torch.jit._overload_method  # noqa: F811
-    def forward(self, input: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None,
-                reset: Optional[Tensor] = None) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
+    def forward(
+        self,
+        input: PackedSequence,
+        hx: Optional[Tuple[Tensor, Tensor]] = None,
+        reset: Optional[Tensor] = None,
+    ) -> Tuple[PackedSequence, Tuple[Tensor, Tensor]]:
         pass
 
     # reset is meant to be passed by keyword; it is not keyword-only because TorchScript cannot
@@ -308,14 +352,30 @@ class FusedLSTM(nn.Module):
             dtype = _autocast_dtype(x, via_cudnn=True)
             x, h0, c0, *weights = _cast(dtype, x, h0, c0, *weights)
         output, h_n, c_n = _lstm(
-            x, batch_sizes, h0, c0, weights, self.bias, self.proj_size > 0, self.num_layers,
-            self.dropout, self.training, self.bidirectional, reset, self.recurrent_dropout,
-            self._zoneout_rates[0], self._zoneout_rates[1], self.weight_drop)
+            x,
+            batch_sizes,
+            h0,
+            c0,
+            weights,
+            self.bias,
+            self.proj_size > 0,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+            reset,
+            self.recurrent_dropout,
+            self._zoneout_rates[0],
+            self._zoneout_rates[1],
+            self.weight_drop,
+        )
 
         if isinstance(input, PackedSequence):
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
-            return output, (_apply_permutation(h_n, unsorted_indices),
-                            _apply_permutation(c_n, unsorted_indices))
+            return output, (
+                _apply_permutation(h_n, unsorted_indices),
+                _apply_permutation(c_n, unsorted_indices),
+            )
         if self.batch_first:
             output = output.transpose(0, 1)
         if input.dim() == 2:
@@ -323,9 +383,13 @@ class FusedLSTM(nn.Module):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _validate(self, data: Tensor, batch_sizes: Optional[Tensor],
-                  sorted_indices: Optional[Tensor], hx: Optional[Tuple[Tensor, Tensor]]
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    def _validate(
+        self,
+        data: Tensor,
+        batch_sizes: Optional[Tensor],
+        sorted_indices: Optional[Tensor],
+        hx: Optional[Tuple[Tensor, Tensor]],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """Validates like nn.LSTM and returns what the op takes: the input time-major (or the
         packed data, with its batch_sizes) and h_0, c_0 as (L*D, B, ·), in the packed batch
         order."""
@@ -338,8 +402,7 @@ class FusedLSTM(nn.Module):
             is_batched = True
         else:
             if data.dim() not in (2, 3):
-                raise ValueError(
-                    f"LSTM: Expected input to be 2D or 3D, got {data.dim()}D instead")
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {data.dim()}D instead")
             is_batched = data.dim() == 3
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:
@@ -359,7 +422,8 @@ class FusedLSTM(nn.Module):
                     kind = "batched 3-D" if is_batched else "unbatched 2-D"
                     raise RuntimeError(
                         f"For {kind} input, hx and cx should also be {want}-D but got "
-                        f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+                        f"({h0.dim()}-D, {c0.dim()}-D) tensors"
+                    )
                 if not is_batched:
                     h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         self._check_forward_args(data, (h0, c0), is_packed, mini_batch)
@@ -370,15 +434,21 @@ class FusedLSTM(nn.Module):
         x = data.transpose(0, 1) if (self.batch_first and not is_packed) else data
         return x, h0, c0
 
-    def _validate_reset(self, reset: Tensor, data: Tensor, batch_sizes: Optional[Tensor],
-                        sorted_indices: Optional[Tensor]) -> Tensor:
+    def _validate_reset(
+        self,
+        reset: Tensor,
+        data: Tensor,
+        batch_sizes: Optional[Tensor],
+        sorted_indices: Optional[Tensor],
+    ) -> Tensor:
         """reset as the op takes it: time-major (T, B) rows, or the packed rows of a
         PackedSequence (from reset padded (T, B), or (B, T) with batch_first, in the original
         batch order; entries past a sequence's end are ignored)."""
         if not torch.jit.is_scripting():
             if not isinstance(reset, Tensor):
-                raise TypeError(f"FusedLSTM: reset must be a bool tensor, got "
-                                f"{type(reset).__name__}")
+                raise TypeError(
+                    f"FusedLSTM: reset must be a bool tensor, got {type(reset).__name__}"
+                )
         if batch_sizes is not None:
             steps, batch = batch_sizes.size(0), int(batch_sizes[0])
             want = [batch, steps] if self.batch_first else [steps, batch]
@@ -389,16 +459,19 @@ class FusedLSTM(nn.Module):
             layout = "(T,)" if data.dim() == 2 else ("(B, T)" if self.batch_first else "(T, B)")
             what = f"{layout}, the input's shape without its feature dimension"
         if list(reset.shape) != want:
-            raise ValueError(f"FusedLSTM: reset must have shape {what}, {want}; got "
-                             f"{list(reset.shape)}")
+            raise ValueError(
+                f"FusedLSTM: reset must have shape {what}, {want}; got {list(reset.shape)}"
+            )
         if reset.dtype != torch.bool:
             if torch.jit.is_scripting():  # TorchScript cannot print a dtype
                 raise ValueError("FusedLSTM: reset must be a bool tensor")
             else:
                 raise ValueError(f"FusedLSTM: reset must be a bool tensor, got {reset.dtype}")
         if reset.device != data.device:
-            raise RuntimeError(f"FusedLSTM: reset must be on the input's device ({data.device}), "
-                               f"got {reset.device}")
+            raise RuntimeError(
+                f"FusedLSTM: reset must be on the input's device ({data.device}), "
+                f"got {reset.device}"
+            )
         if self.batch_first:
             reset = reset.transpose(0, 1)
         if batch_sizes is None:
@@ -413,11 +486,11 @@ class FusedLSTM(nn.Module):
 # Each regulariser's rule, as its ValueError states it.
 _RULES = {
     "recurrent_dropout": "recurrent_dropout should be a number in range [0, 1) representing the "
-                         "probability of an element being dropped",
+    "probability of an element being dropped",
     "weight_drop": "weight_drop should be a number in range [0, 1) representing the probability "
-                   "of an element being dropped",
+    "of an element being dropped",
     "zoneout": "zoneout should be a number or a pair (cell, hidden) of numbers in range [0, 1], "
-               "the probability of a unit keeping its previous state",
+    "the probability of a unit keeping its previous state",
 }
 
 
@@ -433,38 +506,98 @@ def _regulariser_value(name: str, value):
 def _rate(name: str, value) -> float:
     # zoneout may be 1 (a unit that never updates); a dropout of 1 would zero everything.
     top_allowed = name == "zoneout"
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1
-            or (value == 1 and not top_allowed)):
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not 0 <= value <= 1
+        or (value == 1 and not top_allowed)
+    ):
         raise ValueError(f"{_RULES[name]}; got {value!r}")
     return float(value)
 
 
-def _lstm(x: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor,
-          weights: List[Tensor], has_biases: bool, has_proj: bool, num_layers: int,
-          dropout: float, train: bool, bidirectional: bool, reset: Optional[Tensor] = None,
-          recurrent_dropout: float = 0.0, zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0,
-          weight_drop: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+def _lstm(
+    x: Tensor,
+    batch_sizes: Optional[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    weights: List[Tensor],
+    has_biases: bool,
+    has_proj: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    reset: Optional[Tensor] = None,
+    recurrent_dropout: float = 0.0,
+    zoneout_cell: float = 0.0,
+    zoneout_hidden: float = 0.0,
+    weight_drop: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """The op fused_lstm::lstm. No exporter can convert the fused ops: under ONNX export the same
     call builds ONNX's LSTM operator instead. TorchScript compiles the overload packet only
     (the op has one overload); eager mode calls the overload itself, which is what
     __torch_function__ modes and torch.compile see."""
     if torch.jit.is_scripting():
         return torch.ops.fused_lstm.lstm(
-            x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers, dropout, train,
-            bidirectional, reset=reset, recurrent_dropout=recurrent_dropout,
-            zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden, weight_drop=weight_drop)
+            x,
+            batch_sizes,
+            h0,
+            c0,
+            weights,
+            has_biases,
+            has_proj,
+            num_layers,
+            dropout,
+            train,
+            bidirectional,
+            reset=reset,
+            recurrent_dropout=recurrent_dropout,
+            zoneout_cell=zoneout_cell,
+            zoneout_hidden=zoneout_hidden,
+            weight_drop=weight_drop,
+        )
     else:
         if _onnx.exporting():
             # ONNX's LSTM has none of them; in eval, dropouts are the identity and export.
-            if (reset is not None or zoneout_cell > 0 or zoneout_hidden > 0
-                    or (train and (recurrent_dropout > 0 or weight_drop > 0))):
+            if (
+                reset is not None
+                or zoneout_cell > 0
+                or zoneout_hidden > 0
+                or (train and (recurrent_dropout > 0 or weight_drop > 0))
+            ):
                 raise RuntimeError(_onnx.REGULARISER_ERROR)
-            return _onnx.lstm(x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers,
-                              dropout, train, bidirectional)
+            return _onnx.lstm(
+                x,
+                batch_sizes,
+                h0,
+                c0,
+                weights,
+                has_biases,
+                has_proj,
+                num_layers,
+                dropout,
+                train,
+                bidirectional,
+            )
         return torch.ops.fused_lstm.lstm.default(
-            x, batch_sizes, h0, c0, weights, has_biases, has_proj, num_layers, dropout, train,
-            bidirectional, reset=reset, recurrent_dropout=recurrent_dropout,
-            zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden, weight_drop=weight_drop)
+            x,
+            batch_sizes,
+            h0,
+            c0,
+            weights,
+            has_biases,
+            has_proj,
+            num_layers,
+            dropout,
+            train,
+            bidirectional,
+            reset=reset,
+            recurrent_dropout=recurrent_dropout,
+            zoneout_cell=zoneout_cell,
+            zoneout_hidden=zoneout_hidden,
+            weight_drop=weight_drop,
+        )
 
 
 def _known_unequal(have: int, want: int) -> bool:
@@ -495,16 +628,19 @@ def _check_attributes(input: Tensor, states: List[Tensor], weights: List[Tensor]
             if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
                 raise RuntimeError(
                     "Input and hidden tensors are not the same dtype, found input tensor with "
-                    f"{_type_name(input)} and hidden tensor with {_type_name(state)}")
+                    f"{_type_name(input)} and hidden tensor with {_type_name(state)}"
+                )
         if state.device != device:
             raise RuntimeError(
                 "Input and hidden tensors are not at the same device, found input tensor at "
-                f"{input.device} and hidden tensor at {state.device}")
+                f"{input.device} and hidden tensor at {state.device}"
+            )
     for w in weights:
         if w.device != device:
             raise RuntimeError(
                 "Input and parameter tensors are not at the same device, found input tensor "
-                f"at {input.device} and parameter tensor at {w.device}")
+                f"at {input.device} and parameter tensor at {w.device}"
+            )
 
 
 def _check_hx_pair(hx, module: str, aten_op: str) -> None:
@@ -513,8 +649,9 @@ def _check_hx_pair(hx, module: str, aten_op: str) -> None:
     index as they go, reading the first two entries of a 3-tuple or the first two rows of a
     tensor with an unbatched input."""
     if not isinstance(hx, (tuple, list)):
-        raise TypeError(f"{module}: hx must be a tuple (h_0, c_0) of two tensors, got "
-                        f"{type(hx).__name__}")
+        raise TypeError(
+            f"{module}: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+        )
     if len(hx) != 2:
         raise RuntimeError(f"{aten_op} expects two hidden states")
 
@@ -528,8 +665,9 @@ class FusedLSTMCell(nn.Module):
 
     __constants__ = ["input_size", "hidden_size", "bias"]
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         _backend.warn_if_no_extension()
         factory = {"device": device, "dtype": dtype}
@@ -565,18 +703,19 @@ class FusedLSTMCell(nn.Module):
             s += ", bias={bias}"
         return s.format(**self.__dict__)
 
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tensor]:
         if input.dim() not in (1, 2):
-            raise ValueError(
-                f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
             if not torch.jit.is_scripting():  # TorchScript has checked hx's type
                 _check_hx_pair(hx, "LSTMCell", "lstm_cell")
             for idx, value in enumerate([hx[0], hx[1]]):
                 if value.dim() not in (1, 2):
                     raise ValueError(
-                        f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+                        f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead"
+                    )
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
@@ -606,31 +745,39 @@ class FusedLSTMCell(nn.Module):
         # fails, or promotes a float32 c_0); these name the tensors, as nn.LSTM does.
         if input.size(1) != self.input_size:
             raise RuntimeError(
-                f"input has inconsistent input_size: got {input.size(1)} "
-                f"expected {self.input_size}")
+                f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}"
+            )
         B, H = input.size(0), self.hidden_size
         if h0.size(0) != B or h0.size(1) != H or c0.size(0) != B or c0.size(1) != H:
             for k, state in enumerate([h0, c0]):
                 if B != state.size(0):
                     raise RuntimeError(
-                        f"Input batch size {B} doesn't match hidden{k} batch size "
-                        f"{state.size(0)}")
+                        f"Input batch size {B} doesn't match hidden{k} batch size {state.size(0)}"
+                    )
                 if state.size(1) != H:
                     raise RuntimeError(
-                        f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, "
-                        f"expected {H}")
+                        f"hidden{k} has inconsistent hidden_size: got {state.size(1)}, expected {H}"
+                    )
         weight = weights[0]
         if not torch.jit.is_scripting():  # TorchScript cannot print a dtype; the op checks
             if input.dtype != weight.dtype:
                 raise RuntimeError(
                     f"LSTMCell input dtype ({input.dtype}) does not match weight dtype "
                     f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert "
-                    f"model: model.to({input.dtype})")
+                    f"model: model.to({input.dtype})"
+                )
         _check_attributes(input, [h0, c0], weights)
 
 
-def _lstm_cell(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-               b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _lstm_cell(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
     """The op fused_lstm::cell_forward's (h, c), or ONNX's form of it under ONNX export, as
     _lstm. The op's C++ autograd differentiates it; its workspace (gates, cells) stays there."""
     if torch.jit.is_scripting():
@@ -639,6 +786,7 @@ def _lstm_cell(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
     else:
         if _onnx.exporting():
             return _onnx.lstm_cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        h, c, _, _ = torch.ops.fused_lstm.cell_forward.default(input, h0, c0, w_ih, w_hh, b_ih,
-                                                               b_hh)
+        h, c, _, _ = torch.ops.fused_lstm.cell_forward.default(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh
+        )
         return h, c

@@ -56,8 +56,9 @@ def _mix(d: Tensor, prev: Tensor, new: Tensor) -> Tensor:
     return d * prev + (1 - d) * new
 
 
-def _entering_state(h: Tensor, c: Tensor, reset: Tensor | None, rows: slice
-                    ) -> tuple[Tensor, Tensor]:
+def _entering_state(
+    h: Tensor, c: Tensor, reset: Tensor | None, rows: slice
+) -> tuple[Tensor, Tensor]:
     """The state a step starts from: the previous one's, zeros where reset is set."""
     if reset is None:
         return h, c
@@ -122,8 +123,14 @@ def layer_forward(
 
 
 def previous_states(
-    input: Tensor, batch_sizes: Tensor | None, h0: Tensor, c0: Tensor,
-    output: Tensor, cells: Tensor, reverse: bool, reset: Tensor | None = None,
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    output: Tensor,
+    cells: Tensor,
+    reverse: bool,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The state every row's step started from (h_{t-1} and c_{t-1}, zeros where reset), rebuilt
     from the saved outputs instead of being saved."""
@@ -225,25 +232,54 @@ def layer_backward(
 # The cell is a layer run on a sequence of one step, as in the native ops (csrc/layer_ops.h).
 
 
-def cell_forward(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-                 b_ih: Tensor | None, b_hh: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def cell_forward(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One step of nn.LSTMCell: ``input (B, I)``, ``h0``, ``c0 (B, H)``. Returns ``h``, ``c`` and
     the workspace of cell_backward, ``gates (B, 4H)`` and ``cells (B, H)`` (c, in a tensor of its
     own that stays unchanged whatever the caller does to ``c``)."""
-    _, h, c, gates, cells = layer_forward(input.unsqueeze(0), None, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                          None, False)
+    _, h, c, gates, cells = layer_forward(
+        input.unsqueeze(0), None, h0, c0, w_ih, w_hh, b_ih, b_hh, None, False
+    )
     return h, c, gates[0], cells[0]
 
 
-def cell_backward(grad_h: Tensor | None, grad_c: Tensor | None, input: Tensor, h0: Tensor,
-                  c0: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor,
-                  cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def cell_backward(
+    grad_h: Tensor | None,
+    grad_c: Tensor | None,
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    gates: Tensor,
+    cells: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of input, h0, c0, w_ih, w_hh and of either bias."""
     # With one step every h_{t-1} is h0, so layer_backward uses only the shape of the output it
     # is given, which h0 has.
     dx, dh0, dc0, dw_ih, dw_hh, db, _ = layer_backward(
-        None, grad_h, grad_c, input.unsqueeze(0), None, h0, c0, w_ih, w_hh, None,
-        h0.unsqueeze(0), gates.unsqueeze(0), cells.unsqueeze(0), False)
+        None,
+        grad_h,
+        grad_c,
+        input.unsqueeze(0),
+        None,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        None,
+        h0.unsqueeze(0),
+        gates.unsqueeze(0),
+        cells.unsqueeze(0),
+        False,
+    )
     return dx[0], dh0, dc0, dw_ih, dw_hh, db
 
 
@@ -255,8 +291,9 @@ def cell_backward(grad_h: Tensor | None, grad_c: Tensor | None, input: Tensor, h
 
 def _check_rate(p: float, name: str, one_allowed: bool) -> None:
     if not (p >= 0 and (p <= 1 if one_allowed else p < 1)):
-        raise RuntimeError(f"fused_lstm: {name} must be in [0, {'1]' if one_allowed else '1)'}, "
-                           f"got {p}")
+        raise RuntimeError(
+            f"fused_lstm: {name} must be in [0, {'1]' if one_allowed else '1)'}, got {p}"
+        )
 
 
 def keep_mask(like: Tensor, size: list[int], prob: float, value: float) -> Tensor:
@@ -286,19 +323,35 @@ def _reset_for_reverse(reset: Tensor, batch_sizes: Tensor | None) -> Tensor:
     return padded.index_select(0, torch.tensor(src, dtype=torch.long, device=reset.device))
 
 
-def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor, params: list[Tensor],
-         has_biases: bool, has_proj: bool, num_layers: int, dropout: float, train: bool,
-         bidirectional: bool, *, reset: Tensor | None = None, recurrent_dropout: float = 0.0,
-         zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0,
-         weight_drop: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def lstm(
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    hx: Tensor,
+    cx: Tensor,
+    params: list[Tensor],
+    has_biases: bool,
+    has_proj: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    *,
+    reset: Tensor | None = None,
+    recurrent_dropout: float = 0.0,
+    zoneout_cell: float = 0.0,
+    zoneout_hidden: float = 0.0,
+    weight_drop: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """nn.LSTM's forward through layer_forward, with the regularisers (docs/regularisers.md)."""
     if num_layers <= 0:
         raise RuntimeError(f"fused_lstm: num_layers must be positive, got {num_layers}")
-    for p, name, one_allowed in ((dropout, "dropout", True),
-                                 (recurrent_dropout, "recurrent_dropout", False),
-                                 (zoneout_cell, "zoneout_cell", True),
-                                 (zoneout_hidden, "zoneout_hidden", True),
-                                 (weight_drop, "weight_drop", False)):
+    for p, name, one_allowed in (
+        (dropout, "dropout", True),
+        (recurrent_dropout, "recurrent_dropout", False),
+        (zoneout_cell, "zoneout_cell", True),
+        (zoneout_hidden, "zoneout_hidden", True),
+        (weight_drop, "weight_drop", False),
+    ):
         _check_rate(p, name, one_allowed)
     dirs = 2 if bidirectional else 1
     per_dir = 2 + 2 * has_biases + has_proj
@@ -307,11 +360,14 @@ def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor, para
             f"fused_lstm: params must hold {per_dir} tensors per layer and direction "
             f"({num_layers * dirs * per_dir} in all, w_ih, w_hh"
             f"{', b_ih, b_hh' if has_biases else ''}{', w_hr' if has_proj else ''} each), "
-            f"got {len(params)}")
+            f"got {len(params)}"
+        )
     if reset is not None and reset.dtype != torch.bool:
         raise RuntimeError(f"fused_lstm: reset must be a bool tensor, got {reset.dtype}")
-    resets = [reset, _reset_for_reverse(reset, batch_sizes)
-              if reset is not None and bidirectional else None]
+    resets = [
+        reset,
+        _reset_for_reverse(reset, batch_sizes) if reset is not None and bidirectional else None,
+    ]
 
     def zoneout(rate: float, x: Tensor, width: int) -> Tensor | None:
         if rate == 0:
@@ -325,25 +381,45 @@ def lstm(input: Tensor, batch_sizes: Tensor | None, hx: Tensor, cx: Tensor, para
         outs = []
         for d in range(dirs):
             k = layer * dirs + d
-            w = params[k * per_dir:(k + 1) * per_dir]
+            w = params[k * per_dir : (k + 1) * per_dir]
             w_ih, w_hh = w[0], w[1]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             h0 = hx[k]
             if train and weight_drop > 0:
                 w_hh = w_hh * _keep_mask(w_hh, w_hh.shape, 1 - weight_drop, 1 / (1 - weight_drop))
-            mask = (_keep_mask(h0, h0.shape, 1 - recurrent_dropout, 1 / (1 - recurrent_dropout))
-                    if train and recurrent_dropout > 0 else None)
+            mask = (
+                _keep_mask(h0, h0.shape, 1 - recurrent_dropout, 1 / (1 - recurrent_dropout))
+                if train and recurrent_dropout > 0
+                else None
+            )
             y, h, c, _, _ = torch.ops.fused_lstm.layer_forward(
-                x, batch_sizes, h0, cx[k], w_ih, w_hh, b_ih, b_hh, w[-1] if has_proj else None,
-                d == 1, mask, zoneout(zoneout_cell, x, w_hh.shape[0] // 4),
-                zoneout(zoneout_hidden, x, h0.shape[-1]), resets[d])
+                x,
+                batch_sizes,
+                h0,
+                cx[k],
+                w_ih,
+                w_hh,
+                b_ih,
+                b_hh,
+                w[-1] if has_proj else None,
+                d == 1,
+                mask,
+                zoneout(zoneout_cell, x, w_hh.shape[0] // 4),
+                zoneout(zoneout_hidden, x, h0.shape[-1]),
+                resets[d],
+            )
             outs.append(y)
             h_n.append(h)
             c_n.append(c)
         x = outs[0] if dirs == 1 else torch.cat(outs, -1)
         if train and dropout > 0 and layer < num_layers - 1:
             # at::dropout's draw, as aten::lstm makes it between layers.
-            noise = (torch.zeros_like(x) if dropout == 1 else torch.empty_like(
-                x, memory_format=torch.contiguous_format).bernoulli_(1 - dropout).div_(1 - dropout))
+            noise = (
+                torch.zeros_like(x)
+                if dropout == 1
+                else torch.empty_like(x, memory_format=torch.contiguous_format)
+                .bernoulli_(1 - dropout)
+                .div_(1 - dropout)
+            )
             x = x * noise
     return x, torch.stack(h_n), torch.stack(c_n)

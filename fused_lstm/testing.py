@@ -29,7 +29,8 @@ EMULATED_NAMESPACE = "fused_lstm_emulated"
 EMULATOR_MISSING = (
     "fused_lstm.testing.emulated_cuda() needs the CUDA emulator, fused_lstm._emulated_cuda, "
     "which is built only where the install asks for it: reinstall with "
-    "`FUSED_LSTM_BUILD_EMULATOR=1 pip install --no-build-isolation -e .`")
+    "`FUSED_LSTM_BUILD_EMULATOR=1 pip install --no-build-isolation -e .`"
+)
 
 
 def emulator_built() -> bool:
@@ -41,6 +42,7 @@ def _emulator():
         raise RuntimeError(EMULATOR_MISSING)
     _library.define(EMULATED_NAMESPACE, KERNEL_OPS)
     from . import _emulated_cuda
+
     return _emulated_cuda
 
 

@@ -19,8 +19,11 @@ from .modules import FusedLSTM
 GATES = ("i", "f", "g", "o")
 
 
-def gate_trace(module: FusedLSTM | nn.LSTM, input: Tensor | PackedSequence,
-               hx: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+def gate_trace(
+    module: FusedLSTM | nn.LSTM,
+    input: Tensor | PackedSequence,
+    hx: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Tensor]:
     """Run ``module`` forward on ``input`` (and ``hx``) without autograd and return the traces.
 
     Returns a dict with keys ``"i"``, ``"f"``, ``"g"``, ``"o"`` (gate activations), ``"c"`` (cell
@@ -37,7 +40,8 @@ def gate_trace(module: FusedLSTM | nn.LSTM, input: Tensor | PackedSequence,
         module = FusedLSTM.from_lstm(module)
     if not isinstance(module, FusedLSTM):
         raise TypeError(
-            f"gate_trace expects a FusedLSTM or nn.LSTM module, got {type(module).__name__}")
+            f"gate_trace expects a FusedLSTM or nn.LSTM module, got {type(module).__name__}"
+        )
     H = module.hidden_size
     traces: dict[str, list[Tensor]] = {k: [] for k in (*GATES, "c", "h")}
 
@@ -53,8 +57,10 @@ def gate_trace(module: FusedLSTM | nn.LSTM, input: Tensor | PackedSequence,
         traces["h"].append(acts[3] * cells.tanh() if module.proj_size else y)
         return y, h, c, gates, cells
 
-    with torch.no_grad(), _redirect.redirect({"fused_lstm::layer_forward": tap},
-                                             applies=lambda args: True):
+    with (
+        torch.no_grad(),
+        _redirect.redirect({"fused_lstm::layer_forward": tap}, applies=lambda args: True),
+    ):
         module(input, hx)
 
     packed = isinstance(input, PackedSequence)
@@ -63,8 +69,9 @@ def gate_trace(module: FusedLSTM | nn.LSTM, input: Tensor | PackedSequence,
     for name, per_layer in traces.items():
         stacked = torch.stack(per_layer)  # (L*D, T, B, H), (L*D, N, H) packed
         if packed:
-            stacked = torch.stack([
-                pad_packed_sequence(PackedSequence(t, *input[1:]))[0] for t in stacked.unbind(0)])
+            stacked = torch.stack(
+                [pad_packed_sequence(PackedSequence(t, *input[1:]))[0] for t in stacked.unbind(0)]
+            )
         elif unbatched:
             stacked = stacked.squeeze(2)
         result[name] = stacked

@@ -9,7 +9,8 @@
   test_threads_and_memory  concurrent Python threads, intra-op thread counts, memory growth
   test_ops               the dispatcher ops themselves (opcheck, against the reference)
   test_cpu_kernels       the CPU kernels' size thresholds, tiles and panels
-  test_isa               the CPU kernels' ISA variants, each forced (FUSED_LSTM_CPU_ISA) in a process
+  test_isa               the CPU kernels' ISA variants, each forced (FUSED_LSTM_CPU_ISA) in a
+                         process
   test_cuda_kernels      what only the CUDA kernels have: tiles, streams, autocast, registration
   test_emulator          the CUDA emulator itself
   test_regularisers      recurrent dropout, zoneout, weight drop and reset
@@ -39,8 +40,9 @@ from helpers import needs_cuda, needs_emulator
 BACKENDS = ("reference", "cpu", "emulated_cuda", "cuda")
 
 _SKIPS = {
-    "cpu": pytest.mark.skipif("cpu" not in fused_lstm.native_backends(),
-                              reason="needs the CPU kernels"),
+    "cpu": pytest.mark.skipif(
+        "cpu" not in fused_lstm.native_backends(), reason="needs the CPU kernels"
+    ),
     "emulated_cuda": needs_emulator,
     "cuda": needs_cuda,
 }
@@ -63,16 +65,22 @@ class Backend:
 
 def _backend(name):
     return Backend(
-        name=name, device="cuda" if name == "cuda" else "cpu",
+        name=name,
+        device="cuda" if name == "cuda" else "cpu",
         ops=fused_lstm.reference if name == "reference" else torch.ops.fused_lstm,
-        context={"reference": fused_lstm.reference_only,
-                 "emulated_cuda": emulated_cuda}.get(name, contextlib.nullcontext))
+        context={"reference": fused_lstm.reference_only, "emulated_cuda": emulated_cuda}.get(
+            name, contextlib.nullcontext
+        ),
+    )
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(*names): run the test only on these backends")
-    config.addinivalue_line("markers", "no_launch: the emulated CUDA kernels launch nothing here "
-                                       "(no rows): the backend fixture does not require a launch")
+    config.addinivalue_line(
+        "markers",
+        "no_launch: the emulated CUDA kernels launch nothing here "
+        "(no rows): the backend fixture does not require a launch",
+    )
 
 
 def pytest_generate_tests(metafunc):
@@ -81,8 +89,9 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("backends")
     names = marker.args if marker else BACKENDS
     assert names and set(names) <= set(BACKENDS), f"unknown backends {names}"
-    metafunc.parametrize("backend", [pytest.param(n, id=n, marks=_SKIPS.get(n, ()))
-                                     for n in names], indirect=True)
+    metafunc.parametrize(
+        "backend", [pytest.param(n, id=n, marks=_SKIPS.get(n, ())) for n in names], indirect=True
+    )
 
 
 @pytest.fixture

@@ -13,14 +13,17 @@ from fused_lstm.testing import emulator_built
 # where the install or the machine lacks it.
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in fused_lstm.native_backends(),
-    reason="needs a GPU and the CUDA kernels")
+    reason="needs a GPU and the CUDA kernels",
+)
 needs_emulator = pytest.mark.skipif(
     not emulator_built() or "cpu" not in fused_lstm.native_backends(),
-    reason="needs the CUDA emulator (install with FUSED_LSTM_BUILD_EMULATOR=1) and the extension")
+    reason="needs the CUDA emulator (install with FUSED_LSTM_BUILD_EMULATOR=1) and the extension",
+)
 # What only the compiled extension has (its constants, its C++ autograd's errors): skipped in an
 # install without it (FUSED_LSTM_NO_EXTENSION=1), where everything else runs on the reference.
 needs_extension = pytest.mark.skipif(
-    "cpu" not in fused_lstm.native_backends(), reason="needs the compiled extension fused_lstm._C")
+    "cpu" not in fused_lstm.native_backends(), reason="needs the compiled extension fused_lstm._C"
+)
 
 
 def outputs_and_grads(module, inp, hx, leaves):
@@ -52,8 +55,9 @@ def assert_same(ref_vals, got_vals, atol, rtol=0.0, equal_nan=False):
             continue
         assert a.shape == b.shape, (k, a.shape, b.shape)
         assert a.dtype == b.dtype, (k, a.dtype, b.dtype)
-        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, equal_nan=equal_nan,
-                                   msg=lambda m: f"item {k}: {m}")
+        torch.testing.assert_close(
+            b, a, atol=atol, rtol=rtol, equal_nan=equal_nan, msg=lambda m: f"item {k}: {m}"
+        )
 
 
 # ---- the ops' arguments (test_ops, test_gradcheck): float64, at these sizes ------------------
@@ -69,43 +73,79 @@ def op_args(proj, bias, packed, reverse, requires_grad=False, device="cpu"):
         x = torch.randn(int(batch_sizes.sum()), I, **dt)
     else:
         batch_sizes, x = None, torch.randn(4, 3, I, **dt)
-    return (x, batch_sizes, torch.randn(3, Hr, **dt), torch.randn(3, H, **dt),
-            torch.randn(4 * H, I, **dt), torch.randn(4 * H, Hr, **dt),
-            torch.randn(4 * H, **dt) if bias else None, torch.randn(4 * H, **dt) if bias else None,
-            torch.randn(Hr, H, **dt) if proj else None, reverse)
+    return (
+        x,
+        batch_sizes,
+        torch.randn(3, Hr, **dt),
+        torch.randn(3, H, **dt),
+        torch.randn(4 * H, I, **dt),
+        torch.randn(4 * H, Hr, **dt),
+        torch.randn(4 * H, **dt) if bias else None,
+        torch.randn(4 * H, **dt) if bias else None,
+        torch.randn(Hr, H, **dt) if proj else None,
+        reverse,
+    )
 
 
-FLAGS = [(proj, bias, packed, reverse) for proj in (False, True) for bias in (False, True)
-         for packed in (False, True) for reverse in (False, True)]
+FLAGS = [
+    (proj, bias, packed, reverse)
+    for proj in (False, True)
+    for bias in (False, True)
+    for packed in (False, True)
+    for reverse in (False, True)
+]
 
 
 def cell_args(bias=True, requires_grad=False, device="cpu", batch=3, dtype=torch.float64):
     dt = {"dtype": dtype, "requires_grad": requires_grad, "device": device}
-    return (torch.randn(batch, I, **dt), torch.randn(batch, H, **dt), torch.randn(batch, H, **dt),
-            torch.randn(4 * H, I, **dt), torch.randn(4 * H, H, **dt),
-            torch.randn(4 * H, **dt) if bias else None, torch.randn(4 * H, **dt) if bias else None)
+    return (
+        torch.randn(batch, I, **dt),
+        torch.randn(batch, H, **dt),
+        torch.randn(batch, H, **dt),
+        torch.randn(4 * H, I, **dt),
+        torch.randn(4 * H, H, **dt),
+        torch.randn(4 * H, **dt) if bias else None,
+        torch.randn(4 * H, **dt) if bias else None,
+    )
 
 
 CELL_GRADS = ["both", "h", "c"]
 
 
-def lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.0, train=False,
-              requires_grad=False, device="cpu", batch=3):
+def lstm_args(
+    num_layers,
+    bidirectional,
+    proj,
+    bias,
+    packed,
+    dropout=0.0,
+    train=False,
+    requires_grad=False,
+    device="cpu",
+    batch=3,
+):
     """The lstm op's arguments, with nn.LSTM's parameters (shapes, order, initialisation)."""
-    ref = nn.LSTM(I, H, num_layers, bias, bidirectional=bidirectional,
-                  proj_size=P if proj else 0, dtype=torch.float64, device=device)
+    ref = nn.LSTM(
+        I,
+        H,
+        num_layers,
+        bias,
+        bidirectional=bidirectional,
+        proj_size=P if proj else 0,
+        dtype=torch.float64,
+        device=device,
+    )
     params = [p.detach().clone().requires_grad_(requires_grad) for p in ref._flat_weights]
     dt = {"dtype": torch.float64, "requires_grad": requires_grad, "device": device}
     D = 2 if bidirectional else 1
     if packed:
-        batch_sizes = torch.tensor([batch, batch, 2, 1][:4 if batch >= 2 else 1])
+        batch_sizes = torch.tensor([batch, batch, 2, 1][: 4 if batch >= 2 else 1])
         x = torch.randn(int(batch_sizes.sum()), I, **dt)
     else:
         batch_sizes, x = None, torch.randn(4, batch, I, **dt)
     hx = torch.randn(num_layers * D, batch, P if proj else H, **dt)
     cx = torch.randn(num_layers * D, batch, H, **dt)
-    return (x, batch_sizes, hx, cx, params, bias, proj, num_layers, dropout, train,
-            bidirectional)
+    return (x, batch_sizes, hx, cx, params, bias, proj, num_layers, dropout, train, bidirectional)
 
 
 # ---- nn.LSTM against FusedLSTM, the CUDA kernels' parity tests (test_parity, test_edge_inputs,
@@ -114,11 +154,27 @@ def lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.0, train=
 LSTM_I, LSTM_H, LENGTHS = 4, 6, [5, 3, 2]
 
 
-def make_lstm(dev, num_layers=1, bias=True, batch_first=False, bidirectional=False,
-               proj_size=0, dtype=torch.float32, seed=0, hidden=LSTM_H):
+def make_lstm(
+    dev,
+    num_layers=1,
+    bias=True,
+    batch_first=False,
+    bidirectional=False,
+    proj_size=0,
+    dtype=torch.float32,
+    seed=0,
+    hidden=LSTM_H,
+):
     torch.manual_seed(seed)
-    return nn.LSTM(LSTM_I, hidden, num_layers, bias=bias, batch_first=batch_first,
-                   bidirectional=bidirectional, proj_size=proj_size).to(dev, dtype)
+    return nn.LSTM(
+        LSTM_I,
+        hidden,
+        num_layers,
+        bias=bias,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+        proj_size=proj_size,
+    ).to(dev, dtype)
 
 
 def make_inputs(lstm: nn.LSTM, dtype, seed=1, with_hx=True, steps=5, batch=3):
@@ -130,9 +186,12 @@ def make_inputs(lstm: nn.LSTM, dtype, seed=1, with_hx=True, steps=5, batch=3):
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     hx = None
     if with_hx:
-        hx = (torch.randn(lstm.num_layers * D, batch, Hr, generator=g, dtype=torch.float64),
-              torch.randn(lstm.num_layers * D, batch, lstm.hidden_size, generator=g,
-                          dtype=torch.float64))
+        hx = (
+            torch.randn(lstm.num_layers * D, batch, Hr, generator=g, dtype=torch.float64),
+            torch.randn(
+                lstm.num_layers * D, batch, lstm.hidden_size, generator=g, dtype=torch.float64
+            ),
+        )
         hx = tuple(t.to(dev, dtype).requires_grad_() for t in hx)
     return x.to(dev, dtype).requires_grad_(), hx
 
@@ -143,23 +202,35 @@ def run_lstm(module, x, hx, packed=None, seed=2):
     of lengths (sorted)."""
     inp = x
     if packed is not None:
-        lengths = packed if isinstance(packed, list) else {
-            "sorted": LENGTHS, "unsorted": [LENGTHS[1], LENGTHS[0], LENGTHS[2]]}[packed]
-        inp = pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first,
-                                   enforce_sorted=packed != "unsorted")
+        lengths = (
+            packed
+            if isinstance(packed, list)
+            else {"sorted": LENGTHS, "unsorted": [LENGTHS[1], LENGTHS[0], LENGTHS[2]]}[packed]
+        )
+        inp = pack_padded_sequence(
+            x,
+            torch.tensor(lengths),
+            batch_first=module.batch_first,
+            enforce_sorted=packed != "unsorted",
+        )
     out, (h, c) = module(inp, hx)
     data = out.data if packed is not None else out
     g = torch.Generator().manual_seed(seed)
-    loss = sum((t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device))
-               .sum() for t in (data, h, c))
+    loss = sum(
+        (t.double() * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)).sum()
+        for t in (data, h, c)
+    )
     wrt = [x] + ([] if hx is None else list(hx)) + list(module.parameters())
     grads = torch.autograd.grad(loss, wrt)
     return [data.detach(), h.detach(), c.detach(), *grads]
 
 
 def grad_names(module, with_hx):
-    return (["output", "h_n", "c_n", "grad_input"] + (["grad_h0", "grad_c0"] if with_hx else [])
-            + [f"grad_{n}" for n, _ in module.named_parameters()])
+    return (
+        ["output", "h_n", "c_n", "grad_input"]
+        + (["grad_h0", "grad_c0"] if with_hx else [])
+        + [f"grad_{n}" for n, _ in module.named_parameters()]
+    )
 
 
 def compare(got, want, names, atol, rtol):

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_script(name):
     """benchmarks/<name>.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
-                                                  ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # a dataclass looks its module up there
     spec.loader.exec_module(module)
@@ -29,9 +30,21 @@ def run_module():
 
 
 def test_run_checks_parity_and_writes_table_json_and_plot(run_module, tmp_path, capsys):
-    status = run_module.main(["--device", "cpu", "--quick", "--reps", "1",
-                              "--only", "seed-chars", "small-batch", "cell-B8",
-                              "--out", str(tmp_path)])
+    status = run_module.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--reps",
+            "1",
+            "--only",
+            "seed-chars",
+            "small-batch",
+            "cell-B8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert status == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"] for r in report["rows"]] == ["seed-chars", "small-batch", "cell-B8"]
@@ -40,10 +53,12 @@ def test_run_checks_parity_and_writes_table_json_and_plot(run_module, tmp_path, 
         assert set(row["train"]) == set(row["infer"]) == {"nn.LSTM", "FusedLSTM", "reference"}
     table = (tmp_path / "results.md").read_text()
     # The CPU's table keeps its columns whatever the GPU's gained.
-    assert ("| config | dtype | T | B | I | H | L | parity out / grad max abs diff | "
-            "train nn.LSTM ms | train Fused ms | **train ratio** | train ref ms | "
-            "infer nn.LSTM ms | infer Fused ms | **infer ratio** | saved MB nn.LSTM | "
-            "saved MB Fused |\n" + "|---" * 17 + "|\n") in table
+    assert (
+        "| config | dtype | T | B | I | H | L | parity out / grad max abs diff | "
+        "train nn.LSTM ms | train Fused ms | **train ratio** | train ref ms | "
+        "infer nn.LSTM ms | infer Fused ms | **infer ratio** | saved MB nn.LSTM | "
+        "saved MB Fused |\n" + "|---" * 17 + "|\n"
+    ) in table
     assert "| seed-chars | float32 | 799 | - | 5 | 4 | 1 |" in table
     assert "TF32" not in table and "per_step" not in report["rows"][0]
     assert table.splitlines()[-1] in capsys.readouterr().out
@@ -56,25 +71,36 @@ def test_gpu_rows_time_nn_lstm_with_and_without_tf32_and_the_per_step_slope(run_
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
     try:
-        rows = [run_module.measure(cfg, torch.device("cpu"), dtype, 1, False,
-                                   run_module.Progress(3), gpu_rows=True)
-                for dtype in (torch.float32, torch.float64)]
+        rows = [
+            run_module.measure(
+                cfg, torch.device("cpu"), dtype, 1, False, run_module.Progress(3), gpu_rows=True
+            )
+            for dtype in (torch.float32, torch.float64)
+        ]
         # the caller's settings, not measure's, after it
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
-            True, False)
+            True,
+            False,
+        )
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     f32, f64 = rows
     for mode in ("train", "infer"):
-        assert set(f32[mode]) == set(f32["per_step"][mode]) == {"nn.LSTM", "FusedLSTM",
-                                                                 "nn.LSTM TF32"}
+        assert (
+            set(f32[mode]) == set(f32["per_step"][mode]) == {"nn.LSTM", "FusedLSTM", "nn.LSTM TF32"}
+        )
         assert set(f64[mode]) == set(f64["per_step"][mode]) == {"nn.LSTM", "FusedLSTM"}
     header, rule, line32, line64 = run_module.markdown_table(rows).splitlines()
     columns = header.strip("| ").split(" | ")
     assert len(rule.split("|")) == len(columns) + 2
     assert columns[8:14] == [
-        "train nn.LSTM ms TF32 off", "train nn.LSTM ms TF32 on", "train Fused ms",
-        "**train ratio** vs TF32 off", "train nn.LSTM µs/step TF32 off", "train Fused µs/step"]
+        "train nn.LSTM ms TF32 off",
+        "train nn.LSTM ms TF32 on",
+        "train Fused ms",
+        "**train ratio** vs TF32 off",
+        "train nn.LSTM µs/step TF32 off",
+        "train Fused µs/step",
+    ]
     assert "train ref ms" not in columns and "infer nn.LSTM ms TF32 on" in columns
     tf32_on = columns.index("train nn.LSTM ms TF32 on")
     assert line32.strip("| ").split(" | ")[tf32_on] != "-"
@@ -88,12 +114,15 @@ def test_tf32_switches_both_and_restores_them(run_module):
         with pytest.raises(ZeroDivisionError), run_module.tf32(True):
             assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
             with run_module.tf32(False):
-                assert not (torch.backends.cudnn.allow_tf32
-                            or torch.backends.cuda.matmul.allow_tf32)
+                assert not (
+                    torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+                )
             assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
             1 / 0
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (
-            False, True)
+            False,
+            True,
+        )
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -115,28 +144,39 @@ def test_gpu_configurations_include_deepbench_latency_rows(run_module):
 def test_gpu_check_without_python_records_each_step_and_fails(tmp_path):
     """Where nothing builds, the script still writes every step's line and skips what needs the
     build."""
-    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
-                            env={**os.environ, "PYTHON": "false"}, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+        env={**os.environ, "PYTHON": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     lines = (tmp_path / "summary.txt").read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["env", "build", "test_cuda", "bench", "total"]
     assert lines[1].startswith("build rc=1 seconds=")
-    assert lines[2:4] == ["test_cuda skipped: no build with the CUDA kernels",
-                          "bench skipped: no build with the CUDA kernels"]
+    assert lines[2:4] == [
+        "test_cuda skipped: no build with the CUDA kernels",
+        "bench skipped: no build with the CUDA kernels",
+    ]
     assert (tmp_path / "build.log").exists()
 
 
 def test_run_without_matplotlib_still_writes_the_figures(run_module, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises
-    assert run_module.main(["--device", "cpu", "--reps", "1", "--only", "seed-chars",
-                            "--out", str(tmp_path)]) == 0
+    assert (
+        run_module.main(
+            ["--device", "cpu", "--reps", "1", "--only", "seed-chars", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
 def test_parity_check_catches_a_wrong_answer(run_module):
-    ref, fused, x = run_module.make_case(run_module.configs.CPU[1], torch.device("cpu"),
-                                         torch.float32)
+    ref, fused, x = run_module.make_case(
+        run_module.configs.CPU[1], torch.device("cpu"), torch.float32
+    )
     assert run_module.parity(ref, fused, x)["ok"]
     with torch.no_grad():
         fused.weight_hh_l0[0, 0] += 0.1
@@ -173,8 +213,9 @@ def test_regulariser_costs_print_a_ratio_per_option(tmp_path, capsys):
 
 def test_sweep_writes_table_json_and_heatmap(tmp_path, capsys):
     module = load_script("sweep")
-    tiny = module.Grid(T=(1, 5), B=(1, 3), H=(8, 16), layers=(1, 2), cell_B=(1, 3), cell_H=(4,),
-                       cell_T=3)
+    tiny = module.Grid(
+        T=(1, 5), B=(1, 3), H=(8, 16), layers=(1, 2), cell_B=(1, 3), cell_H=(4,), cell_T=3
+    )
     assert module.main(["--reps", "1", "--out", str(tmp_path)], grid=tiny) == 0
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert {"machine", "torch", "threads", "date", "command"} <= set(report)
@@ -197,7 +238,11 @@ def test_breakdown_splits_each_step_into_the_categories(capsys):
     assert module.main(["--only", "seed-chars", "--steps", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| seed")]
     assert [row.split(" | ")[2:4] for row in rows] == [
-        ["train", "nn.LSTM"], ["train", "FusedLSTM"], ["infer", "nn.LSTM"], ["infer", "FusedLSTM"]]
+        ["train", "nn.LSTM"],
+        ["train", "FusedLSTM"],
+        ["infer", "nn.LSTM"],
+        ["infer", "FusedLSTM"],
+    ]
     for row in rows:
         *parts, total = (float(v) for v in row.strip("| ").split(" | ")[4:])
         # Every figure is printed to 0.01 ms: the parts add up to the total within their rounding.
@@ -208,19 +253,42 @@ def test_breakdown_profiles_each_sweep_case_below_one(tmp_path, capsys):
     module = load_script("breakdown")
 
     def row(case, kind, T, B, H, train, infer):
-        return {"case": case, "kind": kind, "dtype": "float64", "T": T, "B": B, "I": H, "H": H,
-                "layers": 1, "train": {"ratio": train}, "infer": {"ratio": infer}}
+        return {
+            "case": case,
+            "kind": kind,
+            "dtype": "float64",
+            "T": T,
+            "B": B,
+            "I": H,
+            "H": H,
+            "layers": 1,
+            "train": {"ratio": train},
+            "infer": {"ratio": infer},
+        }
 
     sweep_json = tmp_path / "sweep.json"
-    sweep_json.write_text(json.dumps({"rows": [
-        row("L1 T3 B2 H8", "lstm", 3, 2, 8, 0.5, 2.0), row("cell B1 H4", "cell", 3, 1, 4, 0.9, 0.8),
-        row("L1 T3 B1 H8", "lstm", 3, 1, 8, 1.0, 1.5)]}))
+    sweep_json.write_text(
+        json.dumps(
+            {
+                "rows": [
+                    row("L1 T3 B2 H8", "lstm", 3, 2, 8, 0.5, 2.0),
+                    row("cell B1 H4", "cell", 3, 1, 4, 0.9, 0.8),
+                    row("L1 T3 B1 H8", "lstm", 3, 1, 8, 1.0, 1.5),
+                ]
+            }
+        )
+    )
     assert module.main(["--sweep", str(sweep_json), "--steps", "1"]) == 0
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| L1") or line.startswith("| cell")]
-    assert [r[:4] for r in rows] == [["| L1 T3 B2 H8", "float64", "train", "0.50x"],
-                                     ["| cell B1 H4", "float64", "train", "0.90x"],
-                                     ["| cell B1 H4", "float64", "infer", "0.80x"]]
+    rows = [
+        line.split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| L1") or line.startswith("| cell")
+    ]
+    assert [r[:4] for r in rows] == [
+        ["| L1 T3 B2 H8", "float64", "train", "0.50x"],
+        ["| cell B1 H4", "float64", "train", "0.90x"],
+        ["| cell B1 H4", "float64", "infer", "0.80x"],
+    ]
     for r in rows:
         figures = [float(v) for v in r[4:-1]] + [float(r[-1].rstrip(" |"))]
         fused, nn, (fused_gflops, nn_gflops) = figures[:7], figures[7:14], figures[14:]

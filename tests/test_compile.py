@@ -37,10 +37,12 @@ class RecordingBackend:
             def compiler(graph, _inputs):
                 codes.append(graph.code)
                 return make_boxed_func(graph.forward)
+
             return compiler
 
-        return aot_autograd(fw_compiler=keeping(self.forward_code),
-                            bw_compiler=keeping(self.backward_code))(gm, example_inputs)
+        return aot_autograd(
+            fw_compiler=keeping(self.forward_code), bw_compiler=keeping(self.backward_code)
+        )(gm, example_inputs)
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +53,12 @@ def _fresh_dynamo():
 
 
 # input shape and batch size (None: unbatched) of each input form; packed: padded, then packed
-FORMS = {"time_major": ((5, 2, 3), 2), "batch_first": ((2, 5, 3), 2), "unbatched": ((5, 3), None),
-         "packed": ((5, 3, 3), 3)}
+FORMS = {
+    "time_major": ((5, 2, 3), 2),
+    "batch_first": ((2, 5, 3), 2),
+    "unbatched": ((5, 3), None),
+    "packed": ((5, 3, 3), 3),
+}
 
 
 @pytest.mark.backends("cpu", "cuda")
@@ -60,8 +66,16 @@ FORMS = {"time_major": ((5, 2, 3), 2), "batch_first": ((2, 5, 3), 2), "unbatched
 def test_compiled_lstm_matches_eager_and_nn_lstm(backend, form):
     device = backend.device
     shape, batch = FORMS[form]
-    ref = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2,
-                  batch_first=form == "batch_first", dtype=F64, device=device)
+    ref = nn.LSTM(
+        3,
+        4,
+        num_layers=2,
+        bidirectional=True,
+        proj_size=2,
+        batch_first=form == "batch_first",
+        dtype=F64,
+        device=device,
+    )
     fused = FusedLSTM.from_lstm(ref)
     recorder = RecordingBackend()
     compiled = torch.compile(fused, fullgraph=True, backend=recorder)
@@ -92,8 +106,11 @@ def test_compiled_cell_matches_nn_lstm_cell(backend, bias):
     compiled = torch.compile(FusedLSTMCell.from_lstm_cell(ref), fullgraph=True, backend=recorder)
     like = dict(dtype=F64, device=device, requires_grad=True)
     x, hx = torch.randn(2, 3, **like), (torch.randn(2, 4, **like), torch.randn(2, 4, **like))
-    assert_same(cell_outputs_and_grads(ref, x, hx, [x, *hx]),
-                cell_outputs_and_grads(compiled, x, hx, [x, *hx]), atol=1e-9)
+    assert_same(
+        cell_outputs_and_grads(ref, x, hx, [x, *hx]),
+        cell_outputs_and_grads(compiled, x, hx, [x, *hx]),
+        atol=1e-9,
+    )
     assert CELL_FORWARD_OP in recorder.forward_code[0]
     assert CELL_BACKWARD_OP in recorder.backward_code[0]
     assert FORWARD_OP not in recorder.forward_code[0] + recorder.backward_code[0]
@@ -121,8 +138,9 @@ def test_compiled_cell_with_one_tensor_for_both_states(monkeypatch, use_referenc
     backend = RecordingBackend()
     calls = counting(monkeypatch, "cell_forward")
     with fused_lstm.reference_only() if use_reference else contextlib.nullcontext():
-        got = cell_outputs_and_grads(torch.compile(fused, fullgraph=True, backend=backend), x, hx,
-                                     leaves)
+        got = cell_outputs_and_grads(
+            torch.compile(fused, fullgraph=True, backend=backend), x, hx, leaves
+        )
     assert_same(want, got, atol=1e-9)
     assert CELL_FORWARD_OP in backend.forward_code[0]
     assert bool(calls) == use_reference
@@ -136,8 +154,11 @@ def test_no_recompile_per_batch_size():
     compiled = torch.compile(fused, fullgraph=True, backend=backend)
     for T, B in ((5, 2), (7, 3), (4, 5), (9, 4)):
         x = torch.randn(T, B, 3, dtype=F64, requires_grad=True)
-        assert_same(outputs_and_grads(fused, x, None, [x]),
-                    outputs_and_grads(compiled, x, None, [x]), atol=0)
+        assert_same(
+            outputs_and_grads(fused, x, None, [x]),
+            outputs_and_grads(compiled, x, None, [x]),
+            atol=0,
+        )
     assert backend.compiles == 2  # static shapes first, then one graph dynamic in T and B
 
 
@@ -148,8 +169,9 @@ def test_compiled_reference_backend_matches_native(monkeypatch):
     x = torch.randn(3, 2, 3, dtype=F64, requires_grad=True)
     want = outputs_and_grads(fused, x, None, [x])
     backend = RecordingBackend()
-    forward_calls, backward_calls = (counting(monkeypatch, name)
-                                     for name in ("layer_forward", "layer_backward"))
+    forward_calls, backward_calls = (
+        counting(monkeypatch, name) for name in ("layer_forward", "layer_backward")
+    )
     with fused_lstm.reference_only():
         got = outputs_and_grads(torch.compile(fused, fullgraph=True, backend=backend), x, None, [x])
     assert_same(want, got, atol=1e-12)
@@ -164,8 +186,9 @@ class Tagger(nn.Module):
         super().__init__()
         factory = dict(dtype=F64, device=device)
         self.embed = nn.Linear(3, 5, **factory)
-        self.lstm = FusedLSTM(5, 6, num_layers=2, bidirectional=True, proj_size=4,
-                              batch_first=True, **factory)
+        self.lstm = FusedLSTM(
+            5, 6, num_layers=2, bidirectional=True, proj_size=4, batch_first=True, **factory
+        )
         self.head = nn.Linear(8, 2, **factory)
 
     def forward(self, x):

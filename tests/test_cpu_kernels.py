@@ -29,6 +29,7 @@ def rows_to_reach(work, per_row):
     """The fewest rows whose work, per_row multiply-adds a row, reaches the threshold work."""
     return -(-work // per_row)
 
+
 pytestmark = pytest.mark.skipif("cpu" not in native_backends(), reason="needs the CPU kernels")
 
 ATOL = 1e-9
@@ -49,8 +50,9 @@ def check_parity(B, H, proj=0, I=5, T=3, threads=1, bidirectional=False):
     fused = FusedLSTM.from_lstm(ref)
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
     with num_threads(threads):
-        assert_same(outputs_and_grads(ref, x, None, [x]), outputs_and_grads(fused, x, None, [x]),
-                    atol=ATOL)
+        assert_same(
+            outputs_and_grads(ref, x, None, [x]), outputs_and_grads(fused, x, None, [x]), atol=ATOL
+        )
 
 
 # Every remainder of the row tiles (8, 6, 4, 2, 1) and 4H below, at and across one and two
@@ -81,22 +83,37 @@ def test_panels_split_across_threads(threads, extra_rows, H, proj):
 def test_gate_blocks_fused_with_the_gate_math(threads, regularised):
     ref = nn.LSTM(5, 48, dtype=torch.float64)
     fused = FusedLSTM.from_lstm(ref)
-    seqs = [torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
-            for n in [4] * 3 + [3] * 20 + [2] * 38 + [1] * 3]
+    seqs = [
+        torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+        for n in [4] * 3 + [3] * 20 + [2] * 38 + [1] * 3
+    ]
     if not regularised:
         with num_threads(threads):
-            assert_same(outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
-                        outputs_and_grads(fused, pack_sequence(seqs), None, seqs), atol=ATOL)
+            assert_same(
+                outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
+                outputs_and_grads(fused, pack_sequence(seqs), None, seqs),
+                atol=ATOL,
+            )
         return
     packed = pack_sequence(seqs)
     rows, B, H = packed.data.shape[0], 64, 48
     f64 = {"dtype": torch.float64}
-    args = [packed.data.detach(), packed.batch_sizes, torch.randn(B, H, **f64),
-            torch.randn(B, H, **f64), ref.weight_ih_l0.detach(), ref.weight_hh_l0.detach(),
-            ref.bias_ih_l0.detach(), ref.bias_hh_l0.detach(), None, False,
-            torch.bernoulli(torch.full((B, H), 0.7, **f64)) / 0.7,
-            torch.bernoulli(torch.full((rows, H), 0.4, **f64)),
-            torch.bernoulli(torch.full((rows, H), 0.3, **f64)), None]
+    args = [
+        packed.data.detach(),
+        packed.batch_sizes,
+        torch.randn(B, H, **f64),
+        torch.randn(B, H, **f64),
+        ref.weight_ih_l0.detach(),
+        ref.weight_hh_l0.detach(),
+        ref.bias_ih_l0.detach(),
+        ref.bias_hh_l0.detach(),
+        None,
+        False,
+        torch.bernoulli(torch.full((B, H), 0.7, **f64)) / 0.7,
+        torch.bernoulli(torch.full((rows, H), 0.4, **f64)),
+        torch.bernoulli(torch.full((rows, H), 0.3, **f64)),
+        None,
+    ]
     want = reference.layer_forward(*args)
     with num_threads(threads):
         got = torch.ops.fused_lstm.layer_forward(*args)
@@ -112,8 +129,10 @@ def test_gate_blocks_fused_with_the_gate_math(threads, regularised):
 # the parallel steps; the reverse direction grows back through them. Regularised, the op's
 # forward and backward against the reference's, every mask and a reset included.
 def row_split_sequences():
-    return [torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
-            for n in [6] * 2 + [5] * 4 + [4] * 2 + [3] * 3 + [2] * 3 + [1] * 2]
+    return [
+        torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+        for n in [6] * 2 + [5] * 4 + [4] * 2 + [3] * 3 + [2] * 3 + [1] * 2
+    ]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -122,8 +141,11 @@ def test_rows_split_across_threads(threads):
     fused = FusedLSTM.from_lstm(ref)
     seqs = row_split_sequences()
     with num_threads(threads):
-        assert_same(outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
-                    outputs_and_grads(fused, pack_sequence(seqs), None, seqs), atol=ATOL)
+        assert_same(
+            outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
+            outputs_and_grads(fused, pack_sequence(seqs), None, seqs),
+            atol=ATOL,
+        )
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -132,14 +154,25 @@ def test_rows_split_regularised(threads, reverse):
     packed = pack_sequence(row_split_sequences())
     rows, B, H = packed.data.shape[0], 16, 96
     f64 = {"dtype": torch.float64}
-    weights = [torch.randn(4 * H, 5, **f64) * 0.3, torch.randn(4 * H, H, **f64) * 0.1,
-               torch.randn(4 * H, **f64), torch.randn(4 * H, **f64)]
-    args = [packed.data.detach(), packed.batch_sizes, torch.randn(B, H, **f64),
-            torch.randn(B, H, **f64), *weights, None, reverse,
-            torch.bernoulli(torch.full((B, H), 0.7, **f64)) / 0.7,
-            torch.bernoulli(torch.full((rows, H), 0.4, **f64)),
-            torch.bernoulli(torch.full((rows, H), 0.3, **f64)),
-            torch.rand(rows) < 0.2]
+    weights = [
+        torch.randn(4 * H, 5, **f64) * 0.3,
+        torch.randn(4 * H, H, **f64) * 0.1,
+        torch.randn(4 * H, **f64),
+        torch.randn(4 * H, **f64),
+    ]
+    args = [
+        packed.data.detach(),
+        packed.batch_sizes,
+        torch.randn(B, H, **f64),
+        torch.randn(B, H, **f64),
+        *weights,
+        None,
+        reverse,
+        torch.bernoulli(torch.full((B, H), 0.7, **f64)) / 0.7,
+        torch.bernoulli(torch.full((rows, H), 0.4, **f64)),
+        torch.bernoulli(torch.full((rows, H), 0.3, **f64)),
+        torch.rand(rows) < 0.2,
+    ]
     want = reference.layer_forward(*args)
     with num_threads(threads):
         got = torch.ops.fused_lstm.layer_forward(*args)
@@ -169,8 +202,10 @@ def test_blas_rows_threshold(threads, extra_rows):
 # from 2**19 multiply-adds split across threads (B = 1, H = 400), from 2**20 a thread's share
 # goes to BLAS (B = 40, H = 200).
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B, H, proj", [(1, 3, 0), (1, 5, 2), (3, 9, 0), (7, 20, 4), (1, 400, 0),
-                                        (40, 200, 0), (300, 24, 0)])
+@pytest.mark.parametrize(
+    "B, H, proj",
+    [(1, 3, 0), (1, 5, 2), (3, 9, 0), (7, 20, 4), (1, 400, 0), (40, 200, 0), (300, 24, 0)],
+)
 def test_one_step_reads_the_weights_in_place(threads, B, H, proj):
     check_parity(B, H, proj, T=1, threads=threads, bidirectional=True)
 
@@ -215,10 +250,14 @@ def test_packed_sequence_down_to_one_row():
     """Batch sizes 7, 5, 2, 1: the panels' row tiles shrink step by step to a single row."""
     ref = nn.LSTM(4, 10, dtype=torch.float64)
     fused = FusedLSTM.from_lstm(ref)
-    seqs = [torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
-            for n in (4, 3, 3, 2, 2, 1, 1)]
-    assert_same(outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
-                outputs_and_grads(fused, pack_sequence(seqs), None, seqs), atol=ATOL)
+    seqs = [
+        torch.randn(n, 4, dtype=torch.float64, requires_grad=True) for n in (4, 3, 3, 2, 2, 1, 1)
+    ]
+    assert_same(
+        outputs_and_grads(ref, pack_sequence(seqs), None, seqs),
+        outputs_and_grads(fused, pack_sequence(seqs), None, seqs),
+        atol=ATOL,
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -237,11 +276,22 @@ def test_bitwise_reproducible(threads, B, H, dtype):
 # A call's products over the whole sequence run as loops below small_projection (the input
 # projection) and small_grads (the gradients) multiply-adds, ATen GEMMs from there: one row
 # below and at each threshold, at I = 4, H = 20.
-@pytest.mark.parametrize("threshold, extra_rows",
-                         [(None, 0), ("small_projection", -1), ("small_projection", 0),
-                          ("small_grads", -1), ("small_grads", 0)])
+@pytest.mark.parametrize(
+    "threshold, extra_rows",
+    [
+        (None, 0),
+        ("small_projection", -1),
+        ("small_projection", 0),
+        ("small_grads", -1),
+        ("small_grads", 0),
+    ],
+)
 def test_small_sequence_products_threshold(threshold, extra_rows):
     per_row = {"small_projection": 4 * 20 * 4, "small_grads": 4 * 20 * (2 * 4 + 20)}
-    T = 1 if threshold is None else rows_to_reach(TUNING[threshold], per_row[threshold]) + extra_rows
+    T = (
+        1
+        if threshold is None
+        else rows_to_reach(TUNING[threshold], per_row[threshold]) + extra_rows
+    )
     check_parity(1, 20, I=4, T=T)
     check_parity(1, 20, I=4, T=T, bidirectional=True)

@@ -18,18 +18,31 @@ from torch import nn
 
 from fused_lstm import FusedLSTM, FusedLSTMCell, reference
 from fused_lstm.testing import emulated_cuda
-from helpers import (compare, grad_names, make_inputs, make_lstm, needs_cuda, needs_emulator,
-                     run_lstm)
+from helpers import (
+    compare,
+    grad_names,
+    make_inputs,
+    make_lstm,
+    needs_cuda,
+    needs_emulator,
+    run_lstm,
+)
 
 T, B, I, H, P = 5, 3, 4, 6, 3
 F64 = torch.float64
 
 
-@pytest.mark.skipif(os.environ.get("FUSED_LSTM_EXPECT_CUDA") != "1",
-                    reason="set FUSED_LSTM_EXPECT_CUDA=1 where the build must include CUDA kernels")
+@pytest.mark.skipif(
+    os.environ.get("FUSED_LSTM_EXPECT_CUDA") != "1",
+    reason="set FUSED_LSTM_EXPECT_CUDA=1 where the build must include CUDA kernels",
+)
 def test_cuda_kernels_registered():
-    for op in ("fused_lstm::layer_forward", "fused_lstm::layer_backward",
-               "fused_lstm::cell_forward", "fused_lstm::cell_backward"):
+    for op in (
+        "fused_lstm::layer_forward",
+        "fused_lstm::layer_backward",
+        "fused_lstm::cell_forward",
+        "fused_lstm::cell_backward",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
 
 
@@ -43,8 +56,10 @@ def test_native_cuda_op_runs_and_matches_reference(backend):
     dt = torch.float64
     x = torch.randn(T, B, I, device=dev, dtype=dt)
     h0, c0 = torch.randn(B, P, device=dev, dtype=dt), torch.randn(B, H, device=dev, dtype=dt)
-    w_ih, w_hh = torch.randn(4 * H, I, device=dev, dtype=dt), torch.randn(4 * H, P, device=dev,
-                                                                          dtype=dt)
+    w_ih, w_hh = (
+        torch.randn(4 * H, I, device=dev, dtype=dt),
+        torch.randn(4 * H, P, device=dev, dtype=dt),
+    )
     b_ih, b_hh = torch.randn(4 * H, device=dev, dtype=dt), torch.randn(4 * H, device=dev, dtype=dt)
     w_hr = torch.randn(P, H, device=dev, dtype=dt)
     for reverse, proj in itertools.product([False, True], [False, True]):
@@ -58,10 +73,27 @@ def test_native_cuda_op_runs_and_matches_reference(backend):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
         y, _, _, gates, cells = want
         # Unused outputs arrive as None: only h_n, then only c_n, then everything.
-        for gy, gh, gc in [(None, torch.randn_like(h), None), (None, None, torch.randn_like(c0)),
-                           (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c0))]:
-            bargs = (gy, gh, gc, x, None, h, c0, w_ih, whh, w_hr if proj else None, y, gates,
-                     cells, reverse)
+        for gy, gh, gc in [
+            (None, torch.randn_like(h), None),
+            (None, None, torch.randn_like(c0)),
+            (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c0)),
+        ]:
+            bargs = (
+                gy,
+                gh,
+                gc,
+                x,
+                None,
+                h,
+                c0,
+                w_ih,
+                whh,
+                w_hr if proj else None,
+                y,
+                gates,
+                cells,
+                reverse,
+            )
             got_b = torch.ops.fused_lstm.layer_backward(*bargs)
             want_b = reference.layer_backward(*bargs)
             for a, b in zip(got_b, want_b, strict=True):
@@ -78,9 +110,14 @@ def test_native_cuda_cell_ops_match_reference(backend, dtype, bias, batch):
     inputs; every incoming-gradient case of the backward."""
     dev = backend.device
     torch.manual_seed(0)
-    cpu = [torch.randn(batch, I), torch.randn(batch, H), torch.randn(batch, H),
-           torch.randn(4 * H, I), torch.randn(4 * H, H),
-           *((torch.randn(4 * H), torch.randn(4 * H)) if bias else (None, None))]
+    cpu = [
+        torch.randn(batch, I),
+        torch.randn(batch, H),
+        torch.randn(batch, H),
+        torch.randn(4 * H, I),
+        torch.randn(4 * H, H),
+        *((torch.randn(4 * H), torch.randn(4 * H)) if bias else (None, None)),
+    ]
     args = [None if t is None else t.to(dev, dtype) for t in cpu]
     wide = [None if t is None else t.cpu().double() for t in args]
     tol = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=1e-5, rtol=1e-5)}
@@ -94,11 +131,17 @@ def test_native_cuda_cell_ops_match_reference(backend, dtype, bias, batch):
     out = torch.ops.fused_lstm.cell_forward(*args)
     check(out, reference.cell_forward(*wide))
     h, c, gates, cells = out
-    for gh, gc in [(torch.randn_like(h), torch.randn_like(c)), (torch.randn_like(h), None),
-                   (None, torch.randn_like(c)), (None, None)]:
+    for gh, gc in [
+        (torch.randn_like(h), torch.randn_like(c)),
+        (torch.randn_like(h), None),
+        (None, torch.randn_like(c)),
+        (None, None),
+    ]:
         bargs = (gh, gc, *args[:5], gates, cells)
-        check(torch.ops.fused_lstm.cell_backward(*bargs),
-              reference.cell_backward(*(None if t is None else t.cpu().double() for t in bargs)))
+        check(
+            torch.ops.fused_lstm.cell_backward(*bargs),
+            reference.cell_backward(*(None if t is None else t.cpu().double() for t in bargs)),
+        )
 
 
 # ---- sizes that cross every tile of the kernels ----------------------------------------------
@@ -106,10 +149,10 @@ def test_native_cuda_cell_ops_match_reference(backend, dtype, bias, batch):
 # step_kernels.cuh: a block holds kWarps = 8 hidden units (forward) or dh components (backward);
 # reductions go through shared memory a tile of columns at a time (forward over Hr, backward over
 # 4H), whose width depends on the dtype and the batch tile; batch rows go in tiles of BT = 1, 2,
-# 4, 8 or 16 (at most 8 in float64 and in the backward). The emulated module reports both (batch_tile, tile_columns), so the
-# sizes below follow the kernels. Weight rows are read in 16-byte vectors where their length is
-# a multiple of the vector (even Hr and 4H in float64, Hr % 4 == 0 in float32) and element by
-# element otherwise, so both kinds of row occur.
+# 4, 8 or 16 (at most 8 in float64 and in the backward). The emulated module reports both
+# (batch_tile, tile_columns), so the sizes below follow the kernels. Weight rows are read in
+# 16-byte vectors where their length is a multiple of the vector (even Hr and 4H in float64,
+# Hr % 4 == 0 in float32) and element by element otherwise, so both kinds of row occur.
 
 # hidden: a size, or "fwd" / "bwd": 4 past a forward tile of Hr / 3 units past a backward tile
 # of 4H at this dtype and batch.
@@ -119,8 +162,14 @@ TILES = [
     pytest.param(torch.float64, 13, 0, 2, None, id="f64-H13-B2"),
     pytest.param(torch.float64, 14, 0, 3, None, id="f64-H14-B3-vector-rows"),
     pytest.param(torch.float64, 13, 5, 6, None, id="f64-H13-proj-B6"),
-    pytest.param(torch.float64, 9, 0, 19, [4, 4, 4, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1,
-                                           1], id="f64-H9-B19-3batchtiles-packed"),
+    pytest.param(
+        torch.float64,
+        9,
+        0,
+        19,
+        [4, 4, 4, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1],
+        id="f64-H9-B19-3batchtiles-packed",
+    ),
     pytest.param(torch.float64, "bwd", 0, 11, None, id="f64-bwd-4H-2tiles-B11-remainder"),
     pytest.param(torch.float64, "bwd", 20, 3, [3, 2, 1], id="f64-proj-bwd-4H-2tiles-packed"),
     pytest.param(torch.float64, "fwd", 0, 3, [2, 2, 1], id="f64-fwd-Hr-2tiles-packed"),
@@ -142,8 +191,9 @@ def tile_hidden(dtype, hidden, batch):
 
 
 def tile_inputs(dev, dtype, hidden, proj, batch, lengths):
-    lstm = make_lstm(dev, 1, True, False, True, proj, dtype=dtype,
-                     hidden=tile_hidden(dtype, hidden, batch))
+    lstm = make_lstm(
+        dev, 1, True, False, True, proj, dtype=dtype, hidden=tile_hidden(dtype, hidden, batch)
+    )
     x, hx = make_inputs(lstm, dtype, steps=max(lengths) if lengths else 2, batch=batch)
     return lstm, x, hx
 
@@ -176,8 +226,9 @@ def test_batch_tiles_and_tile_widths():
     batches = (1, 2, 3, 5, 9, 17)
     want16, want8 = [1, 2, 4, 8, 16, 16], [1, 2, 4, 8, 8, 8]
     assert [emu.batch_tile(torch.float32, b, False, False) for b in batches] == want16
-    for dtype, backward, regs in itertools.product((F64, torch.float32), (False, True),
-                                                   (False, True)):
+    for dtype, backward, regs in itertools.product(
+        (F64, torch.float32), (False, True), (False, True)
+    ):
         if dtype == torch.float32 and not backward and not regs:
             continue
         assert [emu.batch_tile(dtype, b, backward, regs) for b in batches] == want8
@@ -227,7 +278,7 @@ def test_training_step_captured_in_a_cuda_graph_matches_eager(proj, packed):
     x, hx = make_inputs(lstm, torch.float32)
     x, hx = x.detach(), tuple(h.detach() for h in hx)
     lengths = torch.tensor([5, 4, 2])
-    inp = (nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=True) if packed else x)
+    inp = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=True) if packed else x
 
     def step(model, opt):
         out, (h_n, c_n) = model(inp, hx)

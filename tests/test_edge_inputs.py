@@ -7,8 +7,16 @@ import torch
 from torch import nn
 
 from fused_lstm import FusedLSTM, FusedLSTMCell
-from helpers import (assert_same, cell_outputs_and_grads, compare, grad_names, make_inputs,
-                     make_lstm, outputs_and_grads, run_lstm)
+from helpers import (
+    assert_same,
+    cell_outputs_and_grads,
+    compare,
+    grad_names,
+    make_inputs,
+    make_lstm,
+    outputs_and_grads,
+    run_lstm,
+)
 
 F64 = torch.float64
 ATOL = 1e-9
@@ -39,12 +47,15 @@ LAYOUTS = {
 def test_non_contiguous_and_expanded_inputs_and_states(backend, layout):
     ref, fused = pair()
     x = leaf(LAYOUTS[layout]())
-    hx = (leaf(torch.randn(4, 1, 2, dtype=F64).expand(4, 3, 2)),
-          leaf(torch.randn(4, 3, 8, dtype=F64)[..., ::2]))
+    hx = (
+        leaf(torch.randn(4, 1, 2, dtype=F64).expand(4, 3, 2)),
+        leaf(torch.randn(4, 3, 8, dtype=F64)[..., ::2]),
+    )
     assert not x.is_contiguous() and not any(h.is_contiguous() for h in hx)
     leaves = [x, *hx]
-    assert_same(outputs_and_grads(ref, x, hx, leaves), outputs_and_grads(fused, x, hx, leaves),
-                atol=ATOL)
+    assert_same(
+        outputs_and_grads(ref, x, hx, leaves), outputs_and_grads(fused, x, hx, leaves), atol=ATOL
+    )
 
 
 @pytest.mark.backends("reference", "cpu")
@@ -55,8 +66,11 @@ def test_cell_non_contiguous_and_expanded_inputs_and_states(backend):
     hx = (leaf(torch.randn(1, 4, dtype=F64).expand(3, 4)), leaf(torch.randn(4, 3, dtype=F64).t()))
     assert not x.is_contiguous() and not any(h.is_contiguous() for h in hx)
     leaves = [x, *hx]
-    assert_same(cell_outputs_and_grads(ref, x, hx, leaves),
-                cell_outputs_and_grads(fused, x, hx, leaves), atol=ATOL)
+    assert_same(
+        cell_outputs_and_grads(ref, x, hx, leaves),
+        cell_outputs_and_grads(fused, x, hx, leaves),
+        atol=ATOL,
+    )
 
 
 def odd_layout(w):
@@ -94,8 +108,14 @@ def test_batch_size_zero(backend, batch_first, with_hx):
     """Empty outputs and states, zero weight gradients, as nn.LSTM."""
     ref, fused = pair(batch_first=batch_first)
     x = torch.randn(*((0, 5) if batch_first else (5, 0)), 3, dtype=F64, requires_grad=True)
-    hx = (torch.randn(4, 0, 2, dtype=F64, requires_grad=True),
-          torch.randn(4, 0, 4, dtype=F64, requires_grad=True)) if with_hx else None
+    hx = (
+        (
+            torch.randn(4, 0, 2, dtype=F64, requires_grad=True),
+            torch.randn(4, 0, 4, dtype=F64, requires_grad=True),
+        )
+        if with_hx
+        else None
+    )
     leaves = [x, *(hx or ())]
     want = outputs_and_grads(ref, x, hx, leaves)
     assert want[0].shape == ((0, 5, 4) if batch_first else (5, 0, 4))
@@ -107,8 +127,11 @@ def test_cell_batch_size_zero(backend):
     ref = nn.LSTMCell(3, 4, dtype=F64)
     fused = FusedLSTMCell.from_lstm_cell(ref)
     x = torch.randn(0, 3, dtype=F64, requires_grad=True)
-    assert_same(cell_outputs_and_grads(ref, x, None, [x]),
-                cell_outputs_and_grads(fused, x, None, [x]), atol=0)
+    assert_same(
+        cell_outputs_and_grads(ref, x, None, [x]),
+        cell_outputs_and_grads(fused, x, None, [x]),
+        atol=0,
+    )
 
 
 @pytest.mark.backends("reference", "cpu")
@@ -125,8 +148,7 @@ def test_cell_outputs_modified_in_place(backend):
         h, c = cell(x)
         h.mul_(mask)
         c.mul_(mask.flip(1))
-        return [h, c, *torch.autograd.grad((h * h).sum() + c.sin().sum(),
-                                           [x, *cell.parameters()])]
+        return [h, c, *torch.autograd.grad((h * h).sum() + c.sin().sum(), [x, *cell.parameters()])]
 
     assert_same(run(ref), run(fused), atol=ATOL)
 
@@ -150,8 +172,10 @@ def test_nan_and_inf_propagate_like_nn_lstm(backend, where, value):
     """The same values, Inf and NaN in the same places, in outputs and in gradients."""
     ref = nn.LSTM(3, 4, dtype=F64, **KW)
     x = torch.randn(6, 3, 3, dtype=F64, requires_grad=True)
-    hx = (torch.randn(4, 3, 2, dtype=F64, requires_grad=True),
-          torch.randn(4, 3, 4, dtype=F64, requires_grad=True))
+    hx = (
+        torch.randn(4, 3, 2, dtype=F64, requires_grad=True),
+        torch.randn(4, 3, 4, dtype=F64, requires_grad=True),
+    )
     set_nonfinite(where, value, x, hx, ref)
     fused = FusedLSTM.from_lstm(ref)
     leaves = [x, *hx]
@@ -169,8 +193,10 @@ def test_100k_step_sequence():
     ref = nn.LSTM(2, 3, dtype=F64)
     fused = FusedLSTM.from_lstm(ref)
     x = torch.randn(T, 2, dtype=F64, requires_grad=True)
-    hx = (torch.randn(1, 3, dtype=F64, requires_grad=True),
-          torch.randn(1, 3, dtype=F64, requires_grad=True))
+    hx = (
+        torch.randn(1, 3, dtype=F64, requires_grad=True),
+        torch.randn(1, 3, dtype=F64, requires_grad=True),
+    )
     weights = torch.randn(T, 3, dtype=F64)
 
     def loss(out, h, c):

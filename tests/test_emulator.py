@@ -1,6 +1,6 @@
-"""The CUDA emulator itself (csrc/emulator), on its test kernels (csrc/emulator/selftest_kernels.cpp):
-each feature on a correct kernel, and one planted bug of each kind it must catch, with its
-message."""
+"""The CUDA emulator itself (csrc/emulator), on its test kernels
+(csrc/emulator/selftest_kernels.cpp): each feature on a correct kernel, and one planted bug of each
+kind it must catch, with its message."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from fused_lstm.testing import emulated_cuda
 from helpers import needs_emulator
 
 pytestmark = needs_emulator
-emu = pytest.importorskip("fused_lstm._emulated_cuda", reason="needs the CUDA emulator (install "
-                          "with FUSED_LSTM_BUILD_EMULATOR=1)")
+emu = pytest.importorskip(
+    "fused_lstm._emulated_cuda",
+    reason="needs the CUDA emulator (install with FUSED_LSTM_BUILD_EMULATOR=1)",
+)
 K = emu.selftest
 
 
@@ -43,31 +45,54 @@ def test_shared_memory_starts_poisoned():
 
 
 PLANTED = [
-    pytest.param("divergent_barrier", 64,
-                 r"threads wait at different barriers: thread \(0, 0, 0\) at __syncthreads\(\) "
-                 r"selftest_kernels.cpp:\d+, thread \(16, 0, 0\) at __syncthreads\(\) "
-                 r"selftest_kernels.cpp:\d+", id="divergent-barrier"),
-    pytest.param("exit_at_barrier", 64,
-                 r"1 thread\(s\) exited while 63 wait at __syncthreads\(\) selftest_kernels.cpp:\d+",
-                 id="exit-at-barrier"),
-    pytest.param("out_of_mask", 32,
-                 r"warp 0 lane 5 calls __shfl_xor_sync selftest_kernels.cpp:\d+ outside its mask 0xf",
-                 id="out-of-mask"),
-    pytest.param("exited_lane", 32,
-                 r"the mask 0xffffffff of warp 0 lane 0 .* names lane 16, which has exited",
-                 id="exited-lane"),
-    pytest.param("wrong_source", 32,
-                 r"__shfl_sync selftest_kernels.cpp:\d+ reads lane 20, which is not in the mask",
-                 id="wrong-shuffle-source"),
-    pytest.param("big_shared", 32, r"49156 bytes static plus 0 dynamic exceed 48 KiB",
-                 id="static-shared-over-48KiB"),
+    pytest.param(
+        "divergent_barrier",
+        64,
+        r"threads wait at different barriers: thread \(0, 0, 0\) at __syncthreads\(\) "
+        r"selftest_kernels.cpp:\d+, thread \(16, 0, 0\) at __syncthreads\(\) "
+        r"selftest_kernels.cpp:\d+",
+        id="divergent-barrier",
+    ),
+    pytest.param(
+        "exit_at_barrier",
+        64,
+        r"1 thread\(s\) exited while 63 wait at __syncthreads\(\) selftest_kernels.cpp:\d+",
+        id="exit-at-barrier",
+    ),
+    pytest.param(
+        "out_of_mask",
+        32,
+        r"warp 0 lane 5 calls __shfl_xor_sync selftest_kernels.cpp:\d+ outside its mask 0xf",
+        id="out-of-mask",
+    ),
+    pytest.param(
+        "exited_lane",
+        32,
+        r"the mask 0xffffffff of warp 0 lane 0 .* names lane 16, which has exited",
+        id="exited-lane",
+    ),
+    pytest.param(
+        "wrong_source",
+        32,
+        r"__shfl_sync selftest_kernels.cpp:\d+ reads lane 20, which is not in the mask",
+        id="wrong-shuffle-source",
+    ),
+    pytest.param(
+        "big_shared",
+        32,
+        r"49156 bytes static plus 0 dynamic exceed 48 KiB",
+        id="static-shared-over-48KiB",
+    ),
 ]
 
 
 @pytest.mark.parametrize("kernel,threads,match", PLANTED)
 def test_planted_bug_is_caught(kernel, threads, match):
-    with pytest.raises(RuntimeError, match=rf"CUDA emulator: kernel {kernel} \(launched at "
-                       rf"selftest_kernels.cpp:\d+\): .*{match}"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"CUDA emulator: kernel {kernel} \(launched at "
+        rf"selftest_kernels.cpp:\d+\): .*{match}",
+    ):
         getattr(K, kernel)(threads)
 
 
@@ -75,10 +100,13 @@ def test_vector_load_reads_16_bytes_and_faults_when_misaligned():
     x = torch.arange(80.0)
     assert torch.equal(K.vector_load(x, 0), x[:64])
     assert torch.equal(K.vector_load(x, 4), x[4:68])
-    with pytest.raises(RuntimeError, match=r"kernel vector_load_kernel \(launched at "
-                       r"selftest_kernels.cpp:\d+\): block \(0, 0, 0\), thread \(0, 0, 0\): "
-                       r"misaligned address \(cudaErrorMisalignedAddress\): a 16-byte access at "
-                       r"selftest_kernels.cpp:\d+"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"kernel vector_load_kernel \(launched at "
+        r"selftest_kernels.cpp:\d+\): block \(0, 0, 0\), thread \(0, 0, 0\): "
+        r"misaligned address \(cudaErrorMisalignedAddress\): a 16-byte access at "
+        r"selftest_kernels.cpp:\d+",
+    ):
         K.vector_load(x, 1)
 
 
@@ -118,8 +146,11 @@ def test_syncwarp_orders_a_warps_shared_memory():
 
 
 def test_exception_in_a_kernel_reaches_the_caller_and_the_emulator_recovers():
-    with pytest.raises(RuntimeError, match=r"kernel throwing .*thread \(7, 0, 0\) raised: "
-                       r"planted failure in thread 7"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"kernel throwing .*thread \(7, 0, 0\) raised: "
+        r"planted failure in thread 7",
+    ):
         K.throwing(64)
     x = torch.arange(64.0)
     assert torch.equal(K.reverse(x, True), x.flip(0))
@@ -127,25 +158,42 @@ def test_exception_in_a_kernel_reaches_the_caller_and_the_emulator_recovers():
 
 def test_thread_and_block_coordinates():
     got = K.coords((2, 3, 1), (4, 2, 2), 0)
-    want = [[tx, ty, tz, bx, by, bz]
-            for bz in range(1) for by in range(3) for bx in range(2)
-            for tz in range(2) for ty in range(2) for tx in range(4)]
+    want = [
+        [tx, ty, tz, bx, by, bz]
+        for bz in range(1)
+        for by in range(3)
+        for bx in range(2)
+        for tz in range(2)
+        for ty in range(2)
+        for tx in range(4)
+    ]
     assert torch.equal(got, torch.tensor(want, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("grid,block,smem,match", [
-    ((1, 1, 1), (1025, 1, 1), 0, r"block \(1025, 1, 1\): CUDA allows at most 1024 threads"),
-    ((1, 1, 1), (64, 32, 1), 0, r"block \(64, 32, 1\)"),
-    ((1, 1, 1), (1, 1, 65), 0, r"block \(1, 1, 65\)"),
-    ((1, 1, 1), (1, 1025, 1), 0, r"block \(1, 1025, 1\)"),
-    ((1, 65536, 1), (32, 1, 1), 0, r"grid \(1, 65536, 1\) exceeds"),
-    ((1, 1, 65536), (32, 1, 1), 0, r"grid \(1, 1, 65536\) exceeds"),
-    ((0, 1, 1), (32, 1, 1), 0, r"empty grid \(0, 1, 1\)"),
-    ((1, 1, 1), (32, 1, 1), 48 * 1024 + 1, r"49153 bytes of dynamic shared memory exceed 48 KiB"),
-])
+@pytest.mark.parametrize(
+    "grid,block,smem,match",
+    [
+        ((1, 1, 1), (1025, 1, 1), 0, r"block \(1025, 1, 1\): CUDA allows at most 1024 threads"),
+        ((1, 1, 1), (64, 32, 1), 0, r"block \(64, 32, 1\)"),
+        ((1, 1, 1), (1, 1, 65), 0, r"block \(1, 1, 65\)"),
+        ((1, 1, 1), (1, 1025, 1), 0, r"block \(1, 1025, 1\)"),
+        ((1, 65536, 1), (32, 1, 1), 0, r"grid \(1, 65536, 1\) exceeds"),
+        ((1, 1, 65536), (32, 1, 1), 0, r"grid \(1, 1, 65536\) exceeds"),
+        ((0, 1, 1), (32, 1, 1), 0, r"empty grid \(0, 1, 1\)"),
+        (
+            (1, 1, 1),
+            (32, 1, 1),
+            48 * 1024 + 1,
+            r"49153 bytes of dynamic shared memory exceed 48 KiB",
+        ),
+    ],
+)
 def test_launch_limits(grid, block, smem, match):
-    with pytest.raises(RuntimeError, match=r"kernel coords_kernel \(launched at "
-                       r"selftest_kernels.cpp:\d+\): invalid launch configuration.*" + match):
+    with pytest.raises(
+        RuntimeError,
+        match=r"kernel coords_kernel \(launched at "
+        r"selftest_kernels.cpp:\d+\): invalid launch configuration.*" + match,
+    ):
         K.coords(grid, block, smem)
 
 
@@ -167,7 +215,18 @@ def test_both_context_switches_run_a_kernel(tmp_path, flags):
     root = pathlib.Path(__file__).resolve().parents[1]
     exe = tmp_path / "switch"
     cxx = os.environ.get("CXX", "c++")
-    subprocess.run([cxx, "-O1", "-std=c++20", *flags, f"-I{root / 'csrc'}",
-                    str(root / "benchmarks" / "emulator_switch.cpp"),
-                    str(root / "csrc" / "emulator" / "emulator.cpp"), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            cxx,
+            "-O1",
+            "-std=c++20",
+            *flags,
+            f"-I{root / 'csrc'}",
+            str(root / "benchmarks" / "emulator_switch.cpp"),
+            str(root / "csrc" / "emulator" / "emulator.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     subprocess.run([str(exe)], check=True)

@@ -21,14 +21,22 @@ def raises_like(make_ref, make_fused):
     return str(ref_err.value)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(input_size=0, hidden_size=3), dict(input_size=2, hidden_size=0),
-    dict(input_size=2.0, hidden_size=3), dict(input_size=2, hidden_size="3"),
-    dict(input_size=2, hidden_size=3, num_layers=0), dict(input_size=2, hidden_size=3, dropout=1.5),
-    dict(input_size=2, hidden_size=3, dropout=True), dict(input_size=2, hidden_size=3, bias=1),
-    dict(input_size=2, hidden_size=3, batch_first=None),
-    dict(input_size=2, hidden_size=3, proj_size=-1), dict(input_size=2, hidden_size=3, proj_size=3),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(input_size=0, hidden_size=3),
+        dict(input_size=2, hidden_size=0),
+        dict(input_size=2.0, hidden_size=3),
+        dict(input_size=2, hidden_size="3"),
+        dict(input_size=2, hidden_size=3, num_layers=0),
+        dict(input_size=2, hidden_size=3, dropout=1.5),
+        dict(input_size=2, hidden_size=3, dropout=True),
+        dict(input_size=2, hidden_size=3, bias=1),
+        dict(input_size=2, hidden_size=3, batch_first=None),
+        dict(input_size=2, hidden_size=3, proj_size=-1),
+        dict(input_size=2, hidden_size=3, proj_size=3),
+    ],
+)
 def test_constructor_errors(kwargs):
     raises_like(lambda: nn.LSTM(**kwargs), lambda: FusedLSTM(**kwargs))
 
@@ -38,7 +46,9 @@ def test_dropout_warning_single_layer():
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             cls(2, 3, dropout=0.2)
-        assert any("non-zero dropout expects num_layers greater than 1" in str(x.message) for x in w)
+        assert any(
+            "non-zero dropout expects num_layers greater than 1" in str(x.message) for x in w
+        )
 
 
 def pair(**kw):
@@ -46,16 +56,19 @@ def pair(**kw):
     return ref, FusedLSTM.from_lstm(ref)
 
 
-@pytest.mark.parametrize("make_input,make_hx", [
-    (lambda: torch.randn(5, 3, 7), None),                               # wrong input_size
-    (lambda: torch.randn(5, 3, 10, 1), None),                           # 4-D
-    (lambda: torch.randn(10), None),                                    # 1-D
-    (lambda: torch.randn(5, 3, 10), lambda: (torch.zeros(2, 3, 21), torch.zeros(2, 3, 20))),
-    (lambda: torch.randn(5, 3, 10), lambda: (torch.zeros(2, 3, 20), torch.zeros(2, 4, 20))),
-    (lambda: torch.randn(5, 3, 10), lambda: (torch.zeros(3, 20), torch.zeros(3, 20))),
-    (lambda: torch.randn(5, 10), lambda: (torch.zeros(2, 1, 20), torch.zeros(2, 1, 20))),
-    (lambda: torch.randn(5, 3, 10, dtype=torch.float64), None),         # dtype vs weights
-])
+@pytest.mark.parametrize(
+    "make_input,make_hx",
+    [
+        (lambda: torch.randn(5, 3, 7), None),  # wrong input_size
+        (lambda: torch.randn(5, 3, 10, 1), None),  # 4-D
+        (lambda: torch.randn(10), None),  # 1-D
+        (lambda: torch.randn(5, 3, 10), lambda: (torch.zeros(2, 3, 21), torch.zeros(2, 3, 20))),
+        (lambda: torch.randn(5, 3, 10), lambda: (torch.zeros(2, 3, 20), torch.zeros(2, 4, 20))),
+        (lambda: torch.randn(5, 3, 10), lambda: (torch.zeros(3, 20), torch.zeros(3, 20))),
+        (lambda: torch.randn(5, 10), lambda: (torch.zeros(2, 1, 20), torch.zeros(2, 1, 20))),
+        (lambda: torch.randn(5, 3, 10, dtype=torch.float64), None),  # dtype vs weights
+    ],
+)
 def test_forward_errors(make_input, make_hx):
     ref, fused = pair()
     x = make_input()
@@ -65,15 +78,21 @@ def test_forward_errors(make_input, make_hx):
 
 def test_documented_messages():
     ref, fused = pair()
-    assert raises_like(lambda: ref(torch.randn(5, 3, 7)), lambda: fused(torch.randn(5, 3, 7))) == \
-        "input.size(-1) must be equal to input_size. Expected 10, got 7"
+    assert (
+        raises_like(lambda: ref(torch.randn(5, 3, 7)), lambda: fused(torch.randn(5, 3, 7)))
+        == "input.size(-1) must be equal to input_size. Expected 10, got 7"
+    )
     hx = (torch.zeros(2, 3, 21), torch.zeros(2, 3, 20))
     x = torch.randn(5, 3, 10)
-    assert raises_like(lambda: ref(x, hx), lambda: fused(x, hx)) == \
-        "Expected hidden[0] size (2, 3, 20), got [2, 3, 21]"
+    assert (
+        raises_like(lambda: ref(x, hx), lambda: fused(x, hx))
+        == "Expected hidden[0] size (2, 3, 20), got [2, 3, 21]"
+    )
     x4 = torch.randn(1, 5, 3, 10)
-    assert raises_like(lambda: ref(x4), lambda: fused(x4)) == \
-        "LSTM: Expected input to be 2D or 3D, got 4D instead"
+    assert (
+        raises_like(lambda: ref(x4), lambda: fused(x4))
+        == "LSTM: Expected input to be 2D or 3D, got 4D instead"
+    )
 
 
 def test_hidden_dtype_mismatch():
@@ -88,13 +107,16 @@ def test_hidden_dtype_mismatch():
         fused(x, hx)
 
 
-@pytest.mark.parametrize("make_input,make_hx", [
-    (lambda: torch.randn(3, 7), None),
-    (lambda: torch.randn(3, 4, 10), None),
-    (lambda: torch.randn(3, 10), lambda: (torch.zeros(2, 20), torch.zeros(2, 20))),
-    (lambda: torch.randn(3, 10), lambda: (torch.zeros(3, 21), torch.zeros(3, 20))),
-    (lambda: torch.randn(3, 10), lambda: (torch.zeros(3, 20, 1), torch.zeros(3, 20))),
-])
+@pytest.mark.parametrize(
+    "make_input,make_hx",
+    [
+        (lambda: torch.randn(3, 7), None),
+        (lambda: torch.randn(3, 4, 10), None),
+        (lambda: torch.randn(3, 10), lambda: (torch.zeros(2, 20), torch.zeros(2, 20))),
+        (lambda: torch.randn(3, 10), lambda: (torch.zeros(3, 21), torch.zeros(3, 20))),
+        (lambda: torch.randn(3, 10), lambda: (torch.zeros(3, 20, 1), torch.zeros(3, 20))),
+    ],
+)
 def test_cell_errors(make_input, make_hx):
     ref = nn.LSTMCell(10, 20)
     fused = FusedLSTMCell.from_lstm_cell(ref)
@@ -103,21 +125,32 @@ def test_cell_errors(make_input, make_hx):
     raises_like(lambda: ref(x, hx), lambda: fused(x, hx))
 
 
-@pytest.mark.parametrize("shape,batch_first", [
-    ((0, 3, 10), False), ((3, 0, 10), True), ((0, 10), False), ((0, 10), True), ((0, 0, 10), False),
-])
+@pytest.mark.parametrize(
+    "shape,batch_first",
+    [
+        ((0, 3, 10), False),
+        ((3, 0, 10), True),
+        ((0, 10), False),
+        ((0, 10), True),
+        ((0, 0, 10), False),
+    ],
+)
 def test_sequence_length_zero(shape, batch_first):
     ref, fused = pair(batch_first=batch_first)
     x = torch.randn(*shape)
-    assert raises_like(lambda: ref(x), lambda: fused(x)) == \
-        "Expected sequence length to be larger than 0 in RNN"
+    assert (
+        raises_like(lambda: ref(x), lambda: fused(x))
+        == "Expected sequence length to be larger than 0 in RNN"
+    )
 
 
 def test_hx_must_be_a_pair():
     ref, fused = pair()
     x, h = torch.randn(5, 3, 10), torch.zeros(2, 3, 20)
-    assert raises_like(lambda: ref(x, (h, h, h)), lambda: fused(x, (h, h, h))) == \
-        "lstm expects two hidden states"
+    assert (
+        raises_like(lambda: ref(x, (h, h, h)), lambda: fused(x, (h, h, h)))
+        == "lstm expects two hidden states"
+    )
     # Where nn.LSTM fails on the way (hx[1] out of range, its argument parser) or goes on with
     # the first two entries (unbatched input), FusedLSTM says what is wrong.
     with pytest.raises(IndexError):
@@ -126,8 +159,11 @@ def test_hx_must_be_a_pair():
         fused(x, (h,))
     with pytest.raises(TypeError):
         ref(x, torch.stack([h, h]))
-    with pytest.raises(TypeError, match=r"^LSTM: hx must be a tuple \(h_0, c_0\) of two tensors, "
-                                        "got Tensor$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^LSTM: hx must be a tuple \(h_0, c_0\) of two tensors, "
+        "got Tensor$",
+    ):
         fused(x, torch.stack([h, h]))
     ref(x[:, 0], (h[:, 0],) * 3)
     with pytest.raises(RuntimeError, match="^lstm expects two hidden states$"):
@@ -139,12 +175,17 @@ def test_cell_hx_must_be_a_pair():
     fused = FusedLSTMCell.from_lstm_cell(ref)
     x, h = torch.randn(3, 10), torch.zeros(3, 20)
     for hx in ((h,), (h, h, h)):
-        assert raises_like(lambda: ref(x, hx), lambda: fused(x, hx)) == \
-            "lstm_cell expects two hidden states"
+        assert (
+            raises_like(lambda: ref(x, hx), lambda: fused(x, hx))
+            == "lstm_cell expects two hidden states"
+        )
     with pytest.raises(TypeError):
         ref(x, torch.stack([h, h]))
-    with pytest.raises(TypeError, match=r"^LSTMCell: hx must be a tuple \(h_0, c_0\) of two "
-                                        "tensors, got Tensor$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^LSTMCell: hx must be a tuple \(h_0, c_0\) of two "
+        "tensors, got Tensor$",
+    ):
         fused(x, torch.stack([h, h]))
     # Unbatched, nn.LSTMCell reads the first two entries (rows) of either and goes on.
     ref(x[0], (h[0],) * 3)
@@ -155,8 +196,10 @@ def test_cell_hx_must_be_a_pair():
         fused(x[0], torch.stack([h[0], h[0]]))
 
 
-STATE_DTYPE_ERROR = ("Input and hidden tensors are not the same dtype, found input tensor with "
-                     "Double and hidden tensor with {}")
+STATE_DTYPE_ERROR = (
+    "Input and hidden tensors are not the same dtype, found input tensor with "
+    "Double and hidden tensor with {}"
+)
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -168,8 +211,10 @@ def test_state_dtype_mismatch(k, dtype, name):
     ref, fused = pair(dtype=torch.float64)
     ref_cell = nn.LSTMCell(10, 20, dtype=torch.float64)
     cell = FusedLSTMCell.from_lstm_cell(ref_cell)
-    for ref_module, module, x, state in ((ref, fused, torch.randn(5, 3, 10), torch.zeros(2, 3, 20)),
-                                         (ref_cell, cell, torch.randn(3, 10), torch.zeros(3, 20))):
+    for ref_module, module, x, state in (
+        (ref, fused, torch.randn(5, 3, 10), torch.zeros(2, 3, 20)),
+        (ref_cell, cell, torch.randn(3, 10), torch.zeros(3, 20)),
+    ):
         x = x.double()
         hx = [state.double(), state.double()]
         hx[k] = hx[k].to(dtype)
@@ -191,14 +236,22 @@ def test_cell_input_dtype_mismatch(dtype):
     x = torch.ones(3, 10, dtype=dtype)
     with pytest.raises(RuntimeError):
         ref(x)
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             f"LSTMCell input dtype ({dtype}) does not match weight dtype (torch.float64). "
-            f"Convert input: input.to(torch.float64), or convert model: model.to({dtype})")):
+            f"Convert input: input.to(torch.float64), or convert model: model.to({dtype})"
+        ),
+    ):
         fused(x)
 
 
-OTHER_DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+OTHER_DEVICES = [
+    "meta",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    ),
+]
 
 
 @pytest.mark.parametrize("other", OTHER_DEVICES)
@@ -207,10 +260,15 @@ def test_device_mismatch(other, where):
     """One of input, h_0, c_0 or the weights on another device: nn.LSTM's messages. nn.LSTMCell
     fails in whichever op first meets two devices; FusedLSTMCell raises the same type with
     nn.LSTM's messages."""
-    for ref, x, state in ((nn.LSTM(10, 20), torch.randn(5, 3, 10), torch.zeros(1, 3, 20)),
-                          (nn.LSTMCell(10, 20), torch.randn(3, 10), torch.zeros(3, 20))):
-        fused = (FusedLSTM.from_lstm(ref) if isinstance(ref, nn.LSTM)
-                 else FusedLSTMCell.from_lstm_cell(ref))
+    for ref, x, state in (
+        (nn.LSTM(10, 20), torch.randn(5, 3, 10), torch.zeros(1, 3, 20)),
+        (nn.LSTMCell(10, 20), torch.randn(3, 10), torch.zeros(3, 20)),
+    ):
+        fused = (
+            FusedLSTM.from_lstm(ref)
+            if isinstance(ref, nn.LSTM)
+            else FusedLSTMCell.from_lstm_cell(ref)
+        )
         hx = [state, state.clone()]
         if where == "input":
             x = x.to(other)
@@ -227,15 +285,21 @@ def test_device_mismatch(other, where):
                 fused(x, tuple(hx))
             message = str(err.value)
         kind = "hidden" if where != "weights" else "parameter"
-        assert re.fullmatch(f"Input and {kind} tensors are not at the same device, found input "
-                            f"tensor at .+ and {kind} tensor at .+", message)
+        assert re.fullmatch(
+            f"Input and {kind} tensors are not at the same device, found input "
+            f"tensor at .+ and {kind} tensor at .+",
+            message,
+        )
 
 
-@pytest.mark.parametrize("hx_shapes,message", [
-    (((2, 2, 20), (2, 2, 20)), "Expected hidden[0] size (2, 3, 20), got [2, 2, 20]"),
-    (((2, 3, 20), (2, 3, 21)), "Expected hidden[1] size (2, 3, 20), got [2, 3, 21]"),
-    (((3, 20), (3, 20)), "Expected hidden[0] size (2, 3, 20), got [3, 20]"),
-])
+@pytest.mark.parametrize(
+    "hx_shapes,message",
+    [
+        (((2, 2, 20), (2, 2, 20)), "Expected hidden[0] size (2, 3, 20), got [2, 2, 20]"),
+        (((2, 3, 20), (2, 3, 21)), "Expected hidden[1] size (2, 3, 20), got [2, 3, 21]"),
+        (((3, 20), (3, 20)), "Expected hidden[0] size (2, 3, 20), got [3, 20]"),
+    ],
+)
 def test_packed_hidden_size(hx_shapes, message):
     """With a PackedSequence nn.LSTM compares hx's size with a tuple holding the tensor
     batch_sizes[0] and fails on the way (a broadcasting error, 'got an incorrect number of RNN

@@ -99,8 +99,12 @@ def test_abab_gates_draws_the_gate_trace(tmp_path):
     by_hand = {name: [] for name in "ifgoch"}
     with torch.no_grad():
         for xt in result["x"]:
-            ifgo = (xt @ lstm.weight_ih_l0.T + h @ lstm.weight_hh_l0.T
-                    + lstm.bias_ih_l0 + lstm.bias_hh_l0)
+            ifgo = (
+                xt @ lstm.weight_ih_l0.T
+                + h @ lstm.weight_hh_l0.T
+                + lstm.bias_ih_l0
+                + lstm.bias_hh_l0
+            )
             i, f, g, o = ifgo.chunk(4)
             i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
             c = f * c + i * g

@@ -48,13 +48,15 @@ def export_onnx(model, args, dims, exporter, path):
                 return tuple(map(dynamic, d))
             return {k: symbols.setdefault(name, Dim(name)) for k, name in d.items()}
 
-        torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic(tuple(dims)),
-                          verbose=False)
+        torch.onnx.export(
+            model, args, path, dynamo=True, dynamic_shapes=dynamic(tuple(dims)), verbose=False
+        )
     else:
         flat = tree_leaves(dims, is_leaf=lambda d: isinstance(d, dict))
         names = [f"input{k}" for k in range(len(flat))]
-        torch.onnx.export(model, args, path, dynamo=False, input_names=names,
-                          dynamic_axes=dict(zip(names, flat)))
+        torch.onnx.export(
+            model, args, path, dynamo=False, input_names=names, dynamic_axes=dict(zip(names, flat))
+        )
     return onnx.load(path).graph
 
 
@@ -82,10 +84,13 @@ def check_onnx(model, args, new_args, dims, exporter, tmp_path, lstm_nodes):
 
 def state(lstm, batch=None):
     """A random (h_0, c_0) for ``lstm``; unbatched with ``batch`` None."""
-    lead = (lstm.num_layers * (2 if lstm.bidirectional else 1),) + (() if batch is None
-                                                                     else (batch,))
-    return (torch.randn(*lead, lstm.proj_size or lstm.hidden_size),
-            torch.randn(*lead, lstm.hidden_size))
+    lead = (lstm.num_layers * (2 if lstm.bidirectional else 1),) + (
+        () if batch is None else (batch,)
+    )
+    return (
+        torch.randn(*lead, lstm.proj_size or lstm.hidden_size),
+        torch.randn(*lead, lstm.hidden_size),
+    )
 
 
 # (constructor arguments, whether hx is passed); each exported at T=5, B=2, run at T=7, B=3
@@ -95,8 +100,10 @@ CASES = {
     "three-layers-batch-first": (dict(num_layers=3, batch_first=True), True),
     "bidirectional-no-bias": (dict(num_layers=2, bidirectional=True, bias=False), True),
     "proj": (dict(proj_size=2), True),
-    "proj-bidirectional-batch-first": (dict(num_layers=2, bidirectional=True, proj_size=2,
-                                            batch_first=True), True),
+    "proj-bidirectional-batch-first": (
+        dict(num_layers=2, bidirectional=True, proj_size=2, batch_first=True),
+        True,
+    ),
     "proj-no-bias-no-hx": (dict(proj_size=3, bias=False), False),
 }
 
@@ -114,8 +121,9 @@ def test_onnx_matches_eager_at_other_sizes(case, exporter, tmp_path):
         return (torch.randn(shape),) + ((state(lstm, B),) if with_hx else ())
 
     dims = [{time_dim: "T", batch_dim: "B"}] + ([({1: "B"}, {1: "B"})] if with_hx else [])
-    check_onnx(lstm, inputs(5, 2), inputs(7, 3), dims, exporter, tmp_path,
-               lstm_nodes=lstm.num_layers)
+    check_onnx(
+        lstm, inputs(5, 2), inputs(7, 3), dims, exporter, tmp_path, lstm_nodes=lstm.num_layers
+    )
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -137,8 +145,15 @@ def test_onnx_word_model_takes_and_returns_the_state(exporter, tmp_path):
     def inputs(T, B):
         return torch.randint(0, 11, (T, B)), state(model.lstm, B)
 
-    check_onnx(model, inputs(5, 2), inputs(9, 4), [{0: "T", 1: "B"}, ({1: "B"}, {1: "B"})],
-               exporter, tmp_path, lstm_nodes=2)
+    check_onnx(
+        model,
+        inputs(5, 2),
+        inputs(9, 4),
+        [{0: "T", 1: "B"}, ({1: "B"}, {1: "B"})],
+        exporter,
+        tmp_path,
+        lstm_nodes=2,
+    )
 
 
 def test_onnx_export_needs_no_arguments(tmp_path):
@@ -171,8 +186,15 @@ def test_onnx_cell(bias, exporter, tmp_path):
     def inputs(B):
         return torch.randn(3, B, 3), (torch.randn(B, 4), torch.randn(B, 4))
 
-    check_onnx(CellLoop(bias), inputs(2), inputs(5), [{1: "B"}, ({0: "B"}, {0: "B"})],
-               exporter, tmp_path, lstm_nodes=3)
+    check_onnx(
+        CellLoop(bias),
+        inputs(2),
+        inputs(5),
+        [{1: "B"}, ({0: "B"}, {0: "B"})],
+        exporter,
+        tmp_path,
+        lstm_nodes=3,
+    )
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -186,22 +208,30 @@ def test_onnx_packed_sequence_is_refused(exporter, tmp_path):
             return self.lstm(pack_sequence([a, b]))
 
     with pytest.raises(Exception, match="PackedSequence input is not supported"):
-        torch.onnx.export(Packed(), (torch.randn(5, 3), torch.randn(3, 3)),
-                          str(tmp_path / "model.onnx"), dynamo=exporter == "dynamo")
+        torch.onnx.export(
+            Packed(),
+            (torch.randn(5, 3), torch.randn(3, 3)),
+            str(tmp_path / "model.onnx"),
+            dynamo=exporter == "dynamo",
+        )
 
 
-@pytest.mark.parametrize("layers,bidirectional,bias,proj_size", [
-    (1, False, True, 0), (2, True, False, 0), (3, True, True, 2), (2, False, False, 3)])
+@pytest.mark.parametrize(
+    "layers,bidirectional,bias,proj_size",
+    [(1, False, True, 0), (2, True, False, 0), (3, True, True, 2), (2, False, False, 3)],
+)
 def test_export_arithmetic_matches_nn_lstm_in_float64(layers, bidirectional, bias, proj_size):
     """What the ONNX graph computes, run eagerly (fused_lstm._onnx falls back to aten's LSTM
     there): the projection's rewriting is exact, not merely within float32's 1e-5."""
-    ref = nn.LSTM(3, 5, layers, bias=bias, bidirectional=bidirectional, proj_size=proj_size,
-                  dtype=F64)
+    ref = nn.LSTM(
+        3, 5, layers, bias=bias, bidirectional=bidirectional, proj_size=proj_size, dtype=F64
+    )
     x = torch.randn(6, 2, 3, dtype=F64)
     hx = tuple(s.double() for s in state(ref, 2))
     out, (h, c) = ref(x, hx)
-    got = _onnx.lstm(x, None, *hx, ref._flat_weights, bias, proj_size > 0, layers, 0.0, False,
-                     bidirectional)
+    got = _onnx.lstm(
+        x, None, *hx, ref._flat_weights, bias, proj_size > 0, layers, 0.0, False, bidirectional
+    )
     assert_same([out, h, c], got, atol=1e-14)
 
 
@@ -226,10 +256,12 @@ BATCH_FIRST_DIMS = ({0: Dim("B"), 1: Dim("T")}, ({1: Dim("B")}, {1: Dim("B")}))
 
 
 def test_torch_export_dynamic_sizes_keeps_the_fused_ops():
-    lstm = FusedLSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True,
-                     dtype=F64)
-    exported = torch.export.export(lstm, batch_first_inputs(lstm, 5, 2, F64),
-                                   dynamic_shapes=BATCH_FIRST_DIMS)
+    lstm = FusedLSTM(
+        3, 4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True, dtype=F64
+    )
+    exported = torch.export.export(
+        lstm, batch_first_inputs(lstm, 5, 2, F64), dynamic_shapes=BATCH_FIRST_DIMS
+    )
     assert fused_ops(exported)
     for T, B in ((7, 3), (1, 1), (5, 2)):
         args = batch_first_inputs(lstm, T, B, F64)
@@ -240,11 +272,14 @@ def test_torch_export_cell_keeps_the_fused_op():
     cell = FusedLSTMCell(3, 4, dtype=F64)
 
     def inputs(B):
-        return torch.randn(B, 3, dtype=F64), (torch.randn(B, 4, dtype=F64),
-                                               torch.randn(B, 4, dtype=F64))
+        return torch.randn(B, 3, dtype=F64), (
+            torch.randn(B, 4, dtype=F64),
+            torch.randn(B, 4, dtype=F64),
+        )
 
-    exported = torch.export.export(cell, inputs(2),
-                                   dynamic_shapes=({0: Dim("B")}, ({0: Dim("B")}, {0: Dim("B")})))
+    exported = torch.export.export(
+        cell, inputs(2), dynamic_shapes=({0: Dim("B")}, ({0: Dim("B")}, {0: Dim("B")}))
+    )
     assert fused_ops(exported)
     args = inputs(6)
     assert_same(cell(*args), exported.module()(*args), atol=1e-12)
@@ -252,10 +287,12 @@ def test_torch_export_cell_keeps_the_fused_op():
 
 def test_aot_inductor_package_matches_eager(tmp_path):
     lstm = FusedLSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True).eval()
-    exported = torch.export.export(lstm, batch_first_inputs(lstm, 5, 2),
-                                   dynamic_shapes=BATCH_FIRST_DIMS)
+    exported = torch.export.export(
+        lstm, batch_first_inputs(lstm, 5, 2), dynamic_shapes=BATCH_FIRST_DIMS
+    )
     path = torch._inductor.aoti_compile_and_package(
-        exported, package_path=str(tmp_path / "model.pt2"))
+        exported, package_path=str(tmp_path / "model.pt2")
+    )
     loaded = torch._inductor.aoti_load_package(path)
     args = batch_first_inputs(lstm, 9, 3)
     with torch.no_grad():

@@ -41,15 +41,17 @@ def layer_inputs(D, bias, proj, batch=2, steps=4, packed=False):
 
 
 @pytest.mark.backends("reference", "cpu")
-@pytest.mark.parametrize("D,bias,proj,packed",
-                         list(itertools.product([1, 2], [True, False], [False, True],
-                                                [False, True])))
+@pytest.mark.parametrize(
+    "D,bias,proj,packed",
+    list(itertools.product([1, 2], [True, False], [False, True], [False, True])),
+)
 def test_layer_gradcheck(backend, D, bias, proj, packed):
     x, batch_sizes, h0, c0, weights = layer_inputs(D, bias, proj, packed=packed)
 
     def f(x, h0, c0, *w):
-        return torch.ops.fused_lstm.lstm(x, batch_sizes, h0, c0, w, bias, proj, 1, 0.0, True,
-                                         D == 2)
+        return torch.ops.fused_lstm.lstm(
+            x, batch_sizes, h0, c0, w, bias, proj, 1, 0.0, True, D == 2
+        )
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
@@ -61,8 +63,9 @@ def test_gradcheck_single_output_used(backend, which):
     x, batch_sizes, h0, c0, weights = layer_inputs(2, True, True)
 
     def f(x, h0, c0, *w):
-        return torch.ops.fused_lstm.lstm(x, batch_sizes, h0, c0, w, True, True, 1, 0.0, True,
-                                         True)[which]
+        return torch.ops.fused_lstm.lstm(x, batch_sizes, h0, c0, w, True, True, 1, 0.0, True, True)[
+            which
+        ]
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *weights))
 
@@ -90,8 +93,13 @@ def test_cell_function_gradcheck(backend, bias, which):
     """cell_forward's autograd on the backend's cell ops (native or reference), with both outputs
     used or only h (which=0) or c (which=1)."""
     dt = {"dtype": torch.float64, "requires_grad": True}
-    tensors = [torch.randn(3, I, **dt), torch.randn(3, H, **dt), torch.randn(3, H, **dt),
-               torch.randn(4 * H, I, **dt) * 0.5, torch.randn(4 * H, H, **dt) * 0.5]
+    tensors = [
+        torch.randn(3, I, **dt),
+        torch.randn(3, H, **dt),
+        torch.randn(3, H, **dt),
+        torch.randn(4 * H, I, **dt) * 0.5,
+        torch.randn(4 * H, H, **dt) * 0.5,
+    ]
     if bias:
         tensors += [torch.randn(4 * H, **dt), torch.randn(4 * H, **dt)]
 
@@ -135,8 +143,12 @@ def test_double_backward_is_refused_op(backend):
     """Through layer_forward's own autograd, not the lstm op's."""
     w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
     zeros = torch.zeros(2, H, dtype=torch.float64)
-    assert_double_backward_refused(w, lambda x: torch.ops.fused_lstm.layer_forward(
-        x, None, zeros, zeros, *w, None, None, None, False)[0])
+    assert_double_backward_refused(
+        w,
+        lambda x: torch.ops.fused_lstm.layer_forward(
+            x, None, zeros, zeros, *w, None, None, None, False
+        )[0],
+    )
 
 
 @pytest.mark.backends("reference", "cpu")
@@ -144,21 +156,22 @@ def test_double_backward_is_refused_cell_op(backend):
     """Through cell_forward's autograd called directly."""
     w = [torch.randn(4 * H, n, dtype=torch.float64, requires_grad=True) for n in (I, H)]
     zeros = torch.zeros(2, H, dtype=torch.float64)
-    assert_double_backward_refused(w, lambda x: torch.ops.fused_lstm.cell_forward(
-        x[0], zeros, zeros, *w, None, None)[1])
+    assert_double_backward_refused(
+        w, lambda x: torch.ops.fused_lstm.cell_forward(x[0], zeros, zeros, *w, None, None)[1]
+    )
 
 
 # ---- the CUDA kernels (emulated, and on a GPU) -------------------------------------------
 
 
 @pytest.mark.backends("emulated_cuda", "cuda")
-@pytest.mark.parametrize("bidir,proj,packed", [(False, 0, False), (True, 2, False),
-                                               (True, 0, True), (False, 2, True)])
+@pytest.mark.parametrize(
+    "bidir,proj,packed", [(False, 0, False), (True, 2, False), (True, 0, True), (False, 2, True)]
+)
 def test_gradcheck_float64(backend, bidir, proj, packed):
     dev = backend.device
     torch.manual_seed(0)
-    fused = FusedLSTM(3, 4, bidirectional=bidir, proj_size=proj, device=dev,
-                      dtype=torch.float64)
+    fused = FusedLSTM(3, 4, bidirectional=bidir, proj_size=proj, device=dev, dtype=torch.float64)
     D, Hr = (2 if bidir else 1), (proj or 4)
     names = [n for n, _ in fused.named_parameters()]
     x = torch.randn(3, 2, 3, device=dev, dtype=torch.float64, requires_grad=True)
@@ -183,8 +196,11 @@ def test_cell_gradcheck_float64(backend, bias, batched):
     names = [n for n, _ in fused.named_parameters()]
     lead = (2,) if batched else ()
     like = dict(device=dev, dtype=torch.float64, requires_grad=True)
-    x, h0, c0 = torch.randn(*lead, 3, **like), torch.randn(*lead, 4, **like), torch.randn(
-        *lead, 4, **like)
+    x, h0, c0 = (
+        torch.randn(*lead, 3, **like),
+        torch.randn(*lead, 4, **like),
+        torch.randn(*lead, 4, **like),
+    )
     params = [p.detach().clone().requires_grad_() for p in fused.parameters()]
 
     def f(x, h0, c0, *params):
@@ -205,8 +221,10 @@ def test_op_gradcheck(proj, bias, packed, reverse):
 
     def f(*ts):
         it = iter(ts)
-        full = [next(it) if a is not None and a is not bs and isinstance(a, torch.Tensor)
-                else a for a in args]
+        full = [
+            next(it) if a is not None and a is not bs and isinstance(a, torch.Tensor) else a
+            for a in args
+        ]
         return torch.ops.fused_lstm.layer_forward(*full)[:3]
 
     assert torch.autograd.gradcheck(f, tensors)
@@ -227,14 +245,16 @@ def test_cell_op_gradcheck(bias, used):
     assert torch.autograd.gradcheck(f, tensors)
 
 
-@pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed",
-                         [(2, True, True, True, False), (2, True, False, False, True),
-                          (3, False, True, True, True)])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,proj,bias,packed",
+    [(2, True, True, True, False), (2, True, False, False, True), (3, False, True, True, True)],
+)
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_lstm_op_gradcheck(num_layers, bidirectional, proj, bias, packed, dropout):
     """In training, with the same masks at every evaluation (seeded)."""
-    args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, True,
-                        requires_grad=True, batch=2)
+    args = lstm_args(
+        num_layers, bidirectional, proj, bias, packed, dropout, True, requires_grad=True, batch=2
+    )
     x, batch_sizes, hx, cx, params = args[:5]
 
     def f(x, hx, cx, *params):
@@ -255,22 +275,52 @@ REGULARISED = [  # (kwargs of the lstm op, num_layers, bidirectional, proj, pack
     ({"weight_drop": 0.4}, 2, False, False, True),
     ({"reset": True}, 1, True, False, False),
     ({"reset": True}, 1, True, True, True),
-    ({"recurrent_dropout": 0.3, "zoneout_cell": 0.2, "zoneout_hidden": 0.3,
-      "weight_drop": 0.3, "reset": True}, 2, True, True, False),
-    ({"recurrent_dropout": 0.3, "zoneout_cell": 0.2, "zoneout_hidden": 0.3,
-      "weight_drop": 0.3, "reset": True}, 2, True, False, True),
+    (
+        {
+            "recurrent_dropout": 0.3,
+            "zoneout_cell": 0.2,
+            "zoneout_hidden": 0.3,
+            "weight_drop": 0.3,
+            "reset": True,
+        },
+        2,
+        True,
+        True,
+        False,
+    ),
+    (
+        {
+            "recurrent_dropout": 0.3,
+            "zoneout_cell": 0.2,
+            "zoneout_hidden": 0.3,
+            "weight_drop": 0.3,
+            "reset": True,
+        },
+        2,
+        True,
+        False,
+        True,
+    ),
 ]
 
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("kwargs,num_layers,bidirectional,proj,packed", REGULARISED)
-def test_regularised_lstm_op_gradcheck(backend, kwargs, num_layers, bidirectional, proj, packed,
-                                       train):
+def test_regularised_lstm_op_gradcheck(
+    backend, kwargs, num_layers, bidirectional, proj, packed, train
+):
     device = backend.device
     I, H, P = 3, 5, 2  # test_regularisers.py's sizes
     D, Hr, B = 2 if bidirectional else 1, P if proj else H, 3
-    lstm = nn.LSTM(I, H, num_layers, bidirectional=bidirectional, proj_size=P if proj else 0,
-                   dtype=F64, device=device)
+    lstm = nn.LSTM(
+        I,
+        H,
+        num_layers,
+        bidirectional=bidirectional,
+        proj_size=P if proj else 0,
+        dtype=F64,
+        device=device,
+    )
     params = [p.detach().clone().requires_grad_() for p in lstm._flat_weights]
     dt = {"dtype": F64, "device": device, "requires_grad": True}
     if packed:
@@ -287,8 +337,20 @@ def test_regularised_lstm_op_gradcheck(backend, kwargs, num_layers, bidirectiona
 
     def f(x, hx, cx, *params):
         torch.manual_seed(7)  # the same masks at every call gradcheck makes
-        return torch.ops.fused_lstm.lstm(x, batch_sizes, hx, cx, params, True, proj, num_layers,
-                                         0.0, train, bidirectional, **kwargs)
+        return torch.ops.fused_lstm.lstm(
+            x,
+            batch_sizes,
+            hx,
+            cx,
+            params,
+            True,
+            proj,
+            num_layers,
+            0.0,
+            train,
+            bidirectional,
+            **kwargs,
+        )
 
     assert torch.autograd.gradcheck(f, (x, hx, cx, *params))
 

@@ -31,8 +31,14 @@ def run_python(code, isa, tmp_path=None):
     if isa is not None:
         env["FUSED_LSTM_CPU_ISA"] = isa
     env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, *env.get("PYTHONPATH", "").split(os.pathsep)])
-    return subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=HERE,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        env=env,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def supported():
@@ -43,8 +49,16 @@ def supported():
 # sweep of W^T at H = 200), panel row tiles and their remainders (11 rows: 8 + 2 + 1, 6 + 4 + 1,
 # 4 + 4 + 2 + 1), 13 rows at H = 200 (gate blocks fused with the gate math, split across the
 # threads), projections, and one-step calls (W read in place).
-SIZES = [(1, 20, 0, 5, True), (1, 200, 0, 3, False), (1, 20, 7, 4, True), (11, 20, 0, 4, True),
-         (13, 200, 0, 2, False), (9, 24, 5, 3, True), (3, 20, 0, 1, True), (40, 36, 0, 1, False)]
+SIZES = [
+    (1, 20, 0, 5, True),
+    (1, 200, 0, 3, False),
+    (1, 20, 7, 4, True),
+    (11, 20, 0, 4, True),
+    (13, 200, 0, 2, False),
+    (9, 24, 5, 3, True),
+    (3, 20, 0, 1, True),
+    (40, 36, 0, 1, False),
+]
 
 
 def every_path(dtype):
@@ -58,15 +72,17 @@ def every_path(dtype):
         x = torch.randn(T, B, 5, dtype=torch.float64, requires_grad=True)
         x_in = x.detach().to(dtype).requires_grad_()
         want = outputs_and_grads(ref, x, None, [x])
-        assert_same([w.to(dtype) for w in want], outputs_and_grads(fused, x_in, None, [x_in]),
-                    atol=atol)
+        assert_same(
+            [w.to(dtype) for w in want], outputs_and_grads(fused, x_in, None, [x_in]), atol=atol
+        )
     ref_cell = nn.LSTMCell(5, 20, dtype=torch.float64)
     cell = FusedLSTMCell.from_lstm_cell(ref_cell).to(dtype)
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     x_in = x.detach().to(dtype).requires_grad_()
     want = cell_outputs_and_grads(ref_cell, x, None, [x])
-    assert_same([w.to(dtype) for w in want], cell_outputs_and_grads(cell, x_in, None, [x_in]),
-                atol=atol)
+    assert_same(
+        [w.to(dtype) for w in want], cell_outputs_and_grads(cell, x_in, None, [x_in]), atol=atol
+    )
     regularised_layer(dtype, atol)
 
 
@@ -75,27 +91,42 @@ def regularised_layer(dtype, atol):
     forward and backward, against the reference."""
     T, B, I, H = 4, 9, 5, 20
     f = {"dtype": dtype}
-    args = [torch.randn(T, B, I, **f), None, torch.randn(B, H, **f), torch.randn(B, H, **f),
-            torch.randn(4 * H, I, **f) * 0.3, torch.randn(4 * H, H, **f) * 0.3,
-            torch.randn(4 * H, **f), torch.randn(4 * H, **f), None, False,
-            torch.bernoulli(torch.full((B, H), 0.7, **f)) / 0.7,
-            torch.bernoulli(torch.full((T, B, H), 0.4, **f)),
-            torch.bernoulli(torch.full((T, B, H), 0.3, **f)), torch.rand(T, B) < 0.2]
+    args = [
+        torch.randn(T, B, I, **f),
+        None,
+        torch.randn(B, H, **f),
+        torch.randn(B, H, **f),
+        torch.randn(4 * H, I, **f) * 0.3,
+        torch.randn(4 * H, H, **f) * 0.3,
+        torch.randn(4 * H, **f),
+        torch.randn(4 * H, **f),
+        None,
+        False,
+        torch.bernoulli(torch.full((B, H), 0.7, **f)) / 0.7,
+        torch.bernoulli(torch.full((T, B, H), 0.4, **f)),
+        torch.bernoulli(torch.full((T, B, H), 0.3, **f)),
+        torch.rand(T, B) < 0.2,
+    ]
     want = reference.layer_forward(*args)
     got = torch.ops.fused_lstm.layer_forward(*args)
     assert_same(want, got, atol=atol)
     grads = [torch.randn(T, B, H, **f), torch.randn(B, H, **f), torch.randn(B, H, **f)]
     backward_args = [*grads, *args[:6], None, *want[:1], *want[3:], False, *args[10:]]
-    assert_same(reference.layer_backward(*backward_args),
-                torch.ops.fused_lstm.layer_backward(*backward_args), atol=atol)
+    assert_same(
+        reference.layer_backward(*backward_args),
+        torch.ops.fused_lstm.layer_backward(*backward_args),
+        atol=atol,
+    )
 
 
 def masks():
     """keep_mask's masks from a fixed seed, in each floating dtype: counter-based, the same bits
     whatever the ISA."""
     torch.manual_seed(0)
-    return [torch.ops.fused_lstm.keep_mask(torch.empty(0, dtype=dtype), [4097], 0.3, 2.0)
-            for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
+    return [
+        torch.ops.fused_lstm.keep_mask(torch.empty(0, dtype=dtype), [4097], 0.3, 2.0)
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    ]
 
 
 CHILD = """

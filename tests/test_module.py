@@ -16,17 +16,21 @@ from fused_lstm import FusedLSTM, FusedLSTMCell, reference
 from helpers import needs_extension
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_layers=3, bidirectional=True, proj_size=4),
-                                dict(bias=False, num_layers=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(num_layers=3, bidirectional=True, proj_size=4), dict(bias=False, num_layers=2)],
+)
 def test_parameters_and_state_dict_match_nn_lstm(kw):
     ref = nn.LSTM(5, 7, **kw)
     fused = FusedLSTM(5, 7, **kw)
-    assert [(n, p.shape) for n, p in ref.named_parameters()] == \
-        [(n, p.shape) for n, p in fused.named_parameters()]
+    assert [(n, p.shape) for n, p in ref.named_parameters()] == [
+        (n, p.shape) for n, p in fused.named_parameters()
+    ]
     fused.load_state_dict(ref.state_dict(), strict=True)
     ref.load_state_dict(fused.state_dict(), strict=True)
-    assert [[w.shape for w in ws] for ws in ref.all_weights] == \
-        [[w.shape for w in ws] for ws in fused.all_weights]
+    assert [[w.shape for w in ws] for ws in ref.all_weights] == [
+        [w.shape for w in ws] for ws in fused.all_weights
+    ]
     assert repr(ref).replace("LSTM", "X") == repr(fused).replace("FusedLSTM", "X")
     fused.flatten_parameters()
 
@@ -87,6 +91,7 @@ def test_cell_runs_the_cell_ops(monkeypatch, backend, bias, batched):
     """FusedLSTMCell's forward and backward are the native cell ops: not the layer ops with one
     step, not the reference."""
     device = backend.device
+
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran instead of the native op")
 
@@ -126,16 +131,20 @@ def test_lstm_is_one_op_call(packed):
     with RecordCalls() as calls, RecordOps() as kernels:
         out, _ = fused(inp)
     assert calls.names == ["fused_lstm::lstm"]
-    assert [n for n in kernels.names if n.startswith("fused_lstm")] == \
-        ["fused_lstm::layer_forward"] * 6
+    assert [n for n in kernels.names if n.startswith("fused_lstm")] == [
+        "fused_lstm::layer_forward"
+    ] * 6
     with RecordOps() as backward:
         (out.data if packed else out).sum().backward()
-    assert [n for n in backward.names if n.startswith("fused_lstm")] == \
-        ["fused_lstm::layer_backward"] * 6
+    assert [n for n in backward.names if n.startswith("fused_lstm")] == [
+        "fused_lstm::layer_backward"
+    ] * 6
 
 
-@pytest.mark.parametrize("module,name", [(lambda: FusedLSTM(3, 4), "layer_forward"),
-                                         (lambda: FusedLSTMCell(3, 4), "cell_forward")])
+@pytest.mark.parametrize(
+    "module,name",
+    [(lambda: FusedLSTM(3, 4), "layer_forward"), (lambda: FusedLSTMCell(3, 4), "cell_forward")],
+)
 def test_reference_only_switch(monkeypatch, module, name):
     calls = []
     real = getattr(reference, name)
@@ -148,10 +157,12 @@ def test_reference_only_switch(monkeypatch, module, name):
 def test_native_backends_reports_cpu_when_built():
     """The CPU counts as native when every op the modules run has a CPU kernel."""
     assert fused_lstm.native_backends() <= {"cpu", "cuda"}
-    ops = [f"fused_lstm::{kind}_{way}" for kind in ("layer", "cell")
-           for way in ("forward", "backward")]
+    ops = [
+        f"fused_lstm::{kind}_{way}" for kind in ("layer", "cell") for way in ("forward", "backward")
+    ]
     has_cpu_kernels = hasattr(torch.ops, "fused_lstm") and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in ops)
+        torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in ops
+    )
     assert ("cpu" in fused_lstm.native_backends()) == has_cpu_kernels
 
 
@@ -168,8 +179,14 @@ def test_reduced_precision_cpu(dtype):
 
 def _run_python(code: str, **env: str) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, cwd=root, env={**os.environ, **env}).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={**os.environ, **env},
+    ).stdout
 
 
 def test_without_the_extension_everything_runs_on_the_reference():
@@ -222,16 +239,18 @@ def test_an_extension_that_does_not_load_is_an_error_that_says_how_to_rebuild():
     assert "pip install --no-build-isolation -e ." in out and "FUSED_LSTM_NO_EXTENSION=1" in out
 
 
-@pytest.mark.skipif(os.environ.get("FUSED_LSTM_BUILD_EMULATOR") != "1",
-                    reason="set FUSED_LSTM_BUILD_EMULATOR=1 where the install must include the "
-                           "CUDA emulator (CI)")
+@pytest.mark.skipif(
+    os.environ.get("FUSED_LSTM_BUILD_EMULATOR") != "1",
+    reason="set FUSED_LSTM_BUILD_EMULATOR=1 where the install must include the CUDA emulator (CI)",
+)
 def test_emulator_is_built_where_the_install_asked_for_it():
     assert fused_lstm.testing.emulator_built()
 
 
 def test_emulated_cuda_without_the_emulator_says_how_to_build_it(monkeypatch):
     monkeypatch.setattr(fused_lstm.testing, "emulator_built", lambda: False)
-    with pytest.raises(RuntimeError, match="FUSED_LSTM_BUILD_EMULATOR=1 pip install "
-                                           "--no-build-isolation -e ."):
+    with pytest.raises(
+        RuntimeError, match="FUSED_LSTM_BUILD_EMULATOR=1 pip install --no-build-isolation -e ."
+    ):
         with fused_lstm.testing.emulated_cuda():
             pass

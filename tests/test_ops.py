@@ -7,8 +7,16 @@ import torch
 
 import fused_lstm
 from fused_lstm import reference
-from helpers import (CELL_GRADS, FLAGS, assert_same, cell_args, lstm_args, needs_extension,
-                     op_args, ramp)
+from helpers import (
+    CELL_GRADS,
+    FLAGS,
+    assert_same,
+    cell_args,
+    lstm_args,
+    needs_extension,
+    op_args,
+    ramp,
+)
 
 I, H, P = 3, 5, 2
 
@@ -32,11 +40,15 @@ def test_opcheck(proj, bias, packed, reverse, requires_grad, backend):
     with torch.no_grad():
         y, hn, cn, gates, cells = torch.ops.fused_lstm.layer_forward(*args)
     # With requires_grad, this checks layer_backward's registration as non-differentiable.
-    for grads in ((torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)),
-                  (None, None, torch.randn_like(cn))):
+    for grads in (
+        (torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)),
+        (None, None, torch.randn_like(cn)),
+    ):
         grads = [g if g is None else g.requires_grad_(requires_grad) for g in grads]
-        torch.library.opcheck(torch.ops.fused_lstm.layer_backward,
-                              (*grads, x, bs, h0, c0, w_ih, w_hh, w_hr, y, gates, cells, reverse))
+        torch.library.opcheck(
+            torch.ops.fused_lstm.layer_backward,
+            (*grads, x, bs, h0, c0, w_ih, w_hh, w_hr, y, gates, cells, reverse),
+        )
 
 
 @pytest.mark.parametrize("proj,bias,packed,reverse", FLAGS)
@@ -55,15 +67,18 @@ def test_ops_match_reference(proj, bias, packed, reverse):
 
 
 @needs_extension  # the kernels' own checks; the reference has none of its own
-@pytest.mark.parametrize("bad,match", [
-    (lambda a: {4: torch.randn(4 * H, I + 1, dtype=torch.float64)}, "w_ih must have shape"),
-    (lambda a: {2: torch.randn(2, H, dtype=torch.float64)}, "must have shape"),
-    (lambda a: {2: a[2].float()}, "h0 must have the dtype of input"),
-    (lambda a: {1: torch.tensor([3, 1, 2, 3])}, "batch_sizes must be positive, non-increasing"),
-    (lambda a: {6: a[6], 7: None}, "b_ih and b_hh must be given together"),
-    # The dispatcher sends a mix of meta and CPU tensors to the fake kernel, not the CPU one.
-    (lambda a: {3: a[3].to("meta")}, r"c0 must be on the device of input \(cpu\), got meta"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda a: {4: torch.randn(4 * H, I + 1, dtype=torch.float64)}, "w_ih must have shape"),
+        (lambda a: {2: torch.randn(2, H, dtype=torch.float64)}, "must have shape"),
+        (lambda a: {2: a[2].float()}, "h0 must have the dtype of input"),
+        (lambda a: {1: torch.tensor([3, 1, 2, 3])}, "batch_sizes must be positive, non-increasing"),
+        (lambda a: {6: a[6], 7: None}, "b_ih and b_hh must be given together"),
+        # The dispatcher sends a mix of meta and CPU tensors to the fake kernel, not the CPU one.
+        (lambda a: {3: a[3].to("meta")}, r"c0 must be on the device of input \(cpu\), got meta"),
+    ],
+)
 def test_op_argument_checks(bad, match):
     with pytest.raises(RuntimeError, match=match):
         call_with(torch.ops.fused_lstm.layer_forward, op_args(False, True, True, False), bad)
@@ -83,8 +98,10 @@ def cell_backward_args(args, forward_out, grad_h, grad_c):
 
 
 def incoming(which, h, c):
-    return (torch.randn_like(h) if which != "c" else None,
-            torch.randn_like(c) if which != "h" else None)
+    return (
+        torch.randn_like(h) if which != "c" else None,
+        torch.randn_like(c) if which != "h" else None,
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -99,10 +116,12 @@ def test_cell_opcheck(bias, batch, requires_grad, backend):
         out = torch.ops.fused_lstm.cell_forward(*args)
     # With requires_grad, this checks cell_backward's registration as non-differentiable.
     for which in CELL_GRADS:
-        grads = [g if g is None else g.requires_grad_(requires_grad)
-                 for g in incoming(which, *out[:2])]
-        torch.library.opcheck(torch.ops.fused_lstm.cell_backward,
-                              cell_backward_args(args, out, *grads))
+        grads = [
+            g if g is None else g.requires_grad_(requires_grad) for g in incoming(which, *out[:2])
+        ]
+        torch.library.opcheck(
+            torch.ops.fused_lstm.cell_backward, cell_backward_args(args, out, *grads)
+        )
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -117,8 +136,9 @@ def test_cell_ops_match_reference(bias, batch):
     for which in [*CELL_GRADS, "none"]:
         grads = (None, None) if which == "none" else incoming(which, *want[:2])
         bargs = cell_backward_args(args, want, *grads)
-        for a, b in zip(torch.ops.fused_lstm.cell_backward(*bargs), reference.cell_backward(*bargs),
-                        strict=True):
+        for a, b in zip(
+            torch.ops.fused_lstm.cell_backward(*bargs), reference.cell_backward(*bargs), strict=True
+        ):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=which)
 
 
@@ -135,44 +155,56 @@ def test_cell_ops_in_lower_precision(dtype):
         torch.testing.assert_close(a.double(), b, **tol)
     grads = incoming("both", *out[:2])
     got_b = torch.ops.fused_lstm.cell_backward(*cell_backward_args(args, out, *grads))
-    want_b = reference.cell_backward(*cell_backward_args(
-        wide, [t.double() for t in out], *(g.double() for g in grads)))
+    want_b = reference.cell_backward(
+        *cell_backward_args(wide, [t.double() for t in out], *(g.double() for g in grads))
+    )
     for a, b in zip(got_b, want_b, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, **tol)
 
 
 @needs_extension  # the kernels' own checks; the reference has none of its own
-@pytest.mark.parametrize("bad,match", [
-    (lambda a: {0: a[0].unsqueeze(0)}, r"input must be \(B, I\), got 3-D"),
-    (lambda a: {0: a[0].long()}, "input must be a floating-point tensor"),
-    (lambda a: {1: a[1][:2]}, r"h0 must be \(B, H\) with B = input.size\(0\) = 3, got \[2, 5\]"),
-    (lambda a: {2: a[2][0]}, r"c0 must be \(B, H\) with B = input.size\(0\) = 3, got \[5\]"),
-    (lambda a: {2: torch.randn(3, H + 1, dtype=torch.float64)}, r"c0 must have shape \[3, 5\]"),
-    (lambda a: {3: torch.randn(4 * H, I + 1, dtype=torch.float64)}, "w_ih must have shape"),
-    (lambda a: {4: torch.randn(4 * H + 1, H, dtype=torch.float64)},
-     r"w_hh must be \(4\*hidden_size, Hr\)"),
-    (lambda a: {1: a[1].float()}, "h0 must have the dtype of input"),
-    (lambda a: {6: None}, "b_ih and b_hh must be given together"),
-    (lambda a: {5: a[5][:-1]}, r"b_ih must have shape \[20\]"),
-    (lambda a: {2: a[2].to("meta")}, r"c0 must be on the device of input \(cpu\), got meta"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda a: {0: a[0].unsqueeze(0)}, r"input must be \(B, I\), got 3-D"),
+        (lambda a: {0: a[0].long()}, "input must be a floating-point tensor"),
+        (
+            lambda a: {1: a[1][:2]},
+            r"h0 must be \(B, H\) with B = input.size\(0\) = 3, got \[2, 5\]",
+        ),
+        (lambda a: {2: a[2][0]}, r"c0 must be \(B, H\) with B = input.size\(0\) = 3, got \[5\]"),
+        (lambda a: {2: torch.randn(3, H + 1, dtype=torch.float64)}, r"c0 must have shape \[3, 5\]"),
+        (lambda a: {3: torch.randn(4 * H, I + 1, dtype=torch.float64)}, "w_ih must have shape"),
+        (
+            lambda a: {4: torch.randn(4 * H + 1, H, dtype=torch.float64)},
+            r"w_hh must be \(4\*hidden_size, Hr\)",
+        ),
+        (lambda a: {1: a[1].float()}, "h0 must have the dtype of input"),
+        (lambda a: {6: None}, "b_ih and b_hh must be given together"),
+        (lambda a: {5: a[5][:-1]}, r"b_ih must have shape \[20\]"),
+        (lambda a: {2: a[2].to("meta")}, r"c0 must be on the device of input \(cpu\), got meta"),
+    ],
+)
 def test_cell_forward_argument_checks(bad, match):
     with pytest.raises(RuntimeError, match=match):
         call_with(torch.ops.fused_lstm.cell_forward, cell_args(), bad)
 
 
 @needs_extension  # the kernels' own checks; the reference has none of its own
-@pytest.mark.parametrize("bad,match", [
-    (lambda a: {7: a[7][:, :-1]}, r"gates must have shape \[3, 20\], got \[3, 19\]"),
-    (lambda a: {8: a[8].t()}, r"cells must have shape \[3, 5\], got \[5, 3\]"),
-    (lambda a: {7: a[7].float()}, "gates must have the dtype of input"),
-    (lambda a: {0: a[0][:2]}, r"grad_h must have shape \[3, 5\], got \[2, 5\]"),
-    (lambda a: {1: a[1].float()}, "grad_c must have the dtype of input"),
-    (lambda a: {2: a[2][0]}, r"input must be \(B, I\), got 1-D"),
-    (lambda a: {5: a[5].float()}, "w_ih must have the dtype of input"),
-    (lambda a: {8: a[8].to("meta")}, r"cells must be on the device of input \(cpu\), got meta"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda a: {7: a[7][:, :-1]}, r"gates must have shape \[3, 20\], got \[3, 19\]"),
+        (lambda a: {8: a[8].t()}, r"cells must have shape \[3, 5\], got \[5, 3\]"),
+        (lambda a: {7: a[7].float()}, "gates must have the dtype of input"),
+        (lambda a: {0: a[0][:2]}, r"grad_h must have shape \[3, 5\], got \[2, 5\]"),
+        (lambda a: {1: a[1].float()}, "grad_c must have the dtype of input"),
+        (lambda a: {2: a[2][0]}, r"input must be \(B, I\), got 1-D"),
+        (lambda a: {5: a[5].float()}, "w_ih must have the dtype of input"),
+        (lambda a: {8: a[8].to("meta")}, r"cells must be on the device of input \(cpu\), got meta"),
+    ],
+)
 def test_cell_backward_argument_checks(bad, match):
     args = cell_args()
     out = torch.ops.fused_lstm.cell_forward(*args)
@@ -184,8 +216,14 @@ def test_cell_backward_argument_checks(bad, match):
 # ---- the whole-LSTM op: every layer and direction, nn.LSTM's dropout -----------------------
 
 # num_layers, bidirectional, proj, bias, packed
-LSTM_FLAGS = [(L, bi, proj, bias, packed) for L in (1, 2) for bi in (False, True)
-              for proj in (False, True) for bias in (False, True) for packed in (False, True)]
+LSTM_FLAGS = [
+    (L, bi, proj, bias, packed)
+    for L in (1, 2)
+    for bi in (False, True)
+    for proj in (False, True)
+    for bias in (False, True)
+    for packed in (False, True)
+]
 
 
 def vf_lstm(args):
@@ -204,8 +242,9 @@ def test_lstm_opcheck(num_layers, bidirectional, proj, bias, packed, requires_gr
     # dropped) exercises the masks without randomness, eval mode skips them.
     device = backend.device
     for dropout, train in ((0.0, True), (1.0, True), (0.5, False)):
-        args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout, train,
-                            requires_grad, device)
+        args = lstm_args(
+            num_layers, bidirectional, proj, bias, packed, dropout, train, requires_grad, device
+        )
         torch.library.opcheck(torch.ops.fused_lstm.lstm, args)
 
 
@@ -213,8 +252,7 @@ def test_lstm_opcheck(num_layers, bidirectional, proj, bias, packed, requires_gr
 @pytest.mark.parametrize("batch", [3, 1])
 def test_lstm_op_matches_aten_lstm(num_layers, bidirectional, proj, bias, packed, batch):
     """Outputs and the gradients of every input against aten::lstm, with one output unused too."""
-    args = lstm_args(num_layers, bidirectional, proj, bias, packed, requires_grad=True,
-                        batch=batch)
+    args = lstm_args(num_layers, bidirectional, proj, bias, packed, requires_grad=True, batch=batch)
     x, _, hx, cx, params = args[:5]
     leaves = [x, hx, cx, *params]
     for used in ((0, 1, 2), (1,), (2,)):
@@ -235,8 +273,9 @@ def test_lstm_op_matches_aten_lstm(num_layers, bidirectional, proj, bias, packed
 def test_lstm_op_dropout_matches_aten_lstm(bidirectional, packed):
     """With the same seed, the same masks as aten::lstm on the CPU (torch's generator, drawn
     once per layer but the last, on both directions' output), so the same values and grads."""
-    args = lstm_args(3, bidirectional, False, True, packed, dropout=0.4, train=True,
-                        requires_grad=True)
+    args = lstm_args(
+        3, bidirectional, False, True, packed, dropout=0.4, train=True, requires_grad=True
+    )
     leaves = [args[0], args[2], args[3], *args[4]]
     results = []
     for f in (torch.ops.fused_lstm.lstm, lambda *a: vf_lstm(a)):
@@ -251,16 +290,23 @@ def test_lstm_op_dropout_matches_aten_lstm(bidirectional, packed):
 @needs_extension
 @pytest.mark.parametrize("num_layers,bidirectional,proj,bias,packed", LSTM_FLAGS)
 @pytest.mark.parametrize("train", [True, False])
-def test_reference_lstm_composes_like_the_lstm_op(num_layers, bidirectional, proj, bias, packed,
-                                                  train):
+def test_reference_lstm_composes_like_the_lstm_op(
+    num_layers, bidirectional, proj, bias, packed, train
+):
     """reference.lstm, the lstm op's kernel in an install without the extension, against the
     C++ op, both on the reference kernels, with dropout, every regulariser and resets: the same
     masks from the same seed, so the same values and gradients."""
-    args = lstm_args(num_layers, bidirectional, proj, bias, packed, dropout=0.3, train=train,
-                     requires_grad=True)
+    args = lstm_args(
+        num_layers, bidirectional, proj, bias, packed, dropout=0.3, train=train, requires_grad=True
+    )
     x, _, hx, cx, params = args[:5]
-    kw = dict(reset=torch.rand(x.shape[:-1]) < 0.3, recurrent_dropout=0.2, zoneout_cell=0.1,
-              zoneout_hidden=0.2, weight_drop=0.3)
+    kw = dict(
+        reset=torch.rand(x.shape[:-1]) < 0.3,
+        recurrent_dropout=0.2,
+        zoneout_cell=0.1,
+        zoneout_hidden=0.2,
+        weight_drop=0.3,
+    )
     results = []
     for f in (torch.ops.fused_lstm.lstm, reference.lstm):
         torch.manual_seed(5)
@@ -288,19 +334,31 @@ def test_lstm_op_without_grad_keeps_no_graph_and_matches():
 
 
 @needs_extension  # the kernels' own checks; the reference has none of its own
-@pytest.mark.parametrize("bad,match", [
-    (lambda a: {4: a[4][:-1]}, r"params must hold 4 tensors per layer and direction \(16 in all"),
-    (lambda a: {6: True}, r"params must hold 5 tensors per layer and direction"),
-    (lambda a: {2: a[2][:3]}, r"hx must be \(num_layers \* num_directions = 4, B, Hr\), got "
-                              r"\[3, 3, 5\]"),
-    (lambda a: {3: a[3][0]}, r"cx must be \(num_layers \* num_directions = 4, B, H\)"),
-    (lambda a: {7: 0}, "num_layers must be positive, got 0"),
-    (lambda a: {8: 1.5}, r"dropout must be in \[0, 1\], got 1.5"),
-    (lambda a: {2: a[2][:, :2]}, r"cx must have the batch size of hx \(2\), got 3"),
-    (lambda a: {2: a[2][:, :2], 3: a[3][:, :2]}, r"hx must have input.size\(1\) = 3 rows, got 2"),
-    (lambda a: {4: [a[4][0].float(), *a[4][1:]]}, "w_ih must have the dtype of input"),
-    (lambda a: {0: a[0][0]}, r"input must be \(T, B, I\) without batch_sizes, got 2-D"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (
+            lambda a: {4: a[4][:-1]},
+            r"params must hold 4 tensors per layer and direction \(16 in all",
+        ),
+        (lambda a: {6: True}, r"params must hold 5 tensors per layer and direction"),
+        (
+            lambda a: {2: a[2][:3]},
+            r"hx must be \(num_layers \* num_directions = 4, B, Hr\), got "
+            r"\[3, 3, 5\]",
+        ),
+        (lambda a: {3: a[3][0]}, r"cx must be \(num_layers \* num_directions = 4, B, H\)"),
+        (lambda a: {7: 0}, "num_layers must be positive, got 0"),
+        (lambda a: {8: 1.5}, r"dropout must be in \[0, 1\], got 1.5"),
+        (lambda a: {2: a[2][:, :2]}, r"cx must have the batch size of hx \(2\), got 3"),
+        (
+            lambda a: {2: a[2][:, :2], 3: a[3][:, :2]},
+            r"hx must have input.size\(1\) = 3 rows, got 2",
+        ),
+        (lambda a: {4: [a[4][0].float(), *a[4][1:]]}, "w_ih must have the dtype of input"),
+        (lambda a: {0: a[0][0]}, r"input must be \(T, B, I\) without batch_sizes, got 2-D"),
+    ],
+)
 def test_lstm_op_argument_checks(bad, match):
     with pytest.raises(RuntimeError, match=match):
         call_with(torch.ops.fused_lstm.lstm, lstm_args(2, True, False, True, False), bad)
@@ -328,10 +386,12 @@ def python_autograd_ops():
     autograd that an install without the extension registers for the fused_lstm ops."""
     if not hasattr(python_autograd_ops, "ops"):
         from fused_lstm import _library
+
         _library.define(PY_AUTOGRAD, _library.KERNEL_OPS)
         for name in _library.KERNEL_OPS:
             torch.library.impl(f"{PY_AUTOGRAD}::{name}", "CompositeExplicitAutograd")(
-                getattr(torch.ops.fused_lstm, name))
+                getattr(torch.ops.fused_lstm, name)
+            )
         _library.register_python_autograd(PY_AUTOGRAD)
         python_autograd_ops.ops = getattr(torch.ops, PY_AUTOGRAD)
     return python_autograd_ops.ops
@@ -359,14 +419,20 @@ def test_python_autograd_matches_the_cpp_one(proj, bias, packed, reverse, which)
     the same native kernels) give the same outputs and gradients, bit for bit, leave the same
     arguments without one, and refuse a second backward alike."""
     args = op_args(proj, bias, packed, reverse, requires_grad=True)
-    for cpp, py in ((torch.ops.fused_lstm.layer_forward, python_autograd_ops().layer_forward),
-                    (torch.ops.fused_lstm.cell_forward, python_autograd_ops().cell_forward)):
-        call = args if cpp is torch.ops.fused_lstm.layer_forward else cell_args(
-            bias, requires_grad=True)
+    for cpp, py in (
+        (torch.ops.fused_lstm.layer_forward, python_autograd_ops().layer_forward),
+        (torch.ops.fused_lstm.cell_forward, python_autograd_ops().cell_forward),
+    ):
+        call = (
+            args
+            if cpp is torch.ops.fused_lstm.layer_forward
+            else cell_args(bias, requires_grad=True)
+        )
         out_cpp, grads_cpp, err_cpp = grads_through(cpp, call, which)
         out_py, grads_py, err_py = grads_through(py, call, which)
         assert_same(out_cpp, out_py, atol=0)
         assert [g is None for g in grads_cpp] == [g is None for g in grads_py]
-        assert_same([g for g in grads_cpp if g is not None],
-                    [g for g in grads_py if g is not None], atol=0)
+        assert_same(
+            [g for g in grads_cpp if g is not None], [g for g in grads_py if g is not None], atol=0
+        )
         assert err_cpp == err_py == fused_lstm._library.DOUBLE_BACKWARD_ERROR

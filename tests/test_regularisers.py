@@ -42,10 +42,18 @@ def layer_case(extras, proj, packed, reverse, device, dtype=F64, batch=3):
     else:
         batch_sizes, lead = None, (5, batch)
     x = torch.randn(*lead, I, **dt)
-    args = [x, batch_sizes, torch.randn(batch, Hr, **dt), torch.randn(batch, H, **dt),
-            torch.randn(4 * H, I, **dt) * 0.6, torch.randn(4 * H, Hr, **dt) * 0.6,
-            torch.randn(4 * H, **dt), torch.randn(4 * H, **dt),
-            torch.randn(Hr, H, **dt) * 0.6 if proj else None, reverse]
+    args = [
+        x,
+        batch_sizes,
+        torch.randn(batch, Hr, **dt),
+        torch.randn(batch, H, **dt),
+        torch.randn(4 * H, I, **dt) * 0.6,
+        torch.randn(4 * H, Hr, **dt) * 0.6,
+        torch.randn(4 * H, **dt),
+        torch.randn(4 * H, **dt),
+        torch.randn(Hr, H, **dt) * 0.6 if proj else None,
+        reverse,
+    ]
     on = set(EXTRAS[:-1]) if extras == "all" else {extras}
     mask = torch.bernoulli(torch.full((batch, Hr), 0.7, **dt)) / 0.7
     if "zoneout_rates" in on and extras != "all":
@@ -55,10 +63,12 @@ def layer_case(extras, proj, packed, reverse, device, dtype=F64, batch=3):
         zh = torch.bernoulli(torch.full((*lead, Hr), 0.4, **dt))
     reset = torch.zeros(lead, dtype=torch.bool, device=device)
     reset.view(-1)[[0, 4, 7]] = True  # the first step's first row, and rows further on
-    args += [mask if "recurrent" in on else None,
-             zc if on & {"zoneout_cell", "zoneout_rates"} else None,
-             zh if on & {"zoneout_hidden", "zoneout_rates"} else None,
-             reset if "reset" in on else None]
+    args += [
+        mask if "recurrent" in on else None,
+        zc if on & {"zoneout_cell", "zoneout_rates"} else None,
+        zh if on & {"zoneout_hidden", "zoneout_rates"} else None,
+        reset if "reset" in on else None,
+    ]
     return args
 
 
@@ -87,7 +97,8 @@ def test_layer_ops_match_autograd_of_the_reference(backend, extras, proj, packed
         x, bs, h0, c0, w_ih, w_hh, _, _, w_hr, rev, *extra = args
         for grads in ((gy, gh, gc), (gy, None, None), (None, gh, None), (None, None, gc)):
             dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fused_lstm.layer_backward(
-                *grads, x, bs, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, rev, *extra)
+                *grads, x, bs, h0, c0, w_ih, w_hh, w_hr, out, gates, cells, rev, *extra
+            )
             if grads == (gy, gh, gc):
                 got_grads = [dx, dh0, dc0, dw_ih, dw_hh, db, db] + ([dw_hr] if proj else [])
                 for k, (a, b) in enumerate(zip(got_grads, want_grads)):
@@ -99,8 +110,9 @@ def test_layer_ops_in_float32(backend, packed):
     """float32 device against the float64 reference, within float32's error."""
     device = backend.device
     args = layer_case("all", True, packed, False, device, dtype=torch.float32)
-    args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-              for a in args]
+    args64 = [
+        a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    ]
     got = torch.ops.fused_lstm.layer_forward(*args)
     want = reference.layer_forward(*args64)
     for a, b in zip(got, want):
@@ -120,8 +132,9 @@ def test_layer_ops_in_half_precision(backend, dtype, packed):
     their autograd run in it), both against the float64 reference."""
     device = backend.device
     args = layer_case("all", True, packed, False, device, dtype=dtype)
-    args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-              for a in args]
+    args64 = [
+        a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    ]
 
     def forward_and_grads(fn, args, leaves):
         y, h_n, c_n, *_ = out = fn(*args)
@@ -143,10 +156,12 @@ def test_layer_ops_in_half_precision(backend, dtype, packed):
 @needs_extension  # the kernels' own checks
 def test_layer_op_checks_the_regularisers():
     args = layer_case("all", False, False, False, "cpu")
-    for k, bad, match in [(10, torch.ones(2, H, dtype=F64), "recurrent_mask must have shape"),
-                          (11, torch.ones(3, dtype=F64), "zoneout_cell must be a 0-dim rate"),
-                          (12, torch.ones(5, 3, H, dtype=torch.float32), "zoneout_hidden must"),
-                          (13, torch.ones(5, 3), "reset must be a bool tensor")]:
+    for k, bad, match in [
+        (10, torch.ones(2, H, dtype=F64), "recurrent_mask must have shape"),
+        (11, torch.ones(3, dtype=F64), "zoneout_cell must be a 0-dim rate"),
+        (12, torch.ones(5, 3, H, dtype=torch.float32), "zoneout_hidden must"),
+        (13, torch.ones(5, 3), "reset must be a bool tensor"),
+    ]:
         bad_args = list(args)
         bad_args[k] = bad
         with pytest.raises(RuntimeError, match=match):
@@ -154,6 +169,7 @@ def test_layer_op_checks_the_regularisers():
 
 
 # ---- FusedLSTM against a hand-written step loop ------------------------------------------------
+
 
 def tap_masks(module, *inputs, **kw):
     """Run module, keeping the regularisers of each of the op's layer_forward calls (in h_n's
@@ -204,7 +220,7 @@ def loop_lstm(module: FusedLSTM, x, hx, reset, taken):
                 w_hh = w_hh * weight_drop_mask(used_w_hh, w_hh, module.weight_drop)
             h, c = h0[k], c0[k]
             ys = [None] * T
-            for t in (range(T - 1, -1, -1) if d else range(T)):
+            for t in range(T - 1, -1, -1) if d else range(T):
                 # The forward direction starts afresh at a reset step; the reverse one, coming
                 # from step t + 1, where step t + 1 starts a new sequence.
                 cut_at = t if d == 0 else t + 1
@@ -212,8 +228,9 @@ def loop_lstm(module: FusedLSTM, x, hx, reset, taken):
                     keep = (~reset[cut_at]).unsqueeze(1).to(x.dtype)
                     h, c = h * keep, c * keep
                 h_in = h if r is None else h * r
-                z = nn.functional.linear(layer_in[t], w_ih, b_ih) + \
-                    nn.functional.linear(h_in, w_hh, b_hh)
+                z = nn.functional.linear(layer_in[t], w_ih, b_ih) + nn.functional.linear(
+                    h_in, w_hh, b_hh
+                )
                 i, f, g, o = z.chunk(4, 1)
                 c_new = f.sigmoid() * c + i.sigmoid() * g.tanh()
                 m = o.sigmoid() * c_new.tanh()
@@ -250,20 +267,31 @@ def make_reset(T, B, device):
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("num_layers,bidirectional,proj",
-                         [(1, False, False), (2, True, False), (1, True, True), (2, False, True)])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,proj",
+    [(1, False, False), (2, True, False), (1, True, True), (2, False, True)],
+)
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_lstm_matches_a_step_loop(backend, option, num_layers, bidirectional, proj,
-                                        training):
+def test_fused_lstm_matches_a_step_loop(backend, option, num_layers, bidirectional, proj, training):
     device = backend.device
     T, B = 6, 3
-    m = FusedLSTM(I, H, num_layers, bidirectional=bidirectional, proj_size=P if proj else 0,
-                  dtype=F64, device=device, **OPTIONS[option]).train(training)
+    m = FusedLSTM(
+        I,
+        H,
+        num_layers,
+        bidirectional=bidirectional,
+        proj_size=P if proj else 0,
+        dtype=F64,
+        device=device,
+        **OPTIONS[option],
+    ).train(training)
     D = 2 if bidirectional else 1
     x = torch.randn(T, B, I, dtype=F64, device=device, requires_grad=True)
     Hr = P if proj else H
-    hx = (torch.randn(num_layers * D, B, Hr, dtype=F64, device=device, requires_grad=True),
-          torch.randn(num_layers * D, B, H, dtype=F64, device=device, requires_grad=True))
+    hx = (
+        torch.randn(num_layers * D, B, Hr, dtype=F64, device=device, requires_grad=True),
+        torch.randn(num_layers * D, B, H, dtype=F64, device=device, requires_grad=True),
+    )
     reset = make_reset(T, B, device) if option in ("reset", "all") else None
     (y, (h_n, c_n)), taken = tap_masks(m, x, hx, reset=reset)
     want = loop_lstm(m, x, hx, reset, taken)
@@ -291,6 +319,7 @@ def test_batch_first_and_unbatched_reset(backend):
 
 # ---- resets against nn.LSTM on each segment ------------------------------------------------
 
+
 @pytest.mark.parametrize("bidirectional,proj", [(False, False), (True, False), (True, True)])
 def test_reset_equals_separate_sequences(backend, bidirectional, proj):
     """A row reset at step k gives exactly what nn.LSTM gives on its two segments run apart: the
@@ -298,13 +327,16 @@ def test_reset_equals_separate_sequences(backend, bidirectional, proj):
     state elsewhere starts at zero."""
     device = backend.device
     T, k = 7, 3
-    lstm = nn.LSTM(I, H, 2, bidirectional=bidirectional, proj_size=P if proj else 0, dtype=F64,
-                   device=device)
+    lstm = nn.LSTM(
+        I, H, 2, bidirectional=bidirectional, proj_size=P if proj else 0, dtype=F64, device=device
+    )
     fused = FusedLSTM.from_lstm(lstm)
     x = torch.randn(T, 1, I, dtype=F64, device=device)
     D, Hr = 2 if bidirectional else 1, P if proj else H
-    hx = (torch.randn(2 * D, 1, Hr, dtype=F64, device=device),
-          torch.randn(2 * D, 1, H, dtype=F64, device=device))
+    hx = (
+        torch.randn(2 * D, 1, Hr, dtype=F64, device=device),
+        torch.randn(2 * D, 1, H, dtype=F64, device=device),
+    )
     reset = torch.zeros(T, 1, dtype=torch.bool, device=device)
     reset[k] = True
     y, (h_n, c_n) = fused(x, hx, reset=reset)
@@ -335,8 +367,7 @@ def test_reset_with_packed_input_matches_padded(backend):
     device = backend.device
     T, B = 6, 4
     lengths = torch.tensor([4, 6, 2, 5])
-    m = FusedLSTM(I, H, 2, bidirectional=True, zoneout=(0.3, 0.1), dtype=F64,
-                  device=device).eval()
+    m = FusedLSTM(I, H, 2, bidirectional=True, zoneout=(0.3, 0.1), dtype=F64, device=device).eval()
     x = torch.randn(T, B, I, dtype=F64, device=device)
     reset = make_reset(T, B, device)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -344,10 +375,10 @@ def test_reset_with_packed_input_matches_padded(backend):
     y, _ = pad_packed_sequence(y, total_length=T)
     for b in range(B):
         n = int(lengths[b])
-        want, (wh, wc) = m(x[:n, b:b + 1], reset=reset[:n, b:b + 1])
-        torch.testing.assert_close(y[:n, b:b + 1], want, atol=1e-12, rtol=0)
-        torch.testing.assert_close(h_n[:, b:b + 1], wh, atol=1e-12, rtol=0)
-        torch.testing.assert_close(c_n[:, b:b + 1], wc, atol=1e-12, rtol=0)
+        want, (wh, wc) = m(x[:n, b : b + 1], reset=reset[:n, b : b + 1])
+        torch.testing.assert_close(y[:n, b : b + 1], want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(h_n[:, b : b + 1], wh, atol=1e-12, rtol=0)
+        torch.testing.assert_close(c_n[:, b : b + 1], wc, atol=1e-12, rtol=0)
 
 
 # ---- gradcheck of the whole op -------------------------------------------------------------
@@ -355,10 +386,12 @@ def test_reset_with_packed_input_matches_padded(backend):
 
 # ---- the masks: drawn from torch's generator, as the issue specifies ------------------------
 
+
 def test_masks_follow_the_specification():
     B, T = 64, 30
-    m = FusedLSTM(I, H, 2, bidirectional=True, recurrent_dropout=0.25, zoneout=(0.3, 0.6),
-                  weight_drop=0.5)
+    m = FusedLSTM(
+        I, H, 2, bidirectional=True, recurrent_dropout=0.25, zoneout=(0.3, 0.6), weight_drop=0.5
+    )
     x = torch.randn(T, B, I)
     _, taken = tap_masks(m, x)
     assert len(taken) == 4  # one draw per layer and direction
@@ -398,7 +431,7 @@ def test_keep_mask_values_and_rate(dtype, prob):
     assert abs(kept.mean().item() - prob) <= 5 * (prob * (1 - prob) / n) ** 0.5
     # the two halves of a hash decide neighbours: they must be independent too
     both = (kept[:-1:2] * kept[1::2]).mean().item()
-    assert abs(both - prob ** 2) <= 5 * (prob ** 2 * (1 - prob ** 2) / (n // 2)) ** 0.5
+    assert abs(both - prob**2) <= 5 * (prob**2 * (1 - prob**2) / (n // 2)) ** 0.5
     assert keep_mask(torch.empty(0), [3, 0], prob, 1.0).shape == (3, 0)
 
 
@@ -435,8 +468,17 @@ def test_defaults_are_nn_lstm():
 
 def test_manual_seed_reproduces_a_call_bit_for_bit(backend):
     device = backend.device
-    m = FusedLSTM(I, H, 2, bidirectional=True, recurrent_dropout=0.3, zoneout=0.2,
-                  weight_drop=0.3, dropout=0.2, device=device)
+    m = FusedLSTM(
+        I,
+        H,
+        2,
+        bidirectional=True,
+        recurrent_dropout=0.3,
+        zoneout=0.2,
+        weight_drop=0.3,
+        dropout=0.2,
+        device=device,
+    )
     x = torch.randn(6, 3, I, device=device)
 
     def run(seed):
@@ -452,21 +494,25 @@ def test_manual_seed_reproduces_a_call_bit_for_bit(backend):
 
 # ---- the module's surface ------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"recurrent_dropout": 1.0}, r"recurrent_dropout should be a number in range \[0, 1\)"),
-    ({"recurrent_dropout": -0.1}, r"recurrent_dropout should be a number in range \[0, 1\)"),
-    ({"weight_drop": 1.0}, r"weight_drop should be a number in range \[0, 1\)"),
-    ({"zoneout": 1.5}, r"zoneout should be a number or a pair .* range \[0, 1\]"),
-    ({"zoneout": (0.1, -1)}, r"zoneout should be a number or a pair .* range \[0, 1\]"),
-    ({"zoneout": (0.1, 0.2, 0.3)}, r"zoneout should be a number or a pair"),
-    ({"zoneout": "0.1"}, r"zoneout should be a number or a pair"),
-    ({"weight_drop": True}, r"weight_drop should be a number"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"recurrent_dropout": 1.0}, r"recurrent_dropout should be a number in range \[0, 1\)"),
+        ({"recurrent_dropout": -0.1}, r"recurrent_dropout should be a number in range \[0, 1\)"),
+        ({"weight_drop": 1.0}, r"weight_drop should be a number in range \[0, 1\)"),
+        ({"zoneout": 1.5}, r"zoneout should be a number or a pair .* range \[0, 1\]"),
+        ({"zoneout": (0.1, -1)}, r"zoneout should be a number or a pair .* range \[0, 1\]"),
+        ({"zoneout": (0.1, 0.2, 0.3)}, r"zoneout should be a number or a pair"),
+        ({"zoneout": "0.1"}, r"zoneout should be a number or a pair"),
+        ({"weight_drop": True}, r"weight_drop should be a number"),
+    ],
+)
 def test_options_are_validated_when_set(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedLSTM(I, H, **kwargs)
     m = FusedLSTM(I, H)
-    (name, value), = kwargs.items()
+    ((name, value),) = kwargs.items()
     with pytest.raises(ValueError, match=match):
         setattr(m, name, value)
     assert getattr(m, name) == 0
@@ -476,24 +522,34 @@ def test_options_are_keyword_only_shown_in_repr_and_changeable():
     with pytest.raises(TypeError):
         FusedLSTM(I, H, 1, True, False, 0.0, False, 0, None, None, 0.2)
     m = FusedLSTM(I, H, recurrent_dropout=0.2, zoneout=(0.1, 0.3), weight_drop=0.5)
-    assert repr(m) == ("FusedLSTM(3, 5, recurrent_dropout=0.2, zoneout=(0.1, 0.3), "
-                       "weight_drop=0.5)")
+    assert repr(m) == (
+        "FusedLSTM(3, 5, recurrent_dropout=0.2, zoneout=(0.1, 0.3), weight_drop=0.5)"
+    )
     m.zoneout, m.weight_drop = 1, 0
     assert m.zoneout == 1.0 and repr(m) == "FusedLSTM(3, 5, recurrent_dropout=0.2, zoneout=1.0)"
     (_, taken) = tap_masks(m, torch.randn(3, 2, I))
     assert taken[0][2] is not None and taken[0][3] is not None
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (torch.zeros(6, 3), ValueError, "reset must be a bool tensor, got torch.float32"),
-    (torch.zeros(3, 6, dtype=torch.bool), ValueError,
-     r"reset must have shape \(T, B\), the input's shape without its feature dimension, "
-     r"\[6, 3\]; got \[3, 6\]"),
-    (torch.zeros(6, dtype=torch.bool), ValueError, "reset must have shape"),
-    ([True] * 6, TypeError, "reset must be a bool tensor, got list"),
-    (torch.zeros(6, 3, dtype=torch.bool, device="meta"), RuntimeError,
-     r"reset must be on the input's device \(cpu\), got meta"),
-])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (torch.zeros(6, 3), ValueError, "reset must be a bool tensor, got torch.float32"),
+        (
+            torch.zeros(3, 6, dtype=torch.bool),
+            ValueError,
+            r"reset must have shape \(T, B\), the input's shape without its feature dimension, "
+            r"\[6, 3\]; got \[3, 6\]",
+        ),
+        (torch.zeros(6, dtype=torch.bool), ValueError, "reset must have shape"),
+        ([True] * 6, TypeError, "reset must be a bool tensor, got list"),
+        (
+            torch.zeros(6, 3, dtype=torch.bool, device="meta"),
+            RuntimeError,
+            r"reset must be on the input's device \(cpu\), got meta",
+        ),
+    ],
+)
 def test_reset_errors(bad, error, match):
     m = FusedLSTM(I, H)
     with pytest.raises(error, match=match):
@@ -556,8 +612,16 @@ def test_layer_ops_opcheck(extras):
 class _Scriptable(nn.Module):
     def __init__(self):
         super().__init__()
-        self.lstm = FusedLSTM(I, H, 2, bidirectional=True, recurrent_dropout=0.2, zoneout=0.3,
-                              weight_drop=0.2, dtype=F64)
+        self.lstm = FusedLSTM(
+            I,
+            H,
+            2,
+            bidirectional=True,
+            recurrent_dropout=0.2,
+            zoneout=0.3,
+            weight_drop=0.2,
+            dtype=F64,
+        )
 
     def forward(self, x, reset: Optional[torch.Tensor] = None):
         return self.lstm(x, reset=reset)[0]

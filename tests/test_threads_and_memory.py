@@ -149,8 +149,9 @@ def test_large_steps_threads_and_gemm_paths(backend, threads, B, H, proj):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert_same(outputs_and_grads(ref, x, None, [x]), outputs_and_grads(fused, x, None, [x]),
-                    atol=1e-9)
+        assert_same(
+            outputs_and_grads(ref, x, None, [x]), outputs_and_grads(fused, x, None, [x]), atol=1e-9
+        )
     finally:
         torch.set_num_threads(saved)
 

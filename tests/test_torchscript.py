@@ -19,8 +19,10 @@ from helpers import assert_same, cell_outputs_and_grads, needs_extension, output
 
 F64 = torch.float64
 TIGHT = {"atol": 1e-12, "rtol": 1e-12}
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning",  # jit is deprecated
-                                        "ignore::torch.jit.TracerWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::FutureWarning",  # jit is deprecated
+    "ignore::torch.jit.TracerWarning",
+)
 
 
 class Holder(nn.Module):
@@ -30,8 +32,9 @@ class Holder(nn.Module):
         super().__init__()
         self.lstm = lstm
 
-    def forward(self, x: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         return self.lstm(x, hx)
 
 
@@ -39,8 +42,9 @@ class PackedHolder(Holder):
     """For a PackedSequence: its output's data, which must be in the input's packed order (a
     scripted module returns its own NamedTuple type for a PackedSequence, as nn.LSTM's does)."""
 
-    def forward(self, x: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: PackedSequence, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         out, state = self.lstm(x, hx)
         assert torch.equal(out.batch_sizes, x.batch_sizes)
         return out.data, state
@@ -53,8 +57,9 @@ class Stack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(lstms)
 
-    def forward(self, x: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         hs: List[Tensor] = []
         cs: List[Tensor] = []
         for layer in self.layers:
@@ -74,8 +79,9 @@ class WordModel(nn.Module):
         self.lstm = lstm
         self.decode = nn.Linear(lstm.hidden_size, vocab)
 
-    def forward(self, tokens: Tensor, hidden: Tuple[Tensor, Tensor]
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self, tokens: Tensor, hidden: Tuple[Tensor, Tensor]
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         out, hidden = self.lstm(self.embed(tokens), hidden)
         return self.decode(out), hidden
 
@@ -87,8 +93,9 @@ class CellLoop(nn.Module):
         super().__init__()
         self.cell = cell
 
-    def forward(self, x: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         outputs: List[Tensor] = []
         for step in x.unbind(0):
             hx = self.cell(step, hx)
@@ -141,8 +148,11 @@ def check_against_eager(model, nn_model, inp, hx, other_inp=None, other_hx=None)
     forms = compiled_forms(model, example)
     cases = [(inp, hx)] if other_inp is None else [(inp, hx), (other_inp, other_hx)]
     for x, state in cases:
-        leaves = [t for t in (x.data if isinstance(x, PackedSequence) else x,
-                              *(state or ())) if t.requires_grad]
+        leaves = [
+            t
+            for t in (x.data if isinstance(x, PackedSequence) else x, *(state or ()))
+            if t.requires_grad
+        ]
         want = outputs_and_grads(model, x, state, leaves)
         assert_same(outputs_and_grads(nn_model, x, state, leaves), want, atol=1e-10, rtol=1e-10)
         for name, form in forms.items():
@@ -155,8 +165,10 @@ def states(config, batch, seed, unbatched=False):
     lead = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
     real_hidden = config.get("proj_size") or config["hidden_size"]
     shape = (lead,) if unbatched else (lead, batch)
-    return (torch.randn(*shape, real_hidden, dtype=F64, requires_grad=True),
-            torch.randn(*shape, config["hidden_size"], dtype=F64, requires_grad=True))
+    return (
+        torch.randn(*shape, real_hidden, dtype=F64, requires_grad=True),
+        torch.randn(*shape, config["hidden_size"], dtype=F64, requires_grad=True),
+    )
 
 
 def seq(shape, seed):
@@ -173,8 +185,9 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS,
-                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
 @pytest.mark.parametrize("with_hx", [False, True], ids=["hx=None", "hx"])
 def test_lstm_script_and_trace_match_eager(config, with_hx):
     (fused,), (lstm,) = fused_and_nn(config)
@@ -207,8 +220,14 @@ def test_lstm_packed_sequence_scripted(with_hx):
 def test_module_list_stack():
     config = {"input_size": 3, "hidden_size": 3, "num_layers": 2}
     fused, lstms = fused_and_nn(config, layers=2)
-    check_against_eager(Stack(fused), Stack(lstms), seq((5, 2, 3), 0), states(config, 2, 1),
-                        seq((4, 3, 3), 2), states(config, 3, 3))
+    check_against_eager(
+        Stack(fused),
+        Stack(lstms),
+        seq((5, 2, 3), 0),
+        states(config, 2, 1),
+        seq((4, 3, 3), 2),
+        states(config, 3, 3),
+    )
 
 
 def word_model_pair():
@@ -223,8 +242,14 @@ def word_model_pair():
 def test_word_model_matches_eager():
     model, reference, config = word_model_pair()
     tokens = torch.randint(0, 11, (5, 2))
-    check_against_eager(model, reference, tokens, states(config, 2, 1),
-                        torch.randint(0, 11, (8, 3)), states(config, 3, 2))
+    check_against_eager(
+        model,
+        reference,
+        tokens,
+        states(config, 2, 1),
+        torch.randint(0, 11, (8, 3)),
+        states(config, 3, 2),
+    )
 
 
 def train(model, steps=3):
@@ -264,13 +289,17 @@ def test_cell_loop_matches_eager(bias, with_hx):
 
     def hx(batch, seed):
         torch.manual_seed(seed)
-        return tuple(torch.randn(batch, 4, dtype=F64, requires_grad=True)
-                     for _ in range(2)) if with_hx else None
+        return (
+            tuple(torch.randn(batch, 4, dtype=F64, requires_grad=True) for _ in range(2))
+            if with_hx
+            else None
+        )
 
     # A trace unrolls the Python loop at the example's length: the other input has another
     # batch only.
-    check_against_eager(CellLoop(fused), CellLoop(cell), seq((5, 2, 3), 0), hx(2, 1),
-                        seq((5, 4, 3), 2), hx(4, 3))
+    check_against_eager(
+        CellLoop(fused), CellLoop(cell), seq((5, 2, 3), 0), hx(2, 1), seq((5, 4, 3), 2), hx(4, 3)
+    )
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -295,8 +324,9 @@ def test_loaded_in_a_fresh_process(tmp_path):
     tokens = torch.randint(0, 11, (5, 2))
     hidden = states(config, 2, 1)
     torch.jit.save(torch.jit.script(model), str(tmp_path / "model.pt"))
-    torch.save({"tokens": tokens, "hidden": tuple(h.detach() for h in hidden)},
-               tmp_path / "inputs.pt")
+    torch.save(
+        {"tokens": tokens, "hidden": tuple(h.detach() for h in hidden)}, tmp_path / "inputs.pt"
+    )
     script = (
         "import sys, torch, fused_lstm\n"
         "d = sys.argv[1]\n"
@@ -305,7 +335,8 @@ def test_loaded_in_a_fresh_process(tmp_path):
         "scores, hidden = model(inputs['tokens'], inputs['hidden'])\n"
         "scores.sum().backward()\n"
         "grads = [p.grad for p in model.parameters()]\n"
-        "torch.save([scores.detach(), *hidden, *grads], d + '/out.pt')\n")
+        "torch.save([scores.detach(), *hidden, *grads], d + '/out.pt')\n"
+    )
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
     scores, (h, c) = model(tokens, hidden)
     scores.sum().backward()
@@ -318,19 +349,29 @@ def scripted_holder():
     return torch.jit.script(Holder(FusedLSTM(3, 4, 2).double()))
 
 
-@pytest.mark.parametrize("args, message", [
-    ((seq((5, 2, 3, 1), 0),), "LSTM: Expected input to be 2D or 3D, got 4D instead"),
-    ((seq((5, 2, 4), 0),), "input.size\\(-1\\) must be equal to input_size. Expected 3, got 4"),
-    ((seq((0, 2, 3), 0),), "Expected sequence length to be larger than 0 in RNN"),
-    ((seq((5, 2, 3), 0), (seq((2, 3, 4), 1), seq((2, 2, 4), 2))),
-     "Expected hidden\\[0\\] size \\(2, 2, 4\\), got \\[2, 3, 4\\]"),
-    ((seq((5, 2, 3), 0), (seq((2, 2, 4), 1), seq((2, 2, 5), 2))),
-     "Expected hidden\\[1\\] size \\(2, 2, 4\\), got \\[2, 2, 5\\]"),
-    ((seq((5, 3), 0), (seq((2, 1, 4), 1), seq((2, 1, 4), 2))),
-     "For unbatched 2-D input, hx and cx should also be 2-D but got \\(3-D, 3-D\\) tensors"),
-    pytest.param((seq((5, 2, 3), 0).float(),), "must have the dtype of input",
-                 marks=needs_extension),  # the kernels' own check
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((seq((5, 2, 3, 1), 0),), "LSTM: Expected input to be 2D or 3D, got 4D instead"),
+        ((seq((5, 2, 4), 0),), "input.size\\(-1\\) must be equal to input_size. Expected 3, got 4"),
+        ((seq((0, 2, 3), 0),), "Expected sequence length to be larger than 0 in RNN"),
+        (
+            (seq((5, 2, 3), 0), (seq((2, 3, 4), 1), seq((2, 2, 4), 2))),
+            "Expected hidden\\[0\\] size \\(2, 2, 4\\), got \\[2, 3, 4\\]",
+        ),
+        (
+            (seq((5, 2, 3), 0), (seq((2, 2, 4), 1), seq((2, 2, 5), 2))),
+            "Expected hidden\\[1\\] size \\(2, 2, 4\\), got \\[2, 2, 5\\]",
+        ),
+        (
+            (seq((5, 3), 0), (seq((2, 1, 4), 1), seq((2, 1, 4), 2))),
+            "For unbatched 2-D input, hx and cx should also be 2-D but got \\(3-D, 3-D\\) tensors",
+        ),
+        pytest.param(
+            (seq((5, 2, 3), 0).float(),), "must have the dtype of input", marks=needs_extension
+        ),  # the kernels' own check
+    ],
+)
 def test_scripted_lstm_errors(scripted_holder, args, message):
     """The scripted form raises nn.LSTM's messages (tests/test_errors.py holds eager FusedLSTM
     to them), but for a wrong input dtype, which the op reports there."""
@@ -350,5 +391,6 @@ def test_scripted_model_follows_its_parameters():
     eager.load_state_dict(state)
     loaded.load_state_dict(state)
     x = seq((5, 2, 3), 1)
-    assert_same(outputs_and_grads(eager, x, None, [x]), outputs_and_grads(loaded, x, None, [x]),
-                **TIGHT)
+    assert_same(
+        outputs_and_grads(eager, x, None, [x]), outputs_and_grads(loaded, x, None, [x]), **TIGHT
+    )

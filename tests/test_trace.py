@@ -18,8 +18,10 @@ def by_hand(lstm: nn.LSTM, x: torch.Tensor) -> dict[str, torch.Tensor]:
     for layer in range(lstm.num_layers):
         outputs = []
         for d in range(D):
-            w = {k: getattr(lstm, f"{k}_l{layer}{sfx[d]}", None)
-                 for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
+            w = {
+                k: getattr(lstm, f"{k}_l{layer}{sfx[d]}", None)
+                for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+            }
             B, H = x.shape[1], lstm.hidden_size
             h = x.new_zeros(B, w["weight_hh"].shape[1])
             c = x.new_zeros(B, H)
@@ -46,12 +48,15 @@ def by_hand(lstm: nn.LSTM, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.backends("reference", "cpu")
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(num_layers=2, bidirectional=True),
-    dict(num_layers=3, bidirectional=True, proj_size=2, bias=False),
-    dict(batch_first=True, num_layers=2),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(num_layers=2, bidirectional=True),
+        dict(num_layers=3, bidirectional=True, proj_size=2, bias=False),
+        dict(batch_first=True, num_layers=2),
+    ],
+)
 def test_gate_trace_matches_the_cell_by_hand(backend, kw):
     lstm = nn.LSTM(3, 5, dtype=torch.float64, **kw)
     x = torch.randn(7, 4, 3, dtype=torch.float64)

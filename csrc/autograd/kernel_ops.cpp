@@ -38,8 +38,8 @@ struct LayerSaved {
     ctx->saved_data["batch_sizes"] = a.batch_sizes;
     ctx->saved_data["reverse"] = a.reverse;
     ctx->saved_data["has_bias"] = has_bias;
-    variable_list out{a.input, a.h0, a.c0, a.w_ih, a.w_hh, a.w_hr.value_or(Tensor()),
-                      output, gates, cells};
+    variable_list out{a.input, a.h0,  a.c0, a.w_ih, a.w_hh, a.w_hr.value_or(Tensor()),
+                      output,  gates, cells};
     save_regularisers(out, a.regs);
     ctx->save_for_backward(out);
   }
@@ -81,28 +81,27 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
     variable_list g;
     {
       const Below below;
-      auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] = call_layer_backward(
-          ops().layer_backward, {.forward = saved.forward,
-                                 .grad_output = opt(grad[0]),
-                                 .grad_h_n = opt(grad[1]),
-                                 .grad_c_n = opt(grad[2]),
-                                 .output = saved.output,
-                                 .gates = saved.gates,
-                                 .cells = saved.cells});
+      auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] =
+          call_layer_backward(ops().layer_backward, {.forward = saved.forward,
+                                                     .grad_output = opt(grad[0]),
+                                                     .grad_h_n = opt(grad[1]),
+                                                     .grad_c_n = opt(grad[2]),
+                                                     .output = saved.output,
+                                                     .gates = saved.gates,
+                                                     .cells = saved.cells});
       g = {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
     }
     g = refuse_double_backward(g, concat({{grad[0], grad[1], grad[2]}, saved_list}));
     const Tensor db = ctx->saved_data["has_bias"].toBool() ? g[5] : Tensor();
     // The call itself (batch_sizes, reverse, the masks and the resets) is a constant.
-    return {Tensor(), g[0], g[1], g[2], g[3], g[4], db, db,
-            saved.forward.w_hr ? g[6] : Tensor()};
+    return {Tensor(), g[0], g[1], g[2], g[3], g[4], db, db, saved.forward.w_hr ? g[6] : Tensor()};
   }
 };
 
 struct LayerAutograd {
   static LayerForwardResult forward(const LayerArgs& a) {
-    if (!torch::autograd::compute_requires_grad(a.input, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih,
-                                                a.b_hh, a.w_hr)) {
+    if (!torch::autograd::compute_requires_grad(a.input, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh,
+                                                a.w_hr)) {
       const Below below;
       return call_layer_forward(ops().layer_forward, a);
     }
@@ -152,8 +151,9 @@ struct CellForward : public torch::autograd::Function<CellForward> {
 };
 
 CellForwardResult cell_forward_autograd(const Tensor& input, const Tensor& h0, const Tensor& c0,
-                               const Tensor& w_ih, const Tensor& w_hh,
-                               const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
+                                        const Tensor& w_ih, const Tensor& w_hh,
+                                        const optional<Tensor>& b_ih,
+                                        const optional<Tensor>& b_hh) {
   if (!torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh)) {
     const Below below;
     return ops().cell_forward.call(input, h0, c0, w_ih, w_hh, b_ih, b_hh);
@@ -164,10 +164,11 @@ CellForwardResult cell_forward_autograd(const Tensor& input, const Tensor& h0, c
 
 // ---- cell_backward: not differentiable, as layer_backward above -------------------------------
 
-CellBackwardResult cell_backward_autograd(const optional<Tensor>& grad_h, const optional<Tensor>& grad_c,
-                                const Tensor& input, const Tensor& h0, const Tensor& c0,
-                                const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
-                                const Tensor& cells) {
+CellBackwardResult cell_backward_autograd(const optional<Tensor>& grad_h,
+                                          const optional<Tensor>& grad_c, const Tensor& input,
+                                          const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                                          const Tensor& w_hh, const Tensor& gates,
+                                          const Tensor& cells) {
   const Below below;
   return ops().cell_backward.call(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, cells);
 }

@@ -49,9 +49,7 @@ struct LstmConfig {
 
   int64_t dirs() const { return bidirectional ? 2 : 1; }
   int64_t per_dir() const { return 2 + 2 * has_biases + has_proj; }
-  bool drops_after(int64_t layer) const {
-    return train && dropout > 0 && layer < num_layers - 1;
-  }
+  bool drops_after(int64_t layer) const { return train && dropout > 0 && layer < num_layers - 1; }
 };
 
 // One layer and direction's weights, as layer_forward takes them.
@@ -76,26 +74,25 @@ void check_rate(double p, const char* name, bool one_allowed) {
 void check_lstm_args(const LstmConfig& cfg, const Tensor& input,
                      const optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
                      at::TensorList params, const optional<Tensor>& reset) {
-  TORCH_CHECK(cfg.num_layers > 0, "fused_lstm: num_layers must be positive, got ",
-              cfg.num_layers);
+  TORCH_CHECK(cfg.num_layers > 0, "fused_lstm: num_layers must be positive, got ", cfg.num_layers);
   check_rate(cfg.dropout, "dropout", true);
   check_rate(cfg.recurrent_dropout, "recurrent_dropout", false);
   check_rate(cfg.zoneout_cell, "zoneout_cell", true);
   check_rate(cfg.zoneout_hidden, "zoneout_hidden", true);
   check_rate(cfg.weight_drop, "weight_drop", false);
   const int64_t n = cfg.num_layers * cfg.dirs();
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == n * cfg.per_dir(), "fused_lstm: params must "
-              "hold ", cfg.per_dir(), " tensors per layer and direction (", n * cfg.per_dir(),
-              " in all, w_ih, w_hh", cfg.has_biases ? ", b_ih, b_hh" : "",
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == n * cfg.per_dir(),
+              "fused_lstm: params must hold ", cfg.per_dir(), " tensors per layer and direction (",
+              n * cfg.per_dir(), " in all, w_ih, w_hh", cfg.has_biases ? ", b_ih, b_hh" : "",
               cfg.has_proj ? ", w_hr" : "", " each), got ", params.size());
   // Sizes as SymInts: under torch.export and torch.compile a check is a guard, not a
   // specialisation of the batch size.
   for (const auto& [t, name] : {std::pair{&hx, "hx"}, {&cx, "cx"}}) {
-    TORCH_CHECK(t->dim() == 3, "fused_lstm: ", name, " must be (num_layers * num_directions = ",
-                n, ", B, ", t == &hx ? "Hr" : "H", "), got ", t->sym_sizes());
+    TORCH_CHECK(t->dim() == 3, "fused_lstm: ", name, " must be (num_layers * num_directions = ", n,
+                ", B, ", t == &hx ? "Hr" : "H", "), got ", t->sym_sizes());
     TORCH_SYM_CHECK(t->sym_size(0).sym_eq(n), "fused_lstm: ", name,
-                    " must be (num_layers * num_directions = ", n, ", B, ",
-                    t == &hx ? "Hr" : "H", "), got ", t->sym_sizes());
+                    " must be (num_layers * num_directions = ", n, ", B, ", t == &hx ? "Hr" : "H",
+                    "), got ", t->sym_sizes());
   }
   TORCH_SYM_CHECK(cx.sym_size(1).sym_eq(hx.sym_size(1)),
                   "fused_lstm: cx must have the batch size of hx (", hx.sym_size(1), "), got ",
@@ -110,13 +107,16 @@ void check_lstm_args(const LstmConfig& cfg, const Tensor& input,
     const auto want = input.sym_sizes().slice(0, input.dim() - 1);
     TORCH_CHECK(reset->scalar_type() == at::kBool, "fused_lstm: reset must be a bool tensor, got ",
                 reset->scalar_type());
-    TORCH_CHECK(reset->device() == input.device(), "fused_lstm: reset must be on the device of "
-                "input (", input.device(), "), got ", reset->device());
-    TORCH_CHECK(reset->dim() == input.dim() - 1, "fused_lstm: reset must have input's shape "
-                "without its last dimension, ", want, ", got ", reset->sym_sizes());
+    TORCH_CHECK(reset->device() == input.device(),
+                "fused_lstm: reset must be on the device of input (", input.device(), "), got ",
+                reset->device());
+    TORCH_CHECK(reset->dim() == input.dim() - 1,
+                "fused_lstm: reset must have input's shape without its last dimension, ", want,
+                ", got ", reset->sym_sizes());
     for (int64_t k = 0; k < reset->dim(); ++k) {
-      TORCH_SYM_CHECK(reset->sym_size(k).sym_eq(want[k]), "fused_lstm: reset must have input's "
-                      "shape without its last dimension, ", want, ", got ", reset->sym_sizes());
+      TORCH_SYM_CHECK(reset->sym_size(k).sym_eq(want[k]),
+                      "fused_lstm: reset must have input's shape without its last dimension, ",
+                      want, ", got ", reset->sym_sizes());
     }
   }
 }
@@ -304,8 +304,8 @@ struct LstmSaved {
     }
     v.noise.assign(it, it + (cfg.num_layers - 1));
     it += cfg.num_layers - 1;
-    TORCH_INTERNAL_ASSERT(it == saved.cend(), "fused_lstm: lstm's saved tensors do not match "
-                          "the layout of its config");
+    TORCH_INTERNAL_ASSERT(it == saved.cend(),
+                          "fused_lstm: lstm's saved tensors do not match the layout of its config");
     return v;
   }
 };

@@ -21,15 +21,19 @@ inline const std::optional<c10::OperatorHandle>& onednn_linear() {
 
 // Whether x (M, K) times a (K, N) operand goes to onednn_linear.
 inline bool use_onednn(const at::Tensor& x, int64_t N) {
-  return x.scalar_type() == at::kFloat &&
-         x.size(0) * x.size(1) * N >= tuning::kOneDnnWork && onednn_linear();
+  return x.scalar_type() == at::kFloat && x.size(0) * x.size(1) * N >= tuning::kOneDnnWork &&
+         onednn_linear();
 }
 
 // x w^T (+ bias) through onednn_linear; x (M, K), w (N, K), any strides.
 inline at::Tensor onednn_mm(const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& bias) {
-  torch::jit::Stack stack{x, w, bias, c10::string_view("none"),
-                          c10::List<std::optional<at::Scalar>>(), c10::string_view("")};
+  torch::jit::Stack stack{x,
+                          w,
+                          bias,
+                          c10::string_view("none"),
+                          c10::List<std::optional<at::Scalar>>(),
+                          c10::string_view("")};
   onednn_linear()->callBoxed(stack);
   return stack.back().toTensor();
 }

@@ -70,11 +70,10 @@ CpuIsa choose_cpu_isa() {
   if (named != std::end(kAllIsas) && std::find(here.begin(), here.end(), *named) != here.end()) {
     return *named;
   }
-  const std::string what =
-      named == std::end(kAllIsas)
-          ? " names none of the CPU kernels' ISAs (" + names({std::begin(kAllIsas),
-                                                              std::end(kAllIsas)}) + ")"
-          : ", but this CPU does not run the " + value + " kernels";
+  const std::string what = named == std::end(kAllIsas)
+                               ? " names none of the CPU kernels' ISAs (" +
+                                     names({std::begin(kAllIsas), std::end(kAllIsas)}) + ")"
+                               : ", but this CPU does not run the " + value + " kernels";
   throw std::invalid_argument("fused_lstm: FUSED_LSTM_CPU_ISA=" + value + what +
                               "; this CPU runs: " + names(here) + ". Unset it for the widest.");
 }

@@ -35,10 +35,20 @@ inline uint64_t splitmix64(uint64_t z) {
 // The element type's bits, to select `value` or 0 (all bits clear, in every floating type) by a
 // mask rather than a branch, which would mispredict at random: at prob 0.5 the branching loop
 // took 6x as long.
-template <size_t N> struct BitsOf;
-template <> struct BitsOf<2> { using type = uint16_t; };
-template <> struct BitsOf<4> { using type = uint32_t; };
-template <> struct BitsOf<8> { using type = uint64_t; };
+template <size_t N>
+struct BitsOf;
+template <>
+struct BitsOf<2> {
+  using type = uint16_t;
+};
+template <>
+struct BitsOf<4> {
+  using type = uint32_t;
+};
+template <>
+struct BitsOf<8> {
+  using type = uint64_t;
+};
 
 // `on` where the 32-bit draw u keeps (u < threshold), else 0.
 template <class Bits>
@@ -84,10 +94,8 @@ uint64_t draw_seed() {
   return gen->random64();
 }
 
-at::Tensor keep_mask_cpu(const at::Tensor& like, at::IntArrayRef size, double prob,
-                         double value) {
-  TORCH_CHECK(prob >= 0 && prob <= 1, "fused_lstm: keep_mask's prob must be in [0, 1], got ",
-              prob);
+at::Tensor keep_mask_cpu(const at::Tensor& like, at::IntArrayRef size, double prob, double value) {
+  TORCH_CHECK(prob >= 0 && prob <= 1, "fused_lstm: keep_mask's prob must be in [0, 1], got ", prob);
   at::Tensor out = at::empty(size, like.options());
   const int64_t n = out.numel();
   if (n == 0) return out;
@@ -109,9 +117,7 @@ at::Tensor keep_mask_composite(const at::Tensor& like, c10::SymIntArrayRef size,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) {
-  m.impl("keep_mask", &keep_mask_cpu);
-}
+TORCH_LIBRARY_IMPL(fused_lstm, CPU, m) { m.impl("keep_mask", &keep_mask_cpu); }
 
 TORCH_LIBRARY_IMPL(fused_lstm, CompositeExplicitAutograd, m) {
   m.impl("keep_mask", &keep_mask_composite);

@@ -54,21 +54,20 @@ LayerForwardResult layer_forward(const LayerParams& p) {
     return results_to(layer_forward(p.to(at::kFloat)), p.input.scalar_type());
   }
   const at::Tensor &input = p.input, &w_ih = p.w_ih;
-  const std::optional<at::Tensor> &b_ih = p.b_ih, &b_hh = p.b_hh;
+  const std::optional<at::Tensor>&b_ih = p.b_ih, &b_hh = p.b_hh;
   const LayerDims& d = p.d;
   const Regularisers& regs = p.regs;
   const StepLayout& L = p.steps;
   const at::Tensor x = input.reshape({-1, d.I});
   const bool small = L.rows * 4 * d.H * d.I < kSmallProjection;
-  at::Tensor gates = small ? at::empty({L.rows, 4 * d.H}, x.options())
-                           : input_projection(x, w_ih, b_ih, b_hh);
+  at::Tensor gates =
+      small ? at::empty({L.rows, 4 * d.H}, x.options()) : input_projection(x, w_ih, b_ih, b_hh);
   at::Tensor cells = at::empty({L.rows, d.H}, x.options());
   at::Tensor output = at::empty({L.rows, d.Hr}, x.options());
   at::Tensor h = p.h0.contiguous().clone();
   at::Tensor c = p.c0.contiguous().clone();
   const at::Tensor whh = p.w_hh.contiguous();
-  const std::optional<at::Tensor> whr =
-      p.w_hr ? std::optional(p.w_hr->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> whr = p.w_hr ? std::optional(p.w_hr->contiguous()) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "fused_lstm_layer_forward_cpu", [&] {
     if (small) {
       const at::Tensor xc = x.contiguous(), wih = w_ih.contiguous();
@@ -96,7 +95,7 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   }
   const at::Tensor &input = p.input, &w_ih = p.w_ih, &w_hh = p.w_hh;
   const std::optional<at::Tensor>& w_hr = p.w_hr;
-  const std::optional<at::Tensor> &grad_h_n = p.grad_h_n, &grad_c_n = p.grad_c_n;
+  const std::optional<at::Tensor>&grad_h_n = p.grad_h_n, &grad_c_n = p.grad_c_n;
   const LayerDims& d = p.d;
   const Regularisers& regs = p.regs;
   const StepLayout& L = p.steps;
@@ -126,12 +125,12 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
                             h_prev.data_ptr<scalar_t>());
     if (regs.any()) {
       const StepRegs<scalar_t> step_regs(regs, d, opts);
-      backward_loop<scalar_t, true>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all,
-                                    m_all, &step_regs);
+      backward_loop<scalar_t, true>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all, m_all,
+                                    &step_regs);
       regularise_h_prev<scalar_t>(L, d.Hr, step_regs, h_prev.data_ptr<scalar_t>());
     } else {
-      backward_loop<scalar_t, false>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all,
-                                     m_all, nullptr);
+      backward_loop<scalar_t, false>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all, m_all,
+                                     nullptr);
     }
     if (!small) return;
     const at::Tensor x = seq.x.contiguous(), wih = w_ih.contiguous();

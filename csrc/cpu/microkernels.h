@@ -181,9 +181,9 @@ inline __attribute__((always_inline)) void vec_mat_cols(const T* __restrict a,
 template <typename T>
 struct VecMatRows {
   template <CpuIsa Isa>
-  static FL_ISA_BODY void run(const T* __restrict a, const T* __restrict M, int64_t K,
-                              int64_t ldm, int64_t N, T* __restrict out, int64_t b0, int64_t b1,
-                              int64_t c0, int64_t c1, bool accumulate) {
+  static FL_ISA_BODY void run(const T* __restrict a, const T* __restrict M, int64_t K, int64_t ldm,
+                              int64_t N, T* __restrict out, int64_t b0, int64_t b1, int64_t c0,
+                              int64_t c1, bool accumulate) {
     constexpr int64_t Bytes = kVectorBytes<Isa>;
     vec_mat_cols<T, Bytes, Bytes == 64 ? 4 : 2>(a, M, K, ldm, N, out, b0, b1, c0, c1, accumulate);
   }
@@ -200,8 +200,7 @@ struct VecMatRows {
 template <typename T, int64_t R, int64_t C>
 inline __attribute__((always_inline)) void dot_tile(const T* __restrict a, int64_t K,
                                                     const T* __restrict w, int64_t sn,
-                                                    T* __restrict o, int64_t ldo,
-                                                    bool accumulate) {
+                                                    T* __restrict o, int64_t ldo, bool accumulate) {
   constexpr int64_t Bytes = 32, L = Bytes / sizeof(T);
   using V = typename VecOf<T, Bytes>::type;
   V acc[R][C];
@@ -258,9 +257,9 @@ inline __attribute__((always_inline)) void dot_rows(const T* __restrict a, const
 template <typename T>
 struct DirectRows {
   template <CpuIsa>
-  static FL_ISA_BODY void run(const T* __restrict a, const T* __restrict w, int64_t sn,
-                              int64_t sk, int64_t K, T* __restrict out, int64_t N, int64_t bs,
-                              int64_t c0, int64_t c1, bool accumulate) {
+  static FL_ISA_BODY void run(const T* __restrict a, const T* __restrict w, int64_t sn, int64_t sk,
+                              int64_t K, T* __restrict out, int64_t N, int64_t bs, int64_t c0,
+                              int64_t c1, bool accumulate) {
     constexpr int64_t kChains = 8;
     if (sk == 1 && sn != 1) {
       int64_t r = 0;
@@ -308,9 +307,8 @@ struct DirectRows {
 // and feeds R rows, so the loop is bound by the FMA units rather than by reading W.
 template <typename T, int64_t R, int64_t NV, int64_t Bytes>
 inline __attribute__((always_inline)) void panel_tile(const T* __restrict a, int64_t K,
-                                                      const T* __restrict panel,
-                                                      T* __restrict o, int64_t ldo, int64_t n,
-                                                      bool accumulate) {
+                                                      const T* __restrict panel, T* __restrict o,
+                                                      int64_t ldo, int64_t n, bool accumulate) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int64_t L = Bytes / sizeof(T), P = kPanelBytes / sizeof(T);
   V acc[R][NV];

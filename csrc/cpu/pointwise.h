@@ -25,10 +25,9 @@ using namespace tuning;
 template <typename T, bool Zoneout>
 struct ForwardPointwiseRows {
   template <CpuIsa>
-  static FL_ISA_BODY void run(T* __restrict z, T* __restrict c, T* __restrict cell,
-                              T* __restrict m, const T* __restrict slope,
-                              const T* __restrict zc, int64_t zc_ld, int64_t H, int64_t b0,
-                              int64_t b1, int64_t j0, int64_t j1) {
+  static FL_ISA_BODY void run(T* __restrict z, T* __restrict c, T* __restrict cell, T* __restrict m,
+                              const T* __restrict slope, const T* __restrict zc, int64_t zc_ld,
+                              int64_t H, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
     const bool all = j0 == 0 && j1 == H;
     for (int64_t b = b0; b < b1; ++b) {
       T* __restrict zr = z + b * 4 * H;
@@ -91,8 +90,8 @@ struct BackwardPointwiseRows {
       T* __restrict d_o = di + 3 * H;
       for (int64_t j = 0; j < H; ++j) {
         const ZoneoutGrad<T> split = Regs ? zoneout_grad<T>(dr[j], dcr[j]) : ZoneoutGrad<T>{dcr[j]};
-        const auto u = unit_backward<T>(dmr[j], split.update, i[j], f[j], g[j], o[j], plain_c(j),
-                                        cp[j]);
+        const auto u =
+            unit_backward<T>(dmr[j], split.update, i[j], f[j], g[j], o[j], plain_c(j), cp[j]);
         di[j] = u.di;
         df[j] = u.df;
         dg[j] = u.dg;

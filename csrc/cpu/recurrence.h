@@ -84,7 +84,8 @@ void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at
       recurrent.fused(0, start, bs, /*accumulate=*/true, pointwise);
     } else {
       recurrent(0, start, bs, /*accumulate=*/true);
-      for_rows(bs, bs * H * kPointwiseWeight, [&](int64_t b0, int64_t b1) { pointwise(b0, b1, 0, H); });
+      for_rows(bs, bs * H * kPointwiseWeight,
+               [&](int64_t b0, int64_t b1) { pointwise(b0, b1, 0, H); });
     }
     if (projection) (*projection)(0, start, bs, /*accumulate=*/false);
     if constexpr (Regs) {
@@ -109,8 +110,7 @@ template <typename T, bool Regs>
 void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const at::Tensor& gates,
                    const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, at::Tensor& dz_all, at::Tensor& dh,
-                   at::Tensor& dc, at::Tensor& dh_all, at::Tensor& m_all,
-                   const StepRegs<T>* regs) {
+                   at::Tensor& dc, at::Tensor& dh_all, at::Tensor& m_all, const StepRegs<T>* regs) {
   const int64_t H = d.H, Hr = d.Hr;
   at::Tensor dm = d.proj ? at::empty({d.B, H}, dh.options()) : dh;
   at::Tensor dh_kept = Regs && regs->zh ? at::empty({d.B, Hr}, dh.options()) : at::Tensor();

@@ -46,9 +46,8 @@ void small_input_projection(const T* __restrict x, int64_t rows, int64_t I,
 template <typename T>
 void small_sequence_grads(const T* __restrict dz, int64_t rows, int64_t G, const T* __restrict x,
                           int64_t I, const T* __restrict h_prev, int64_t Hr,
-                          const T* __restrict w_ih, T* __restrict grad_x,
-                          T* __restrict grad_w_ih, T* __restrict grad_w_hh,
-                          T* __restrict grad_bias) {
+                          const T* __restrict w_ih, T* __restrict grad_x, T* __restrict grad_w_ih,
+                          T* __restrict grad_w_hh, T* __restrict grad_bias) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * I;
     const T* hr = h_prev + r * Hr;

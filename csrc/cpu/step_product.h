@@ -87,11 +87,17 @@ struct StepProduct {
 
   StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf,
               int64_t max_rows, int64_t steps, bool gate_blocks = false)
-      : W(w), K(w.size(1)), N(w.size(0)),
+      : W(w),
+        K(w.size(1)),
+        N(w.size(0)),
         threads(at::in_parallel_region() ? 1 : at::get_num_threads()),
-        panels(max_rows > 1 && steps > 1), direct(steps == 1), pw(w.const_data_ptr<T>()),
-        a(&a_buf), out(&out_buf),
-        pa(a_buf.const_data_ptr<T>()), pout(out_buf.data_ptr<T>()) {
+        panels(max_rows > 1 && steps > 1),
+        direct(steps == 1),
+        pw(w.const_data_ptr<T>()),
+        a(&a_buf),
+        out(&out_buf),
+        pa(a_buf.const_data_ptr<T>()),
+        pout(out_buf.data_ptr<T>()) {
     split = panels ? kPanel : kPad;
     const auto whole = [](int64_t n, int64_t m) { return (n + m - 1) / m; };
     if (gate_blocks && panels && max_rows < kGemmRows &&
@@ -139,14 +145,14 @@ struct StepProduct {
         at::mm_out(o, x, w);
       }
     } else if (direct) {
-      run_on_cpu_isa<DirectRows<T>>(pa + a0 * K, pw, W.stride(0), W.stride(1), K, pout + r0 * N,
-                                    N, bs, c0, c0 + n, accumulate);
+      run_on_cpu_isa<DirectRows<T>>(pa + a0 * K, pw, W.stride(0), W.stride(1), K, pout + r0 * N, N,
+                                    bs, c0, c0 + n, accumulate);
     } else if (panels) {
-      run_on_cpu_isa<PackedRows<T>>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs,
-                                    c0 / kPanel, c1 / kPanel, accumulate);
+      run_on_cpu_isa<PackedRows<T>>(pa + a0 * K, pwt, K, N, Nb, ppb, pout + r0 * N, bs, c0 / kPanel,
+                                    c1 / kPanel, accumulate);
     } else {
-      run_on_cpu_isa<VecMatRows<T>>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, int64_t{0}, bs,
-                                    c0, c1, accumulate);
+      run_on_cpu_isa<VecMatRows<T>>(pa + a0 * K, pwt, K, ldt, N, pout + r0 * N, int64_t{0}, bs, c0,
+                                    c1, accumulate);
     }
   }
 
@@ -184,8 +190,8 @@ struct StepProduct {
   }
 
   // Where fuses(bs): the product and then epilogue(b0, b1, j0, j1) for rows [b0, b1) and
-  // columns [j0, j1) of each of W's four gates (N / 4 columns each), a thread's share at a time: its rows (splits_rows), else its
-  // units, the product of each block's panels [u0, u1).
+  // columns [j0, j1) of each of W's four gates (N / 4 columns each), a thread's share at a time:
+  // its rows (splits_rows), else its units, the product of each block's panels [u0, u1).
   template <typename F>
   void fused(int64_t a0, int64_t r0, int64_t bs, bool accumulate, const F& epilogue) const {
     if (splits_rows(bs)) {
@@ -209,7 +215,8 @@ struct StepProduct {
     }
     const int64_t chunk = (ppb + threads - 1) / threads;
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) units(std::min(t * chunk, ppb), std::min((t + 1) * chunk, ppb));
+      for (int64_t t = t0; t < t1; ++t)
+        units(std::min(t * chunk, ppb), std::min((t + 1) * chunk, ppb));
     });
   }
 

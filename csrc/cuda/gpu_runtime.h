@@ -64,8 +64,9 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
 inline void check_device(const at::Tensor& input) {
-  TORCH_CHECK(input.is_cpu(), "fused_lstm: input must be a CPU tensor for the emulated CUDA "
-              "backend, got ", input.device());
+  TORCH_CHECK(input.is_cpu(),
+              "fused_lstm: input must be a CPU tensor for the emulated CUDA backend, got ",
+              input.device());
 }
 inline bool can_chain_launches() { return true; }
 
@@ -76,9 +77,8 @@ void launch(const char* name, const char* file, int line, void (*kernel)(Params.
 }
 
 template <typename... Params, typename... Args>
-void launch_chained(bool, const char* name, const char* file, int line,
-                    void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Stream stream,
-                    Args&&... args) {
+void launch_chained(bool, const char* name, const char* file, int line, void (*kernel)(Params...),
+                    dim3 grid, dim3 block, size_t smem, Stream stream, Args&&... args) {
   launch(name, file, line, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 #else
@@ -94,7 +94,9 @@ inline bool can_chain_launches() { return at::cuda::getCurrentDeviceProperties()
 template <typename... Params, typename... Args>
 void launch(const char*, const char*, int, void (*kernel)(Params...), dim3 grid, dim3 block,
             size_t smem, Stream stream, Args&&... args) {
+  // clang-format off: it reads the launch's chevrons in a .h as templates' closing brackets.
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -105,8 +107,8 @@ template <typename... Params, typename... Args>
 void launch_chained(bool chain, const char* name, const char* file, int line,
                     void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Stream stream,
                     Args&&... args) {
-  if (!chain) return launch(name, file, line, kernel, grid, block, smem, stream,
-                            std::forward<Args>(args)...);
+  if (!chain)
+    return launch(name, file, line, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -126,9 +128,10 @@ void launch_chained(bool chain, const char* name, const char* file, int line,
 
 // kernel<<<grid, block, smem, stream>>>(...) and its launch check. A kernel name with template
 // arguments goes in parentheses (a macro argument cannot hold its commas).
-#define FL_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::fused_lstm::gpu::launch(#kernel, __FILE__, __LINE__, kernel, grid, block, smem, stream, __VA_ARGS__)
+#define FL_LAUNCH(kernel, grid, block, smem, stream, ...)                                   \
+  ::fused_lstm::gpu::launch(#kernel, __FILE__, __LINE__, kernel, grid, block, smem, stream, \
+                            __VA_ARGS__)
 // The same with launch_chained's `chain`.
-#define FL_LAUNCH_CHAINED(chain, kernel, grid, block, smem, stream, ...)                      \
+#define FL_LAUNCH_CHAINED(chain, kernel, grid, block, smem, stream, ...)                           \
   ::fused_lstm::gpu::launch_chained(chain, #kernel, __FILE__, __LINE__, kernel, grid, block, smem, \
                                     stream, __VA_ARGS__)

@@ -39,9 +39,7 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-at::ScalarType acc_type_of(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // sequence_grads' products (layer_buffers.h): cuBLAS takes either orientation at the same speed.
 struct CublasProducts {
@@ -81,9 +79,8 @@ LayerForwardResult layer_forward(const LayerParams& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(),
                                   "fused_lstm_layer_forward_cuda",
                                   [&] { cuda_steps::forward_steps<scalar_t>(bufs); });
-  return {shaped_like_input(p.input, bufs.output), bufs.h_n,
-          c_run.to(p.input.scalar_type()), shaped_like_input(p.input, bufs.gates),
-          shaped_like_input(p.input, bufs.cells)};
+  return {shaped_like_input(p.input, bufs.output), bufs.h_n, c_run.to(p.input.scalar_type()),
+          shaped_like_input(p.input, bufs.gates), shaped_like_input(p.input, bufs.cells)};
 }
 
 LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
@@ -130,7 +127,7 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
       sequence_grads<CublasProducts>(p, seq, bufs.dz, bufs.h_prev, bufs.dh_all, bufs.m_all);
   return {grad_input, bufs.grad_h0, dc_run.to(p.input.scalar_type()), grad_w_ih, grad_w_hh,
-          grad_bias, grad_w_hr};
+          grad_bias,  grad_w_hr};
 }
 
 }  // namespace

@@ -105,9 +105,8 @@ template <typename T, typename acc_t>
 FL_HD acc_t recurrent_h(const StepRegs<T>& regs, int64_t row, int64_t b, int64_t k, int64_t Hr,
                         int64_t prev_start, int64_t prev_size, const T* out, const T* h0) {
   const acc_t h = entering_h<T, acc_t>(regs, row, b, k, Hr, prev_start, prev_size, out, h0);
-  return regs.recurrent_mask != nullptr
-             ? h * static_cast<acc_t>(regs.recurrent_mask[b * Hr + k])
-             : h;
+  return regs.recurrent_mask != nullptr ? h * static_cast<acc_t>(regs.recurrent_mask[b * Hr + k])
+                                        : h;
 }
 
 // Forward epilogue of unit j of batch row b at a step (row = its row in gates/cells/out):
@@ -194,8 +193,7 @@ struct UnitSaved {
 
 template <typename T, typename acc_t>
 FL_HD UnitSaved<acc_t> load_unit(int64_t row, int64_t prow, int64_t b, int64_t j, int64_t H,
-                                 const T* acts, const T* cells, const T* c0,
-                                 const acc_t* dc_run) {
+                                 const T* acts, const T* cells, const T* c0, const acc_t* dc_run) {
   const T* a = acts + row * 4 * H;
   return {static_cast<acc_t>(a[j]),
           static_cast<acc_t>(a[H + j]),
@@ -213,9 +211,8 @@ FL_HD UnitSaved<acc_t> load_unit(int64_t row, int64_t prow, int64_t b, int64_t j
 // dc_run splits into the plain update and dc_{t-1}, and the plain update (which cells does not
 // hold) is recomputed from the activations and c_{t-1}.
 template <typename T, typename acc_t, bool kRegs>
-FL_HD void backward_unit(int64_t row, int64_t b, int64_t j, int64_t H, acc_t dm,
-                         UnitSaved<acc_t> s, acc_t* dc_run, T* dz, T* m_all,
-                         const StepRegs<T>& regs) {
+FL_HD void backward_unit(int64_t row, int64_t b, int64_t j, int64_t H, acc_t dm, UnitSaved<acc_t> s,
+                         acc_t* dc_run, T* dz, T* m_all, const StepRegs<T>& regs) {
   acc_t dc_kept = acc_t(0);
   if constexpr (kRegs) {
     if (regs.fresh(row)) s.c_prev = acc_t(0);
@@ -226,8 +223,7 @@ FL_HD void backward_unit(int64_t row, int64_t b, int64_t j, int64_t H, acc_t dm,
       s.c = cell_update(s.i, s.f, s.g, s.o, s.c_prev).c;
     }
   }
-  const UnitBackward<acc_t> u =
-      unit_backward<acc_t>(dm, s.dc, s.i, s.f, s.g, s.o, s.c, s.c_prev);
+  const UnitBackward<acc_t> u = unit_backward<acc_t>(dm, s.dc, s.i, s.f, s.g, s.o, s.c, s.c_prev);
   T* d = dz + row * 4 * H;
   d[j] = static_cast<T>(u.di);
   d[H + j] = static_cast<T>(u.df);

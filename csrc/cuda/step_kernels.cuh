@@ -46,10 +46,10 @@ struct Tile {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   static constexpr int kLaneSpan = kWarpSize * kVec;
   static constexpr int kStageValues = NG == 1 ? 32 : 16;
-  static constexpr int kUnroll = min_int(
-      min_int(kWeightRegs * 4 / (NG * kVec * static_cast<int>(sizeof(acc_t))),
-              kStageValues * kThreads / BT / kLaneSpan),
-      kStageBytes / (BT * static_cast<int>(sizeof(acc_t))) / kLaneSpan);
+  static constexpr int kUnroll =
+      min_int(min_int(kWeightRegs * 4 / (NG * kVec * static_cast<int>(sizeof(acc_t))),
+                      kStageValues* kThreads / BT / kLaneSpan),
+              kStageBytes / (BT * static_cast<int>(sizeof(acc_t))) / kLaneSpan);
   static constexpr int kCols = kUnroll * kLaneSpan;
   static constexpr int kStagePerThread = (BT * kCols + kThreads - 1) / kThreads;
   static_assert(kUnroll >= 1, "a lane reads at least one vector of each row");
@@ -65,8 +65,8 @@ struct WeightTile {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   Vec<T, kVec> v[NG][kUnroll];
 
-  __device__ __forceinline__ void load(const T* w, int64_t stride, int64_t n, int64_t k0,
-                                       int lane, bool vec, bool row_ok) {
+  __device__ __forceinline__ void load(const T* w, int64_t stride, int64_t n, int64_t k0, int lane,
+                                       bool vec, bool row_ok) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + static_cast<int64_t>(u * kWarpSize + lane) * kVec;
@@ -114,9 +114,8 @@ __device__ __forceinline__ void stage_tile(acc_t* sx, int64_t b0, int64_t rows, 
 // acc[g][r] += the lane's share of w row g times staged row r over the tile (kc columns from
 // the tile's start are real; vectors past them are skipped).
 template <typename Sh, int NG, int BT, typename T, typename acc_t>
-__device__ __forceinline__ void dot_tile(const WeightTile<T, NG, Sh::kUnroll>& w,
-                                         const acc_t* sx, int64_t kc, int lane,
-                                         acc_t (&acc)[NG][BT]) {
+__device__ __forceinline__ void dot_tile(const WeightTile<T, NG, Sh::kUnroll>& w, const acc_t* sx,
+                                         int64_t kc, int lane, acc_t (&acc)[NG][BT]) {
   constexpr int kX = min_int(Sh::kVec, 16 / static_cast<int>(sizeof(acc_t)));
 #pragma unroll
   for (int u = 0; u < Sh::kUnroll; ++u) {
@@ -177,7 +176,7 @@ struct ForwardStep {
   acc_t* c_run;   // (B, H)
   StepRegs<T> regs;
   int64_t H, Hr, start, bs, prev_start, prev_size;
-  bool w_vec;     // w_hh's rows can be read in 16-byte vectors (WeightTile)
+  bool w_vec;  // w_hh's rows can be read in 16-byte vectors (WeightTile)
 };
 
 // grid (ceil(H / kWarps), ceil(bs / BT)), block kThreads. Warp w of block (x, y) owns hidden
@@ -210,8 +209,8 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardSte
     for (int g = 0; g < 4; ++g) z[g] = static_cast<acc_t>(zr[g * p.H + j]);
     c_prev = p.c_run[b * p.H + j];
     if (kRegs && p.m == nullptr && p.regs.zh.on()) {
-      h_prev = entering_h<T, acc_t>(p.regs, row, b, j, p.Hr, p.prev_start, p.prev_size, p.out,
-                                    p.h0);
+      h_prev =
+          entering_h<T, acc_t>(p.regs, row, b, j, p.Hr, p.prev_start, p.prev_size, p.out, p.h0);
     }
   }
 
@@ -240,8 +239,8 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardSte
   if (finisher) {
 #pragma unroll
     for (int g = 0; g < 4; ++g) z[g] += pick<BT>(acc[g], lane);
-    forward_unit<T, acc_t, kRegs>(row, b, j, p.H, z, c_prev, p.gates, p.cells, p.c_run, p.m,
-                                  p.out, p.h_n, p.regs, h_prev);
+    forward_unit<T, acc_t, kRegs>(row, b, j, p.H, z, c_prev, p.gates, p.cells, p.c_run, p.m, p.out,
+                                  p.h_n, p.regs, h_prev);
   }
 }
 
@@ -253,11 +252,11 @@ __global__ void __launch_bounds__(kThreads) zoneout_hidden_kernel(const ForwardS
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.bs * p.Hr) return;
   const int64_t b = i / p.Hr, k = i - b * p.Hr, row = p.start + b;
-  const acc_t h_prev = entering_h<T, acc_t>(p.regs, row, b, k, p.Hr, p.prev_start, p.prev_size,
-                                            p.out, p.h0);
+  const acc_t h_prev =
+      entering_h<T, acc_t>(p.regs, row, b, k, p.Hr, p.prev_start, p.prev_size, p.out, p.h0);
   T& y = p.out[row * p.Hr + k];
-  y = static_cast<T>(zoneout_mix(p.regs.zh.template at<acc_t>(row, k), h_prev,
-                                 static_cast<acc_t>(y)));
+  y = static_cast<T>(
+      zoneout_mix(p.regs.zh.template at<acc_t>(row, k), h_prev, static_cast<acc_t>(y)));
 }
 
 // ---- backward step --------------------------------------------------------------------------
@@ -282,7 +281,7 @@ struct BackwardStep {
   acc_t* dh_keep;   // (B, Hr) with zoneout_hidden
   StepRegs<T> regs;
   int64_t H, Hr, start, bs, next_start, next_size, prev_start, prev_size;
-  bool w_vec;       // w_hh_t's rows can be read in 16-byte vectors (WeightTile)
+  bool w_vec;  // w_hh_t's rows can be read in 16-byte vectors (WeightTile)
 };
 
 // grid (ceil(Hr / kWarps), ceil(max(bs, next_size) / BT)), block kThreads. Warp w owns column
@@ -314,8 +313,7 @@ __global__ void __launch_bounds__(kThreads) backward_step_kernel(const BackwardS
   acc_t h_prev = acc_t(0);
   if (finisher) {
     if constexpr (kRegs) {
-      h_prev = recurrent_h<T, acc_t>(p.regs, row, b, u, p.Hr, p.prev_start, p.prev_size, p.y,
-                                     p.h0);
+      h_prev = recurrent_h<T, acc_t>(p.regs, row, b, u, p.Hr, p.prev_start, p.prev_size, p.y, p.h0);
     } else {
       h_prev = load_h_prev<T, acc_t>(b, u, p.Hr, p.prev_start, p.prev_size, p.y, p.h0);
     }
@@ -367,8 +365,8 @@ __global__ void __launch_bounds__(kThreads) backward_unit_kernel(const BackwardS
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= p.bs * p.H) return;
   const int64_t b = i / p.H, j = i - b * p.H, row = p.start + b;
-  const UnitSaved<acc_t> saved = load_unit<T, acc_t>(
-      row, prev_row(b, p.prev_start, p.prev_size), b, j, p.H, p.acts, p.cells, p.c0, p.dc_run);
+  const UnitSaved<acc_t> saved = load_unit<T, acc_t>(row, prev_row(b, p.prev_start, p.prev_size), b,
+                                                     j, p.H, p.acts, p.cells, p.c0, p.dc_run);
   backward_unit<T, acc_t, kRegs>(row, b, j, p.H, static_cast<acc_t>(p.dm[b * p.H + j]), saved,
                                  p.dc_run, p.dz, p.m_all, p.regs);
 }

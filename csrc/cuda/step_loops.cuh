@@ -110,16 +110,16 @@ void forward_loop(const ForwardBuffers& bufs) {
       p.prev_size = s > 0 ? L.size[s - 1] : 0;
       if (p.bs == 0) continue;  // batch size 0: a launch with an empty grid is an error
       const dim3 grid(blocks_for(d.H, kWarps), blocks_for(p.bs, BT));
-      FL_LAUNCH_CHAINED(chain && s > 0, (forward_step_kernel<T, acc_t, BT, kRegs>), grid,
-                        kThreads, 0, stream, p);
+      FL_LAUNCH_CHAINED(chain && s > 0, (forward_step_kernel<T, acc_t, BT, kRegs>), grid, kThreads,
+                        0, stream, p);
       if (d.proj) {
         // Extra launches per step: y = m W_hr^T needs all of m (docs/cuda.md#projection).
         at::Tensor y = bufs.output.narrow(0, p.start, p.bs);
         at::mm_out(y, bufs.m.narrow(0, 0, p.bs), bufs.whr_t);
         // And zoneout_hidden's mix needs all of y.
         if (p.regs.zh.on()) {
-          FL_LAUNCH((zoneout_hidden_kernel<T, acc_t>), blocks_for(p.bs * d.Hr, kThreads),
-                    kThreads, 0, stream, p);
+          FL_LAUNCH((zoneout_hidden_kernel<T, acc_t>), blocks_for(p.bs * d.Hr, kThreads), kThreads,
+                    0, stream, p);
         }
         if (later[s] < p.bs) {
           const int64_t n = p.bs - later[s];
@@ -172,11 +172,10 @@ void backward_loop(const BackwardBuffers& bufs) {
       if (std::max(p.bs, p.next_size) == 0) return;  // batch size 0: nothing to launch
       const dim3 grid(blocks_for(d.Hr, kWarps), blocks_for(std::max(p.bs, p.next_size), BT));
       if (d.proj) {
-        FL_LAUNCH((backward_step_kernel<T, acc_t, BT, false, kRegs>), grid, kThreads, 0, stream,
-                  p);
+        FL_LAUNCH((backward_step_kernel<T, acc_t, BT, false, kRegs>), grid, kThreads, 0, stream, p);
       } else {
-        FL_LAUNCH_CHAINED(chain && !first, (backward_step_kernel<T, acc_t, BT, true, kRegs>),
-                          grid, kThreads, 0, stream, p);
+        FL_LAUNCH_CHAINED(chain && !first, (backward_step_kernel<T, acc_t, BT, true, kRegs>), grid,
+                          kThreads, 0, stream, p);
       }
       first = false;
     };
@@ -215,13 +214,13 @@ void backward_loop(const BackwardBuffers& bufs) {
 
 // The definitions of forward_steps<T> and backward_steps<T> (step_loops.h): one a file in
 // instances/, all of FL_CUDA_DTYPES in the emulated build.
-#define FL_FORWARD_STEPS(T)                                                          \
-  template <>                                                                        \
-  void fused_lstm::cuda_steps::forward_steps<T>(const ForwardBuffers& b) {           \
-    forward_loop<T>(b);                                                              \
+#define FL_FORWARD_STEPS(T)                                                \
+  template <>                                                              \
+  void fused_lstm::cuda_steps::forward_steps<T>(const ForwardBuffers& b) { \
+    forward_loop<T>(b);                                                    \
   }
-#define FL_BACKWARD_STEPS(T)                                                         \
-  template <>                                                                        \
-  void fused_lstm::cuda_steps::backward_steps<T>(const BackwardBuffers& b) {         \
-    backward_loop<T>(b);                                                             \
+#define FL_BACKWARD_STEPS(T)                                                 \
+  template <>                                                                \
+  void fused_lstm::cuda_steps::backward_steps<T>(const BackwardBuffers& b) { \
+    backward_loop<T>(b);                                                     \
   }

@@ -35,8 +35,8 @@ struct ForwardBuffers {
 // may be undefined.
 struct BackwardBuffers {
   const LayerBackwardParams& p;
-  at::Tensor w_hh_t, dy, ghn, acts, cells, c0, y, h0, dz, dh_all, m_all, dm, whr, grad_h0,
-      h_prev, dc_run, dh_keep;
+  at::Tensor w_hh_t, dy, ghn, acts, cells, c0, y, h0, dz, dh_all, m_all, dm, whr, grad_h0, h_prev,
+      dc_run, dh_keep;
 };
 
 // Runs the recurrence of one layer call on the current stream, as step_loops.cuh's
@@ -46,10 +46,10 @@ void forward_steps(const ForwardBuffers& b);
 template <typename T>
 void backward_steps(const BackwardBuffers& b);
 
-#define FL_DECLARE_STEPS(T)                             \
-  template <>                                           \
-  void forward_steps<T>(const ForwardBuffers& b);       \
-  template <>                                           \
+#define FL_DECLARE_STEPS(T)                       \
+  template <>                                     \
+  void forward_steps<T>(const ForwardBuffers& b); \
+  template <>                                     \
   void backward_steps<T>(const BackwardBuffers& b);
 FL_CUDA_DTYPES(FL_DECLARE_STEPS)
 #undef FL_DECLARE_STEPS

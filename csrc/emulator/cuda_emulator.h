@@ -127,17 +127,20 @@ constexpr int warpSize = 32;
 #define FL_EMU_HERE (::cuda_emu::Loc{__FILE__, __LINE__})
 #define __syncthreads() ::cuda_emu::syncthreads(FL_EMU_HERE)
 #define __syncwarp(...) ::cuda_emu::syncwarp(FL_EMU_HERE __VA_OPT__(, ) __VA_ARGS__)
-#define __shfl_sync(mask, ...) ::cuda_emu::shfl(FL_EMU_HERE, ::cuda_emu::Shfl::kIdx, mask, __VA_ARGS__)
-#define __shfl_up_sync(mask, ...) ::cuda_emu::shfl(FL_EMU_HERE, ::cuda_emu::Shfl::kUp, mask, __VA_ARGS__)
+#define __shfl_sync(mask, ...) \
+  ::cuda_emu::shfl(FL_EMU_HERE, ::cuda_emu::Shfl::kIdx, mask, __VA_ARGS__)
+#define __shfl_up_sync(mask, ...) \
+  ::cuda_emu::shfl(FL_EMU_HERE, ::cuda_emu::Shfl::kUp, mask, __VA_ARGS__)
 #define __shfl_down_sync(mask, ...) \
   ::cuda_emu::shfl(FL_EMU_HERE, ::cuda_emu::Shfl::kDown, mask, __VA_ARGS__)
-#define __shfl_xor_sync(mask, ...) ::cuda_emu::shfl(FL_EMU_HERE, ::cuda_emu::Shfl::kXor, mask, __VA_ARGS__)
+#define __shfl_xor_sync(mask, ...) \
+  ::cuda_emu::shfl(FL_EMU_HERE, ::cuda_emu::Shfl::kXor, mask, __VA_ARGS__)
 
 // `__shared__ T name[n];` in the CUDA build. GCC ignores section attributes on the static locals
 // of templates, so the emulator cannot find and poison plain static arrays: name is a pointer
 // into the block's shared arena instead.
-#define FL_SHARED_ARRAY(T, name, n)                       \
-  static ::cuda_emu::SharedSlot name##_emu_slot;          \
+#define FL_SHARED_ARRAY(T, name, n)              \
+  static ::cuda_emu::SharedSlot name##_emu_slot; \
   T* const name = ::cuda_emu::shared_array<T>(name##_emu_slot, (n), FL_EMU_HERE)
 #define FL_LOAD_VEC(...) (::cuda_emu::load_vec((__VA_ARGS__), FL_EMU_HERE))
 // Blocks of a launch run only after the previous launch has finished: nothing to wait for.

@@ -104,11 +104,11 @@ void context_init(Context& c, char* stack, size_t size, Thread* t) {
   asm volatile("stmxcsr %0" : "=m"(csr));
   asm volatile("fnstcw %0" : "=m"(fcw));
   w[0] = csr | (uint64_t(fcw) << 32);
-  w[1] = w[2] = 0;                                             // r15, r14
-  w[3] = reinterpret_cast<uint64_t>(&fl_emu_fiber_main);       // r13
-  w[4] = reinterpret_cast<uint64_t>(t);                        // r12
-  w[5] = w[6] = 0;                                             // rbx, rbp
-  w[7] = reinterpret_cast<uint64_t>(&fl_emu_trampoline);       // return address
+  w[1] = w[2] = 0;                                        // r15, r14
+  w[3] = reinterpret_cast<uint64_t>(&fl_emu_fiber_main);  // r13
+  w[4] = reinterpret_cast<uint64_t>(t);                   // r12
+  w[5] = w[6] = 0;                                        // rbx, rbp
+  w[7] = reinterpret_cast<uint64_t>(&fl_emu_trampoline);  // return address
   c.sp = w;
 }
 
@@ -196,8 +196,8 @@ std::string str(const uint3& v) {
 
 [[noreturn]] void fail(const std::string& what) {
   Emulator& e = emu();
-  throw Error("CUDA emulator: kernel " + e.kernel + " (launched at " +
-              where(e.launched_at) + "): " + what);
+  throw Error("CUDA emulator: kernel " + e.kernel + " (launched at " + where(e.launched_at) +
+              "): " + what);
 }
 
 char* stack_for(size_t i) {
@@ -270,10 +270,14 @@ unsigned shuffle_source(const Thread& t, unsigned l) {
 const char* op_name(const Thread& t) {
   if (!t.is_shuffle) return "__syncwarp";
   switch (t.kind) {
-    case Shfl::kIdx: return "__shfl_sync";
-    case Shfl::kUp: return "__shfl_up_sync";
-    case Shfl::kDown: return "__shfl_down_sync";
-    case Shfl::kXor: return "__shfl_xor_sync";
+    case Shfl::kIdx:
+      return "__shfl_sync";
+    case Shfl::kUp:
+      return "__shfl_up_sync";
+    case Shfl::kDown:
+      return "__shfl_down_sync";
+    case Shfl::kXor:
+      return "__shfl_xor_sync";
   }
   return "?";
 }
@@ -338,11 +342,12 @@ bool resolve_warps(std::vector<Thread>& ts) {
       fail("block " + str(t.coords.block_idx) + ": " + lane_desc(t) + " waits for lane " +
            std::to_string(l) + ", which waits at __syncthreads() " + where(o.at));
     }
-    if (o.state == State::kWarp && (o.at.line != t.at.line || o.at.file != t.at.file ||
-                                    o.mask != t.mask || o.kind != t.kind ||
-                                    o.width != t.width || o.is_shuffle != t.is_shuffle)) {
-      fail("block " + str(t.coords.block_idx) + ": lanes of a warp meet at different warp "
-           "operations: " + lane_desc(t) + ", " + lane_desc(o));
+    if (o.state == State::kWarp &&
+        (o.at.line != t.at.line || o.at.file != t.at.file || o.mask != t.mask || o.kind != t.kind ||
+         o.width != t.width || o.is_shuffle != t.is_shuffle)) {
+      fail("block " + str(t.coords.block_idx) +
+           ": lanes of a warp meet at different warp operations: " + lane_desc(t) + ", " +
+           lane_desc(o));
     }
   }
   fail("block " + str(t.coords.block_idx) + ": " + lane_desc(t) + " cannot complete");
@@ -405,9 +410,8 @@ void run_block(const uint3& block_idx, const dim3& grid, const dim3& block) {
     }
     if (at_barrier == 0) return;  // every thread has exited
     if (exited > 0) {
-      fail("block " + str(block_idx) + ": " + std::to_string(exited) +
-           " thread(s) exited while " + std::to_string(at_barrier) +
-           " wait at __syncthreads() " + where(waiting->at));
+      fail("block " + str(block_idx) + ": " + std::to_string(exited) + " thread(s) exited while " +
+           std::to_string(at_barrier) + " wait at __syncthreads() " + where(waiting->at));
     }
     for (const Thread& t : e.threads) {
       if (t.at.line != waiting->at.line || t.at.file != waiting->at.file) {
@@ -435,8 +439,8 @@ void check_launch(dim3 grid, dim3 block, size_t smem) {
   if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 ||
       block.z > 64 || uint64_t(block.x) * block.y * block.z > kMaxThreads) {
     bad("block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
-        std::to_string(block.z) + "): CUDA allows at most 1024 threads per block and (1024, "
-        "1024, 64) per dimension");
+        std::to_string(block.z) +
+        "): CUDA allows at most 1024 threads per block and (1024, 1024, 64) per dimension");
   }
   if (smem > kSharedLimit) {
     bad(std::to_string(smem) + " bytes of dynamic shared memory exceed 48 KiB (no opt-in)");
@@ -529,8 +533,8 @@ void syncwarp(Loc at, unsigned mask) {
 uint64_t shfl_bits(Loc at, Shfl kind, unsigned mask, uint64_t bits, int arg, int width) {
   Thread& t = calling_thread("a warp shuffle");
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
-    fail("block " + str(t.coords.block_idx) + ": shuffle width " + std::to_string(width) +
-         " at " + where(at) + " is not a power of 2 up to 32");
+    fail("block " + str(t.coords.block_idx) + ": shuffle width " + std::to_string(width) + " at " +
+         where(at) + " is not a power of 2 up to 32");
   }
   t.is_shuffle = true;
   t.kind = kind;

@@ -148,10 +148,14 @@ void define(pybind11::module m) {
   // Kernels of one float output of `threads` entries per block, launched as given.
   using Kernel = void (*)(float*);
   static const std::pair<const char*, Kernel> kKernels[] = {
-      {"read_unwritten", &read_unwritten_kernel}, {"divergent_barrier", &divergent_barrier_kernel},
-      {"exit_at_barrier", &exit_at_barrier_kernel}, {"syncwarp", &syncwarp_kernel},
-      {"out_of_mask", &out_of_mask_kernel},         {"exited_lane", &exited_lane_kernel},
-      {"wrong_source", &wrong_source_kernel},       {"throwing", &throwing_kernel},
+      {"read_unwritten", &read_unwritten_kernel},
+      {"divergent_barrier", &divergent_barrier_kernel},
+      {"exit_at_barrier", &exit_at_barrier_kernel},
+      {"syncwarp", &syncwarp_kernel},
+      {"out_of_mask", &out_of_mask_kernel},
+      {"exited_lane", &exited_lane_kernel},
+      {"wrong_source", &wrong_source_kernel},
+      {"throwing", &throwing_kernel},
       {"big_shared", &big_shared_kernel}};
   for (const auto& [name, kernel] : kKernels) {
     m.def(name, [s, name = name, kernel = kernel](unsigned threads) {
