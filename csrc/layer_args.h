@@ -29,7 +29,8 @@ namespace fused_lstm {
 // The regularisers and resets that end layer_forward's and layer_backward's arguments, in the
 // schemas' order (meanings: fused_lstm/_library.py). The one list that the struct below, the
 // ops' entry points (layer_ops.h) and lstm's saved tensors are written from: a new one is a line
-// here, its check in check_regularisers, and the kernels that read it.
+// here, its check in check_regularisers, and the kernels that read it (every file it touches:
+// docs/design.md, "Adding an option").
 #define FL_REGULARISERS(X) X(recurrent_mask) X(zoneout_cell) X(zoneout_hidden) X(reset)
 
 // Each may be absent. Checked against the layer (check_regularisers), then contiguous, so that
