@@ -31,11 +31,19 @@ using CellBackwardResult =
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Held for the whole of a kernel: the ATen calls inside it (GEMMs, allocations, views) then
-// skip the autograd and view-tracking layers of the dispatcher, which the kernel's results never
-// need (the op's own autograd registration handles them) and which at a few steps cost more than
-// the arithmetic.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+// Held for the whole of a kernel:
+// - below autograd: the ATen calls inside it (GEMMs, allocations, views) then skip the autograd
+//   and view-tracking layers of the dispatcher, which the kernel's results never need (the op's
+//   own autograd registration handles them) and which at a few steps cost more than the
+//   arithmetic;
+// - without autocast: the kernels compute in their inputs' dtype (the modules cast for autocast,
+//   as nn.LSTM does), and an enclosing autocast region would otherwise recast the products
+//   inside (a float32 input projection to bfloat16 under CPU autocast, a float16 one to
+//   bfloat16 under CUDA autocast), leaving buffers of another dtype than the loops read.
+struct KernelGuard {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 // ---- layer_forward / layer_backward, in the schemas' argument order ------------------------
 
@@ -114,15 +122,15 @@ inline LayerBackwardResult call_layer_backward(const c10::TypedOperatorHandle<La
 #undef FL_REG_INIT
 #undef FL_REG_ARG
 
-// A backend's kernels behind the entry points: below autograd, on checked arguments.
+// A backend's kernels behind the entry points: under KernelGuard, on checked arguments.
 template <class Kernels>
 struct Checked {
   static LayerForwardResult forward(LayerArgs a) {
-    const BelowAutograd below_autograd;
+    const KernelGuard guard;
     return Kernels::forward(LayerParams(std::move(a)));
   }
   static LayerBackwardResult backward(LayerBackwardArgs a) {
-    const BelowAutograd below_autograd;
+    const KernelGuard guard;
     return Kernels::backward(LayerBackwardParams(std::move(a)));
   }
 };
@@ -148,7 +156,7 @@ CellForwardResult cell_forward_op(const at::Tensor& input, const at::Tensor& h0,
                                   const at::Tensor& c0, const at::Tensor& w_ih,
                                   const at::Tensor& w_hh, const OptTensor& b_ih,
                                   const OptTensor& b_hh) {
-  const BelowAutograd below_autograd;
+  const KernelGuard guard;
   check_cell_args(input, h0, c0);
   auto [output, h, c, gates, cells] =
       Kernels::forward(LayerParams(LayerArgs{.input = input.unsqueeze(0),
@@ -167,7 +175,7 @@ CellBackwardResult cell_backward_op(const OptTensor& grad_h, const OptTensor& gr
                                     const at::Tensor& c0, const at::Tensor& w_ih,
                                     const at::Tensor& w_hh, const at::Tensor& gates,
                                     const at::Tensor& cells) {
-  const BelowAutograd below_autograd;
+  const KernelGuard guard;
   check_cell_args(input, h0, c0);
   // With one step every h_{t-1} is h0, so the backward reads nothing of the output but its
   // shape, which h0 has: the cell need not save h.

@@ -38,16 +38,41 @@ def _check_size_arg(name: str, value) -> None:
         raise ValueError(f"{name} must be greater than zero")
 
 
-def _autocast_dtype(x: Tensor, via_cudnn: bool) -> torch.dtype | None:
-    """The dtype nn.LSTM / nn.LSTMCell compute in under CUDA autocast, or None without it.
-    nn.LSTM on cuDNN goes through cuDNN's autocast wrapper, which casts to float16 whatever the
-    autocast dtype (aten/src/ATen/cudnn/AutocastRNN.cpp); off cuDNN, and for the cell, ATen's
-    autocast dtype applies. float64 stays float64, as autocast leaves it."""
-    if x.device.type != "cuda" or x.dtype == torch.float64 or not torch.is_autocast_enabled("cuda"):
+def _autocast_dtype(
+    x: Tensor, lstm: bool, packed: bool = False, proj: bool = False
+) -> torch.dtype | None:
+    """The dtype nn.LSTM (``lstm``) or nn.LSTMCell computes in under autocast, or None where
+    autocast leaves it alone. float64 stays float64, as autocast leaves it.
+
+    - CUDA: nn.LSTM on cuDNN goes through cuDNN's autocast wrapper, which casts to float16
+      whatever the autocast dtype (aten/src/ATen/cudnn/AutocastRNN.cpp); off cuDNN, and for the
+      cell, ATen's autocast dtype applies.
+    - CPU: autocast's lower-precision list holds aten::lstm's padded overload (lstm.input) but
+      not the packed one (lstm.data) nor the cell's ops. Without a projection nn.LSTM runs on
+      oneDNN: padded input in the autocast dtype, a PackedSequence in the input's own. With one
+      it runs ATen's loop, whose products autocast recasts while the cell state keeps the
+      input's dtype: FusedLSTM computes in the input's dtype, and _autocast_output_dtype gives
+      output and h_n the autocast dtype. nn.LSTMCell computes in its own dtype.
+    """
+    if x.dtype == torch.float64:
         return None
-    if via_cudnn and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available():
-        return torch.float16
-    return torch.get_autocast_dtype("cuda")
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        if lstm and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available():
+            return torch.float16
+        return torch.get_autocast_dtype("cuda")
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and lstm:
+        # The states as nn.LSTM takes them: in the dtype it computes in.
+        return x.dtype if packed or proj else torch.get_autocast_dtype("cpu")
+    return None
+
+
+def _autocast_output_dtype(x: Tensor, proj: bool) -> torch.dtype | None:
+    """The dtype of nn.LSTM's output and h_n where it differs from the one it computes in: with
+    a projection under CPU autocast, the autocast dtype (see _autocast_dtype)."""
+    if proj and x.device.type == "cpu" and x.dtype != torch.float64:
+        if torch.is_autocast_enabled("cpu"):
+            return torch.get_autocast_dtype("cpu")
+    return None
 
 
 def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> list[Tensor]:
@@ -349,7 +374,9 @@ class FusedLSTM(nn.Module):
             reset = self._validate_reset(reset, data, batch_sizes, sorted_indices)
         weights = self._weights()
         if not torch.jit.is_scripting():
-            dtype = _autocast_dtype(x, via_cudnn=True)
+            dtype = _autocast_dtype(
+                x, lstm=True, packed=batch_sizes is not None, proj=self.proj_size > 0
+            )
             x, h0, c0, *weights = _cast(dtype, x, h0, c0, *weights)
         output, h_n, c_n = _lstm(
             x,
@@ -369,6 +396,10 @@ class FusedLSTM(nn.Module):
             self._zoneout_rates[1],
             self.weight_drop,
         )
+        if not torch.jit.is_scripting():
+            out_dtype = _autocast_output_dtype(x, self.proj_size > 0)
+            if out_dtype is not None:
+                output, h_n = output.to(out_dtype), h_n.to(out_dtype)
 
         if isinstance(input, PackedSequence):
             output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -730,7 +761,7 @@ class FusedLSTMCell(nn.Module):
         if b_ih is not None and b_hh is not None:
             weights += [b_ih, b_hh]
         if not torch.jit.is_scripting():
-            dtype = _autocast_dtype(input, via_cudnn=False)
+            dtype = _autocast_dtype(input, lstm=False)
             input, h0, c0, *weights = _cast(dtype, input, h0, c0, *weights)
         self._check(input, h0, c0, weights)
         b_ih, b_hh = (weights[2], weights[3]) if len(weights) == 4 else (None, None)

@@ -23,8 +23,26 @@ gives them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
+
+
+def _kernel(fn):
+    """A kernel op's reference computes in its inputs' dtype, as the native kernels do
+    (csrc/layer_ops.h's KernelGuard): the modules cast for autocast as nn.LSTM does, and an
+    enclosing autocast region would otherwise recast the products inside."""
+
+    @functools.wraps(fn)
+    def kernel(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return kernel
 
 
 def step_rows(input: Tensor, batch_sizes: Tensor | None, reverse: bool) -> list[tuple[int, int]]:
@@ -66,6 +84,7 @@ def _entering_state(
     return torch.where(keep, h, 0), torch.where(keep, c, 0)
 
 
+@_kernel
 def layer_forward(
     input: Tensor,
     batch_sizes: Tensor | None,
@@ -145,6 +164,7 @@ def previous_states(
     return h_prev, c_prev
 
 
+@_kernel
 def layer_backward(
     grad_output: Tensor | None,
     grad_h_n: Tensor | None,
@@ -232,6 +252,7 @@ def layer_backward(
 # The cell is a layer run on a sequence of one step, as in the native ops (csrc/layer_ops.h).
 
 
+@_kernel
 def cell_forward(
     input: Tensor,
     h0: Tensor,
@@ -250,6 +271,7 @@ def cell_forward(
     return h, c, gates[0], cells[0]
 
 
+@_kernel
 def cell_backward(
     grad_h: Tensor | None,
     grad_c: Tensor | None,

@@ -13,6 +13,7 @@
 #include <unistd.h>
 #endif
 
+#include "../layer_ops.h"
 #include "../tuning.h"
 #include "microkernels.h"
 
@@ -234,10 +235,10 @@ struct StepProduct {
     // Whole panels per thread; the same split at every step keeps each slice on one core.
     const int64_t chunk = (ldt / split + threads - 1) / threads * split;
     at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      // The pool's threads do not inherit the caller's BelowAutograd: without their own, a
+      // The pool's threads do not inherit the caller's KernelGuard: without their own, a
       // large step's in-place GEMM on a worker went through autograd, which refuses it when
       // the weight requires grad (and otherwise records history on the kernel's buffers).
-      const BelowAutograd below_autograd;
+      const KernelGuard guard;
       for (int64_t t = t0; t < t1; ++t) {
         columns(a0, r0, bs, t * chunk, std::min((t + 1) * chunk, ldt), accumulate);
       }

@@ -32,13 +32,6 @@ void check_batch_fits_grid(int64_t B) {
               ", got ", B);
 }
 
-// The ops compute in their inputs' dtype (the module casts for autocast); without this, an
-// enclosing autocast region would recast the ATen GEMMs below (e.g. a float16 input's addmm to
-// bfloat16) and the kernels would read buffers of another dtype.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
-
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // sequence_grads' products (layer_buffers.h): cuBLAS takes either orientation at the same speed.
@@ -54,7 +47,6 @@ LayerForwardResult layer_forward(const LayerParams& p) {
   gpu::check_device(p.input);
   check_batch_fits_grid(d.B);
   const gpu::DeviceGuard guard(p.input.device());
-  const NoAutocast no_autocast;
   const auto opts = p.input.options();
   const at::Tensor x = p.input.reshape({-1, d.I});
   // One GEMM for every step's input projection; the step kernels add the recurrent part and
@@ -89,7 +81,6 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   gpu::check_device(p.input);
   check_batch_fits_grid(d.B);
   const gpu::DeviceGuard guard(p.input.device());
-  const NoAutocast no_autocast;
   const int64_t S = static_cast<int64_t>(L.start.size());
   const auto opts = p.input.options();
   const FlatSequence seq = flatten_sequence(p);
