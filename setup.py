@@ -1,7 +1,8 @@
 """Builds fused_lstm._C: the C++ (CPU) kernels always, the CUDA kernels when torch has CUDA and
 a CUDA toolkit is found, or when FORCE_CUDA=1 (e.g. CI without a GPU). USE_CUDA=0 opts out.
 TORCH_CUDA_ARCH_LIST picks the GPU architectures; without it and without a visible GPU we build
-for sm_80 and sm_90 (A100, H100).
+for sm_80 and sm_90 (A100, H100) and embed sm_90's PTX, which the driver compiles for newer GPUs
+(Blackwell: sm_100, sm_120) that would otherwise find no kernel image.
 
 FUSED_LSTM_NO_EXTENSION=1 builds nothing: a pure-PyTorch install, which runs the reference
 (fused_lstm/reference.py). The same happens, with a warning, where no C++ compiler is found;
@@ -103,7 +104,7 @@ def _extension():
             "fused_lstm._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     # The step loops are one file per dtype and direction (csrc/cuda/instances/), so that
     # MAX_JOBS nvcc processes compile them in parallel.
     sources += [

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -44,6 +47,44 @@ def test_cuda_kernels_registered():
         "fused_lstm::cell_backward",
     ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+def _cuobjdump():
+    """triton's bundled cuobjdump (torch's CUDA wheels bring triton), or the toolkit's."""
+    try:
+        import triton
+    except ImportError:
+        bundled = None
+    else:
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    for path in (bundled, shutil.which("cuobjdump")):
+        if path and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+@pytest.mark.skipif(
+    os.environ.get("FUSED_LSTM_EXPECT_CUDA") != "1"
+    or not os.environ.get("TORCH_CUDA_ARCH_LIST", "").endswith("+PTX"),
+    reason="a build asked for PTX (TORCH_CUDA_ARCH_LIST=...+PTX) with the CUDA kernels",
+)
+def test_cuda_build_embeds_ptx_of_its_newest_architecture():
+    """A GPU newer than any cubin JITs the PTX: without it a build made where no GPU was visible
+    fails on Blackwell with 'no kernel image is available'."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    import fused_lstm._C
+
+    def archs(flag):
+        listing = subprocess.run(
+            [tool, flag, fused_lstm._C.__file__], capture_output=True, text=True, check=True
+        ).stdout
+        return {int(a) for a in re.findall(r"\.sm_(\d+)\.(?:cubin|ptx)", listing)}
+
+    cubins, ptx = archs("--list-elf"), archs("--list-ptx")
+    assert cubins, "the extension holds no CUDA kernels"
+    assert max(cubins) in ptx, f"cubins for sm_{sorted(cubins)}, PTX for {sorted(ptx)}"
 
 
 # ---- the ops against the reference ----------------------------------------------------------
