@@ -19,12 +19,10 @@
 
 namespace fused_lstm {
 
-#define FL_CHECK_SHAPE(x, ...)                               \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), \
-              "fused_lstm: " #x                              \
-              " must have "                                  \
-              "shape ",                                      \
-              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+#define FL_CHECK_SHAPE(x, ...)                                                                 \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}),                                   \
+              "fused_lstm: " #x " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ", \
+              (x).sizes())
 
 // The regularisers and resets that end layer_forward's and layer_backward's arguments, in the
 // schemas' order (meanings: fused_lstm/_library.py). The one list that the struct below, the
@@ -40,22 +38,17 @@ struct Regularisers {
   FL_REGULARISERS(FL_FIELD)
 #undef FL_FIELD
 
-  // Calls f(name, field) for each, in the schemas' order.
-  template <typename F>
-  void each(F&& f) {
-#define FL_VISIT(name) f(#name, name);
+  // Calls f(name, field) for each of r's fields, in the schemas' order (r const or not).
+  template <class Self, typename F>
+  static void each(Self& r, F&& f) {
+#define FL_VISIT(name) f(#name, r.name);
     FL_REGULARISERS(FL_VISIT)
 #undef FL_VISIT
-  }
-  template <typename F>
-  void each(F&& f) const {
-    const_cast<Regularisers*>(this)->each(
-        [&](const char* name, const std::optional<at::Tensor>& t) { f(name, t); });
   }
 
   bool any() const {
     bool on = false;
-    each([&](const char*, const std::optional<at::Tensor>& t) { on = on || t.has_value(); });
+    each(*this, [&](const char*, const std::optional<at::Tensor>& t) { on = on || t.has_value(); });
     return on;
   }
 };
@@ -240,7 +233,7 @@ struct LayerParams : LayerArgs {
   explicit LayerParams(LayerArgs a) : LayerArgs(std::move(a)) {
     d = check_layer_args(*this);
     check_regularisers(regs, d, input);
-    regs.each([](const char*, std::optional<at::Tensor>& t) {
+    Regularisers::each(regs, [](const char*, std::optional<at::Tensor>& t) {
       if (t) t = t->contiguous();
     });
     steps = make_steps(input, batch_sizes, d.B, reverse);
@@ -253,7 +246,7 @@ struct LayerParams : LayerArgs {
     for (auto* t : {&p.b_ih, &p.b_hh, &p.w_hr}) {
       if (*t) *t = (*t)->to(dtype);
     }
-    p.regs.each([&](const char*, std::optional<at::Tensor>& t) {
+    Regularisers::each(p.regs, [&](const char*, std::optional<at::Tensor>& t) {
       if (t && t->is_floating_point()) t = t->to(dtype);
     });
     return p;

@@ -33,11 +33,11 @@ struct LayerSaved {
   LayerArgs forward;
   Tensor output, gates, cells;
 
-  void save(AutogradContext* ctx, bool has_bias) const {
+  void save(AutogradContext* ctx) const {
     const LayerArgs& a = forward;
     ctx->saved_data["batch_sizes"] = a.batch_sizes;
     ctx->saved_data["reverse"] = a.reverse;
-    ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["has_bias"] = a.b_ih.has_value();
     variable_list out{a.input, a.h0,  a.c0, a.w_ih, a.w_hh, a.w_hr.value_or(Tensor()),
                       output,  gates, cells};
     save_regularisers(out, a.regs);
@@ -71,7 +71,7 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
     // output's gradient reaches the backward undefined rather than as zeros.
     ctx->mark_non_differentiable({gates, cells});
     ctx->set_materialize_grads(false);
-    LayerSaved{a, y, gates, cells}.save(ctx, a.b_ih.has_value());
+    LayerSaved{a, y, gates, cells}.save(ctx);
     return {y, h, c, gates, cells};
   }
 

@@ -67,12 +67,13 @@ inline optional<Tensor> opt(const Tensor& t) {
 // The regularisers in a saved tensor list (undefined where absent), and read back from it at
 // `it`, which moves past them.
 inline void save_regularisers(variable_list& out, const Regularisers& r) {
-  r.each([&](const char*, const optional<Tensor>& t) { out.push_back(t.value_or(Tensor())); });
+  Regularisers::each(
+      r, [&](const char*, const optional<Tensor>& t) { out.push_back(t.value_or(Tensor())); });
 }
 
 inline Regularisers load_regularisers(variable_list::const_iterator& it) {
   Regularisers r;
-  r.each([&](const char*, optional<Tensor>& t) { t = opt(*it++); });
+  Regularisers::each(r, [&](const char*, optional<Tensor>& t) { t = opt(*it++); });
   return r;
 }
 

@@ -17,9 +17,11 @@ namespace {
 // the whole sequence) and unit j are at [r * ld + j]: a mask's element, or with ld = 0 a rate
 // spread over one row, so that the loops read a rate and a mask alike. Without zoneout_cell, zc is
 // a row of zeros (a rate of 0) for the backward, which always mixes when any is given.
+// The mask and the resets are read where LayerParams holds them, contiguous; the zoneout weights
+// from the copies in held.
 template <typename T>
 struct StepRegs {
-  at::Tensor held[5];  // the contiguous copies the pointers point into
+  at::Tensor held[3];  // zeros, and the zoneout weights as rows
   const T *mask = nullptr, *zc = nullptr, *zh = nullptr, *zeros = nullptr;
   const bool* reset = nullptr;
   int64_t zc_ld = 0, zh_ld = 0;
@@ -29,17 +31,11 @@ struct StepRegs {
     held[0] = at::zeros({d.H}, opts);
     zeros = held[0].const_data_ptr<T>();
     zc = zeros;
-    if (r.recurrent_mask) {
-      held[1] = r.recurrent_mask->contiguous();
-      mask = held[1].const_data_ptr<T>();
-    }
+    if (r.recurrent_mask) mask = r.recurrent_mask->const_data_ptr<T>();
     zoneout_cell = r.zoneout_cell.has_value();
-    if (zoneout_cell) zc = weights(*r.zoneout_cell, d.H, held[2], zc_ld);
-    if (r.zoneout_hidden) zh = weights(*r.zoneout_hidden, d.Hr, held[3], zh_ld);
-    if (r.reset) {
-      held[4] = r.reset->contiguous();
-      reset = held[4].const_data_ptr<bool>();
-    }
+    if (zoneout_cell) zc = weights(*r.zoneout_cell, d.H, held[1], zc_ld);
+    if (r.zoneout_hidden) zh = weights(*r.zoneout_hidden, d.Hr, held[2], zh_ld);
+    if (r.reset) reset = r.reset->const_data_ptr<bool>();
   }
 
   static const T* weights(const at::Tensor& z, int64_t width, at::Tensor& held, int64_t& ld) {
