@@ -69,10 +69,8 @@ def _autocast_dtype(
 def _autocast_output_dtype(x: Tensor, proj: bool) -> torch.dtype | None:
     """The dtype of nn.LSTM's output and h_n where it differs from the one it computes in: with
     a projection under CPU autocast, the autocast dtype (see _autocast_dtype)."""
-    if proj and x.device.type == "cpu" and x.dtype != torch.float64:
-        if torch.is_autocast_enabled("cpu"):
-            return torch.get_autocast_dtype("cpu")
-    return None
+    on = proj and x.device.type == "cpu" and x.dtype != torch.float64
+    return torch.get_autocast_dtype("cpu") if on and torch.is_autocast_enabled("cpu") else None
 
 
 def _cast(dtype: torch.dtype | None, *tensors: Tensor) -> list[Tensor]:

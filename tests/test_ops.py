@@ -2,6 +2,8 @@
 of the kernel ops with the reference that shares their signatures and of the whole-LSTM op with
 aten::lstm, their argument checks and gradcheck."""
 
+import functools
+
 import pytest
 import torch
 
@@ -381,20 +383,19 @@ def test_lstm_op_on_fake_tensors():
 PY_AUTOGRAD = "fused_lstm_pyautograd"
 
 
+@functools.cache
 def python_autograd_ops():
     """The kernel ops again, in a namespace of their own, with the native kernels and the Python
     autograd that an install without the extension registers for the fused_lstm ops."""
-    if not hasattr(python_autograd_ops, "ops"):
-        from fused_lstm import _library
+    from fused_lstm import _library
 
-        _library.define(PY_AUTOGRAD, _library.KERNEL_OPS)
-        for name in _library.KERNEL_OPS:
-            torch.library.impl(f"{PY_AUTOGRAD}::{name}", "CompositeExplicitAutograd")(
-                getattr(torch.ops.fused_lstm, name)
-            )
-        _library.register_python_autograd(PY_AUTOGRAD)
-        python_autograd_ops.ops = getattr(torch.ops, PY_AUTOGRAD)
-    return python_autograd_ops.ops
+    _library.define(PY_AUTOGRAD, _library.KERNEL_OPS)
+    for name in _library.KERNEL_OPS:
+        torch.library.impl(f"{PY_AUTOGRAD}::{name}", "CompositeExplicitAutograd")(
+            getattr(torch.ops.fused_lstm, name)
+        )
+    _library.register_python_autograd(PY_AUTOGRAD)
+    return getattr(torch.ops, PY_AUTOGRAD)
 
 
 def grads_through(op, args, which):
