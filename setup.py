@@ -1,4 +1,6 @@
-"""Builds fused_lstm._C: the C++ (CPU) kernels always, the CUDA kernels when torch has CUDA and
+"""Builds the native library fused_lstm/libfused_lstm.so (the op schemas, the kernels and their
+autograd, with no Python in it, for C++ programs too) and fused_lstm._C, the small Python module
+over it. The library has the C++ (CPU) kernels always, the CUDA kernels when torch has CUDA and
 a CUDA toolkit is found, or when FORCE_CUDA=1 (e.g. CI without a GPU). USE_CUDA=0 opts out.
 TORCH_CUDA_ARCH_LIST picks the GPU architectures; without it and without a visible GPU we build
 for sm_80 and sm_90 (A100, H100) and embed sm_90's PTX, which the driver compiles for newer GPUs
@@ -66,7 +68,12 @@ def _pip_cuda_includes() -> list[str]:
     return [f for d in dirs for f in ("-isystem", d)]
 
 
-def _extension():
+LIBRARY = "fused_lstm.libfused_lstm"  # fused_lstm/libfused_lstm.so, named for C++ linkers
+
+
+def _native_library():
+    """The kernels, the C++ autograd and the schemas (TORCH_LIBRARY): a shared library with no
+    Python in it, which a C++ program links (docs/deploying.md) and fused_lstm loads."""
     with_cuda = _build_cuda()
     sources = [
         os.path.relpath(p, ROOT)
@@ -74,6 +81,52 @@ def _extension():
         + sorted(glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
         + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     ]
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        # The step loops are one file per dtype and direction (csrc/cuda/instances/), so that
+        # MAX_JOBS nvcc processes compile them in parallel.
+        sources += [
+            os.path.relpath(p, ROOT)
+            for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+            + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "instances", "*.cu")))
+        ]
+    ext = _with_openmp(CUDAExtension if with_cuda else CppExtension, LIBRARY, sources)
+    # torch's extension helpers link libtorch_python, which needs libpython's symbols; the
+    # library uses none of it. The soname is what a C++ program's DT_NEEDED records.
+    ext.libraries.remove("torch_python")
+    if sys.platform.startswith("linux"):
+        ext.extra_link_args.append("-Wl,-soname,libfused_lstm.so")
+        ext.extra_link_args += [f"-Wl,-rpath,{path}" for path in _run_paths(with_cuda)]
+    return ext
+
+
+def _run_paths(with_cuda: bool) -> list[str]:
+    """Where a C++ program finds the library's dependencies (libc10_cuda, libcudart): its run
+    path, as a program's own covers only the libraries it links itself. Beside the package in
+    site-packages (torch's lib/, the nvidia wheels' libcudart), else where the build found
+    them (an editable install)."""
+    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    dirs = [os.path.join(site, "torch", "lib")]
+    if with_cuda:
+        dirs += sorted(
+            os.path.dirname(p)
+            for p in glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*"))
+        )
+        dirs.append(os.path.join(cpp_extension.CUDA_HOME, "lib64"))
+    relative = [
+        "$ORIGIN/../" + os.path.relpath(d, site) for d in dirs if d.startswith(site + os.sep)
+    ]
+    return list(dict.fromkeys(relative + dirs))
+
+
+def _python_module():
+    """fused_lstm._C: the library's facts for Python (the tuning constants, the CPU's ISA), a
+    module linked against the library (_BuildExtension adds it), which loads it."""
+    return _with_openmp(CppExtension, "fused_lstm._C", ["csrc/python/module.cpp"])
+
+
+def _with_openmp(kind, name: str, sources: list[str]):
     # -fopenmp: at::parallel_for is inline code that splits work across threads only where the
     # including file is compiled with OpenMP; without it every "parallel" step ran on one thread.
     # The link resolves to the libgomp.so.1 torch has already loaded (same soname), so torch's
@@ -99,27 +152,42 @@ def _extension():
         )
         openmp = link = []
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + openmp
-    if not with_cuda:
-        return CppExtension(
-            "fused_lstm._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
-        )
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    # The step loops are one file per dtype and direction (csrc/cuda/instances/), so that
-    # MAX_JOBS nvcc processes compile them in parallel.
-    sources += [
-        os.path.relpath(p, ROOT)
-        for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-        + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "instances", "*.cu")))
-    ]
-    nvcc = ["-O3", "-lineinfo"]
+    if kind is CppExtension:
+        return kind(name, sources, extra_compile_args={"cxx": cxx}, extra_link_args=list(link))
     extra = _pip_cuda_includes()
-    return CUDAExtension(
-        "fused_lstm._C",
+    return kind(
+        name,
         sources,
-        extra_link_args=link,
-        extra_compile_args={"cxx": cxx + extra, "nvcc": nvcc + extra},
+        extra_link_args=list(link),
+        extra_compile_args={"cxx": cxx + extra, "nvcc": ["-O3", "-lineinfo"] + extra},
     )
+
+
+class _BuildExtension(BuildExtension):
+    def get_ext_filename(self, ext_name):
+        # A plain library name (no Python ABI tag): the name C++ programs and CMake link by.
+        # setuptools asks with the full name and with its last part.
+        if ext_name.split(".")[-1] == LIBRARY.split(".")[-1]:
+            return os.path.join(*ext_name.split(".")) + ".so"
+        return super().get_ext_filename(ext_name)
+
+    def build_extension(self, ext):
+        if ext.name == "fused_lstm._C":
+            # Linked by path; found beside _C at run time (both go to the package's folder).
+            ext.extra_link_args.append(self.get_ext_fullpath(LIBRARY))
+            origin = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
+            ext.extra_link_args.append(f"-Wl,-rpath,{origin}")
+        if ext.name != LIBRARY or sys.platform != "darwin":
+            return super().build_extension(ext)
+        # macOS links Python extensions as bundles, which nothing can link against: the library
+        # is a dynamic library there instead (not yet built on macOS by this project's CI).
+        linker = self.compiler.linker_so
+        self.compiler.linker_so = ["-dynamiclib" if a == "-bundle" else a for a in linker]
+        ext.extra_link_args.append("-Wl,-install_name,@rpath/libfused_lstm.so")
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.linker_so = linker
 
 
 def _emulated_extension():
@@ -154,11 +222,12 @@ def _extensions() -> list:
         )
         return []
     emulator = os.environ.get("FUSED_LSTM_BUILD_EMULATOR", "0") == "1"
-    return [_extension()] + ([_emulated_extension()] if emulator else [])
+    return [_native_library(), _python_module()] + ([_emulated_extension()] if emulator else [])
 
 
 setup(
     packages=find_packages(include=["fused_lstm", "fused_lstm.*"]),
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": _BuildExtension},
+    package_data={"fused_lstm": ["op_schemas.inc", "share/cmake/FusedLSTM/*.cmake"]},
 )

@@ -116,7 +116,7 @@ cp -r "$REPO/fused_lstm" "$REPO/tests" "$REPO/pyproject.toml" "$PKG/"
 find "$PKG" \( -name '*.so' -o -name __pycache__ \) -exec rm -rf {} +
 SO=$PKG/fused_lstm/_C.$PYTAG.so
 cd "$REPO"
-mapfile -t SOURCES < <(ls csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp)
+mapfile -t SOURCES < <(ls csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp csrc/python/*.cpp)
 log "compiling ${#SOURCES[@]} files with aarch64-linux-gnu-g++ -std=${STD:-c++17}, $(nproc) at once"
 OBJECTS=() running=0 status=0
 for src in "${SOURCES[@]}"; do
@@ -133,10 +133,17 @@ for src in "${SOURCES[@]}"; do
 done
 while (( running > 0 )); do wait -n || status=1; running=$((running - 1)); done
 (( status == 0 )) || { echo "aarch64_qemu: FAILED to compile the extension" >&2; exit 1; }
-# Linked as torch links extensions; -rpath-link finds the libraries torch's own depend on.
-aarch64-linux-gnu-g++ -shared -fopenmp "${OBJECTS[@]}" -L"$TORCH/lib" -Wl,-rpath-link,"$TORCH/lib" \
+# Linked as setup.py links them: the native library without libtorch_python, and _C, the Python
+# module, over it; -rpath-link finds the libraries torch's own depend on.
+MODULE=$BUILD/csrc_python_module.cpp.o
+LIBRARY_OBJECTS=()
+for obj in "${OBJECTS[@]}"; do [[ $obj == "$MODULE" ]] || LIBRARY_OBJECTS+=("$obj"); done
+aarch64-linux-gnu-g++ -shared -fopenmp "${LIBRARY_OBJECTS[@]}" -L"$TORCH/lib" \
+  -Wl,-rpath-link,"$TORCH/lib" -Wl,-soname,libfused_lstm.so -lc10 -ltorch -ltorch_cpu \
+  -o "$PKG/fused_lstm/libfused_lstm.so"
+aarch64-linux-gnu-g++ -shared -fopenmp "$MODULE" -L"$TORCH/lib" -Wl,-rpath-link,"$TORCH/lib" \
   -lc10 -ltorch -ltorch_cpu -ltorch_python -o "$SO"
-log "built $SO"
+log "built $PKG/fused_lstm/libfused_lstm.so and $SO"
 
 # ---- the tests under qemu --------------------------------------------------------------------
 # The default: the kernels' own tests and the cpu backend's cases of the parity and gradcheck

@@ -25,7 +25,7 @@ for path in include_paths() + [sysconfig.get_paths()["include"]]:
 # The flags torch's build gives the extension (setup.py), but -O3: -fsyntax-only does not optimise.
 FLAGS=(-std=c++20 -fsyntax-only -Wall -Werror -Wno-unknown-pragmas -DTORCH_API_INCLUDE_EXTENSION_H
        -DTORCH_EXTENSION_NAME=_C "${INCLUDES[@]}")
-SOURCES=(csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp)
+SOURCES=(csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp csrc/python/*.cpp)
 
 # aarch64-linux-gnu-g++ with OpenMP, as setup.py builds on Linux; Clang without, as Apple clang
 # builds without libomp (and Clang's omp.h is not installed here).

@@ -1,6 +1,6 @@
 // The layer ops' arguments as one carrier, LayerArgs, and their checks (each naming the argument
 // and what is required). layer_ops.h builds a LayerArgs once from a call's schema arguments
-// (fused_lstm/_library.py); the checks turn it into LayerParams, which every backend's kernels,
+// (fused_lstm/op_schemas.inc); the checks turn it into LayerParams, which every backend's kernels,
 // the CUDA host path and the autograd pass on whole.
 //
 // Shapes (N rows: T*B padded, or sum(batch_sizes) packed; Hr = proj_size if w_hr is given,
@@ -25,7 +25,7 @@ namespace fused_lstm {
               (x).sizes())
 
 // The regularisers and resets that end layer_forward's and layer_backward's arguments, in the
-// schemas' order (meanings: fused_lstm/_library.py). The one list that the struct below, the
+// schemas' order (meanings: fused_lstm/op_schemas.inc). The one list that the struct below, the
 // ops' entry points (layer_ops.h) and lstm's saved tensors are written from: a new one is a line
 // here, its check in check_regularisers, and the kernels that read it (every file it touches:
 // docs/design.md, "Adding an option").
@@ -65,7 +65,7 @@ struct StepLayout {
   int64_t rows = 0;
 };
 
-// layer_forward's arguments (fused_lstm/_library.py).
+// layer_forward's arguments (fused_lstm/op_schemas.inc).
 struct LayerArgs {
   at::Tensor input;
   std::optional<at::Tensor> batch_sizes;

@@ -1,7 +1,7 @@
 // The CPU kernels' tuning constants, in one place, each with the measurement that set it. The
-// extension exports them to Python as fused_lstm._C.TUNING (ops.cpp), so that the tests which
-// cross a boundary build their sizes from the constant itself: change one here and its tests
-// still cross it. Where a figure came from and how it was taken: benchmarks/HISTORY.md.
+// extension exports them to Python as fused_lstm._C.TUNING (python/module.cpp), so that the tests
+// which cross a boundary build their sizes from the constant itself: change one here and its
+// tests still cross it. Where a figure came from and how it was taken: benchmarks/HISTORY.md.
 #pragma once
 
 #include <cstdint>

@@ -1,9 +1,11 @@
 """The ops, and which devices have native kernels for them in this install.
 
-:mod:`fused_lstm._library` declares the ops ``torch.ops.fused_lstm.*``; the extension
-``fused_lstm._C``, where it is built, registers their native kernels and autograd with the
-dispatcher when it is imported; then the fake kernels and the reference as the kernel of every
-other device are added. The dispatcher, not Python, picks the implementation by device.
+The native library ``fused_lstm/libfused_lstm.so``, where it is built, defines the ops
+``torch.ops.fused_lstm.*`` (from :data:`_library.SCHEMA_FILE`) and registers their native kernels
+and autograd with the dispatcher when it is loaded, which importing ``fused_lstm._C``, the Python
+module linked against it, does. Without it, :mod:`fused_lstm._library` defines the same ops from the same file.
+Then the fake kernels and the reference as the kernel of every other device are added. The
+dispatcher, not Python, picks the implementation by device.
 
 Without the extension (an install with ``FUSED_LSTM_NO_EXTENSION=1``, or where no C++ compiler
 was found), every op runs the pure-PyTorch reference, and the modules warn once that the
@@ -18,12 +20,16 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from . import _library, _redirect, reference
 
-_library.define()
+# The native library, which C++ programs link too (docs/deploying.md).
+LIBRARY = Path(__file__).with_name("libfused_lstm.so")
+# Where CMake's find_package(FusedLSTM) finds the library's package configuration.
+CMAKE_PREFIX_PATH = str(Path(__file__).with_name("share") / "cmake")
 
 
 def _load_extension() -> bool:
@@ -32,12 +38,13 @@ def _load_extension() -> bool:
     if importlib.util.find_spec("fused_lstm._C") is None:
         return False
     try:
-        from . import _C  # importing it registers the native kernels
-    except ImportError as exc:
+        from . import _C  # loads the library, which it is linked against
+    except (ImportError, OSError) as exc:
         # Built, but not loadable here (another torch, a missing library): a broken install,
         # not a pure-PyTorch one.
         raise ImportError(
-            f"fused_lstm: the compiled extension fused_lstm._C does not load ({exc}). Rebuild it "
+            f"fused_lstm: the native library {LIBRARY.name} or fused_lstm._C does not load ({exc}). "
+            "Rebuild them "
             "against the torch installed here with `pip install --no-build-isolation -e .`, or "
             "install without it: `FUSED_LSTM_NO_EXTENSION=1 pip install .`"
         ) from exc
@@ -49,6 +56,8 @@ def _load_extension() -> bool:
 
 
 EXTENSION = _load_extension()
+if not EXTENSION:
+    _library.define()
 _library.register(native=EXTENSION)
 
 MISSING_KERNELS = (

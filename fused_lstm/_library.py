@@ -12,6 +12,9 @@ backward ops, as csrc/autograd does; ``lstm`` composed from them (reference.lstm
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 
@@ -19,71 +22,29 @@ from . import reference
 
 KERNEL_OPS = ("layer_forward", "layer_backward", "cell_forward", "cell_backward")
 
-SCHEMAS = [
-    # One layer, one direction. Returns (output, h_n, c_n, gates, cells); gates and cells are
-    # the workspace layer_backward needs.
-    #
-    # The regularisers and resets, each None for off (csrc/layer_ops.h checks them):
-    #   recurrent_mask (B, Hr): h_{t-1} of batch row b enters the recurrent product (only) as
-    #     h_{t-1} * recurrent_mask[b] (variational recurrent dropout's scaled mask).
-    #   zoneout_cell: c_t = d c_{t-1} + (1 - d) (f c_{t-1} + i g), where d is the 0-dim
-    #     zoneout_cell itself (a rate, in eval) or its element at c_t's row and unit (a keep
-    #     mask shaped like cells, in training); cells saves this c_t.
-    #   zoneout_hidden: h_t = d h_{t-1} + (1 - d) h~_t likewise, h~_t the layer's plain output
-    #     (after the projection); shaped like output, and output is h_t.
-    #   reset (bool, input's shape without the features): where true, the step of that row
-    #     starts from zero state instead of the state of the previously visited step (or h0,
-    #     c0). The rows are in the order of visit: for reverse = true, the caller passes a row's
-    #     flag meaning "no state from the step after it" (lstm does).
-    "layer_forward(Tensor input, Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
-    "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, "
-    "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, "
-    "Tensor? reset=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    # Handwritten backward of layer_forward. Any incoming gradient may be None (unused output).
-    # Returns (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr);
-    # grad_bias is the gradient of b_ih and of b_hh alike, grad_w_hr is empty without a
-    # projection. The regularisers and resets are the forward's.
-    "layer_backward(Tensor? grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
-    "Tensor? batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
-    "Tensor output, Tensor gates, Tensor cells, bool reverse, Tensor? recurrent_mask=None, "
-    "Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, Tensor? reset=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    # One step of nn.LSTMCell (no projection): input (B, I), h0 and c0 (B, H). Returns (h, c,
-    # gates, cells); gates (B, 4H), the activations i, f, g, o, and cells (B, H), c again, are
-    # the workspace cell_backward needs. c and cells are separate tensors so that the caller
-    # may modify c in place (as nn.LSTMCell allows on the CPU) without touching the saved state.
-    "cell_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
-    "Tensor? b_hh) -> (Tensor, Tensor, Tensor, Tensor)",
-    # Handwritten backward of cell_forward; either incoming gradient may be None. Returns
-    # (grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias), grad_bias as in
-    # layer_backward.
-    "cell_backward(Tensor? grad_h, Tensor? grad_c, Tensor input, Tensor h0, Tensor c0, "
-    "Tensor w_ih, Tensor w_hh, Tensor gates, Tensor cells) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    # The regularisers' random masks: a tensor of `size` with like's dtype and device, each
-    # element `value` with probability `prob` and 0 otherwise, drawn from the generator of
-    # like's device. A CPU kernel of its own (csrc/cpu/keep_mask.cpp) because bernoulli_'s draws
-    # there cost as much per unit as a seed-sized LSTM step; elsewhere it is bernoulli_.
-    "keep_mask(Tensor like, SymInt[] size, float prob, float value) -> Tensor",
-    # A whole nn.LSTM, like aten::lstm: every layer and direction through layer_forward, with
-    # nn.LSTM's dropout between layers (training only, never after the last). input (T, B, I),
-    # or packed data (N, I) with batch_sizes; hx (L*D, B, Hr), cx (L*D, B, H); params in
-    # nn.LSTM's _flat_weights order. Returns (output, h_n, c_n). Its kernel and autograd:
-    # csrc/autograd/lstm_op.cpp; reference.lstm without the extension.
-    #
-    # The regularisers (docs/regularisers.md), drawn from the generator of input's device in
-    # training: recurrent_dropout (one mask per call, layer, direction and batch row),
-    # zoneout_cell and zoneout_hidden (rates; per step and unit masks in training, the
-    # expectation in eval), weight_drop (DropConnect on each w_hh, one mask per call). reset
-    # (bool, input's shape without the features, as the user's sequence: true where a row
-    # starts a new sequence at that step, in every layer and direction).
-    "lstm(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, "
-    "bool has_biases, bool has_proj, int num_layers, float dropout, bool train, "
-    "bool bidirectional, *, Tensor? reset=None, float recurrent_dropout=0., "
-    "float zoneout_cell=0., float zoneout_hidden=0., float weight_drop=0.) "
-    "-> (Tensor, Tensor, Tensor)",
-]
-TAGS = {"keep_mask": (torch.Tag.nondeterministic_seeded,)}
+SCHEMA_FILE = Path(__file__).with_name("op_schemas.inc")
+
+
+def _read_schemas() -> tuple[list[str], dict[str, tuple[torch.Tag, ...]]]:
+    """The schemas of op_schemas.inc, the native library's too (csrc/schemas.cpp): the lines
+    between its raw-string markers, but the comments and blanks, each less its " @tag"s."""
+    text = SCHEMA_FILE.read_text()
+    body = text[text.index('R"schemas(') + len('R"schemas(') : text.rindex(')schemas"')]
+    schemas, tags = [], {}
+    for line in body.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        schema, *names = line.split(" @")
+        schemas.append(schema)
+        tags[_name(schema)] = tuple(getattr(torch.Tag, n) for n in names)
+    return schemas, tags
+
+
+def _name(schema: str) -> str:
+    return schema[: schema.index("(")]
+
+
+SCHEMAS, TAGS = _read_schemas()
 
 # The error of a second backward through the handwritten backwards; the extension raises its own
 # copy (csrc/autograd/kernel_ops.cpp), which the tests hold equal to this one.
@@ -94,10 +55,6 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 _LIBRARIES: dict[str, torch.library.Library] = {}  # held for the process: the ops live as long
-
-
-def _name(schema: str) -> str:
-    return schema[: schema.index("(")]
 
 
 def define(namespace: str = "fused_lstm", names: tuple[str, ...] | None = None) -> None:
@@ -111,23 +68,48 @@ def define(namespace: str = "fused_lstm", names: tuple[str, ...] | None = None) 
             lib.define(schema, tags=TAGS.get(_name(schema), ()))
 
 
-def _check_devices(input: Tensor, **tensors: Tensor | None) -> None:
-    # The dispatcher sends a call whose tensors mix the meta device with a real one here, to
-    # the fake kernel, rather than to a device kernel whose check_layer_args would refuse it.
-    for name, t in tensors.items():
-        if t is not None and t.device != input.device:
-            raise RuntimeError(
-                f"fused_lstm: {name} must be on the device of input "
-                f"({input.device}), got {t.device}"
-            )
+def _fake(name: str):
+    """Registers the decorated function as the fake kernel of fused_lstm::``name``. It gets the
+    call's arguments by name (defaults filled in) as one object, so that no fake lists them: an
+    argument added to a schema changes nothing here. The tensors of an op with an ``input`` must
+    be on its device: the dispatcher sends a call whose tensors mix the meta device with a real
+    one to the fake kernel, rather than to a device kernel whose checks would refuse it."""
+
+    def register_it(shapes):
+        arguments = getattr(torch.ops.fused_lstm, name).default._schema.arguments
+        defaults = {a.name: a.default_value for a in arguments if a.has_default_value()}
+
+        def fake(*args, **kwargs):
+            call = {**defaults, **dict(zip((a.name for a in arguments), args)), **kwargs}
+            if "input" in call:
+                _check_devices(call)
+            return shapes(SimpleNamespace(**call))
+
+        torch.library.register_fake(f"fused_lstm::{name}")(fake)
+        return shapes
+
+    return register_it
+
+
+def _check_devices(call: dict) -> None:
+    device = call["input"].device
+    for name, value in call.items():
+        tensors = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for k, t in tensors:
+            if isinstance(t, Tensor) and t.device != device:
+                where = name if k is None else f"{name}[{k}]"
+                raise RuntimeError(
+                    f"fused_lstm: {where} must be on the device of input ({device}), got {t.device}"
+                )
 
 
 def register(native: bool) -> None:
-    """Fakes and reference kernels; ``native``: whether fused_lstm._C registered its kernels."""
+    """Fakes and reference kernels; ``native``: whether the native library registered its
+    kernels."""
 
-    @torch.library.register_fake("fused_lstm::keep_mask")
-    def _(like, size, prob, value):
-        return like.new_empty(size)
+    @_fake("keep_mask")
+    def _(a):
+        return a.like.new_empty(a.size)
 
     for name in KERNEL_OPS:
         torch.library.impl(f"fused_lstm::{name}", "CompositeExplicitAutograd")(
@@ -143,160 +125,61 @@ def register(native: bool) -> None:
         )
         register_python_autograd("fused_lstm")
 
-    @torch.library.register_fake("fused_lstm::layer_forward")
-    def _(
-        input,
-        batch_sizes,
-        h0,
-        c0,
-        w_ih,
-        w_hh,
-        b_ih,
-        b_hh,
-        w_hr,
-        reverse,
-        recurrent_mask=None,
-        zoneout_cell=None,
-        zoneout_hidden=None,
-        reset=None,
-    ):
-        _check_devices(
-            input,
-            h0=h0,
-            c0=c0,
-            w_ih=w_ih,
-            w_hh=w_hh,
-            b_ih=b_ih,
-            b_hh=b_hh,
-            w_hr=w_hr,
-            recurrent_mask=recurrent_mask,
-            zoneout_cell=zoneout_cell,
-            zoneout_hidden=zoneout_hidden,
-            reset=reset,
-        )
-        H, Hr = w_hh.shape[0] // 4, w_hh.shape[1]
-        lead = input.shape[:-1]
+    @_fake("layer_forward")
+    def _(a):
+        H, Hr = a.w_hh.shape[0] // 4, a.w_hh.shape[1]
+        lead = a.input.shape[:-1]
         return (
-            input.new_empty(*lead, Hr),
-            h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape),
-            input.new_empty(*lead, 4 * H),
-            input.new_empty(*lead, H),
+            a.input.new_empty(*lead, Hr),
+            a.h0.new_empty(a.h0.shape),
+            a.c0.new_empty(a.c0.shape),
+            a.input.new_empty(*lead, 4 * H),
+            a.input.new_empty(*lead, H),
         )
 
-    @torch.library.register_fake("fused_lstm::layer_backward")
-    def _(
-        grad_output,
-        grad_h_n,
-        grad_c_n,
-        input,
-        batch_sizes,
-        h0,
-        c0,
-        w_ih,
-        w_hh,
-        w_hr,
-        output,
-        gates,
-        cells,
-        reverse,
-        recurrent_mask=None,
-        zoneout_cell=None,
-        zoneout_hidden=None,
-        reset=None,
-    ):
-        _check_devices(
-            input,
-            grad_output=grad_output,
-            grad_h_n=grad_h_n,
-            grad_c_n=grad_c_n,
-            h0=h0,
-            c0=c0,
-            w_ih=w_ih,
-            w_hh=w_hh,
-            w_hr=w_hr,
-            output=output,
-            gates=gates,
-            cells=cells,
-            recurrent_mask=recurrent_mask,
-            zoneout_cell=zoneout_cell,
-            zoneout_hidden=zoneout_hidden,
-            reset=reset,
-        )
-        grad_w_hr: Tensor = w_hr.new_empty(w_hr.shape) if w_hr is not None else input.new_empty(0)
+    @_fake("layer_backward")
+    def _(a):
+        grad_w_hr = a.w_hr.new_empty(a.w_hr.shape) if a.w_hr is not None else a.input.new_empty(0)
         return (
-            input.new_empty(input.shape),
-            h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape),
-            w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape),
-            w_hh.new_empty(w_hh.shape[0]),
+            a.input.new_empty(a.input.shape),
+            a.h0.new_empty(a.h0.shape),
+            a.c0.new_empty(a.c0.shape),
+            a.w_ih.new_empty(a.w_ih.shape),
+            a.w_hh.new_empty(a.w_hh.shape),
+            a.w_hh.new_empty(a.w_hh.shape[0]),
             grad_w_hr,
         )
 
-    @torch.library.register_fake("fused_lstm::cell_forward")
-    def _(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        _check_devices(input, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
+    @_fake("cell_forward")
+    def _(a):
         return (
-            h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape),
-            input.new_empty(input.shape[0], w_hh.shape[0]),
-            c0.new_empty(c0.shape),
+            a.h0.new_empty(a.h0.shape),
+            a.c0.new_empty(a.c0.shape),
+            a.input.new_empty(a.input.shape[0], a.w_hh.shape[0]),
+            a.c0.new_empty(a.c0.shape),
         )
 
-    @torch.library.register_fake("fused_lstm::cell_backward")
-    def _(grad_h, grad_c, input, h0, c0, w_ih, w_hh, gates, cells):
-        _check_devices(
-            input,
-            grad_h=grad_h,
-            grad_c=grad_c,
-            h0=h0,
-            c0=c0,
-            w_ih=w_ih,
-            w_hh=w_hh,
-            gates=gates,
-            cells=cells,
-        )
+    @_fake("cell_backward")
+    def _(a):
         return (
-            input.new_empty(input.shape),
-            h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape),
-            w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape),
-            w_hh.new_empty(w_hh.shape[0]),
+            a.input.new_empty(a.input.shape),
+            a.h0.new_empty(a.h0.shape),
+            a.c0.new_empty(a.c0.shape),
+            a.w_ih.new_empty(a.w_ih.shape),
+            a.w_hh.new_empty(a.w_hh.shape),
+            a.w_hh.new_empty(a.w_hh.shape[0]),
         )
 
     if not native:
         return
 
-    @torch.library.register_fake("fused_lstm::lstm")
-    def _(
-        input,
-        batch_sizes,
-        hx,
-        cx,
-        params,
-        has_biases,
-        has_proj,
-        num_layers,
-        dropout,
-        train,
-        bidirectional,
-        *,
-        reset=None,
-        recurrent_dropout=0.0,
-        zoneout_cell=0.0,
-        zoneout_hidden=0.0,
-        weight_drop=0.0,
-    ):
-        _check_devices(
-            input, hx=hx, cx=cx, reset=reset, **{f"params[{k}]": p for k, p in enumerate(params)}
-        )
-        D = 2 if bidirectional else 1
+    @_fake("lstm")
+    def _(a):
+        D = 2 if a.bidirectional else 1
         return (
-            input.new_empty(*input.shape[:-1], D * hx.shape[-1]),
-            hx.new_empty(hx.shape),
-            cx.new_empty(cx.shape),
+            a.input.new_empty(*a.input.shape[:-1], D * a.hx.shape[-1]),
+            a.hx.new_empty(a.hx.shape),
+            a.cx.new_empty(a.cx.shape),
         )
 
 

@@ -235,7 +235,7 @@ def test_an_extension_that_does_not_load_is_an_error_that_says_how_to_rebuild():
             print(e)
     """
     out = _run_python(code, FUSED_LSTM_NO_EXTENSION="0")
-    assert "fused_lstm._C does not load (undefined symbol" in out
+    assert "fused_lstm._C does not load (undefined symbol" in out, out
     assert "pip install --no-build-isolation -e ." in out and "FUSED_LSTM_NO_EXTENSION=1" in out
 
 

@@ -1,4 +1,4 @@
-// Autograd of the kernel ops declared in fused_lstm/_library.py (layer_forward, layer_backward,
+// Autograd of the kernel ops declared in fused_lstm/op_schemas.inc (layer_forward, layer_backward,
 // cell_forward, cell_backward), in C++: a torch::autograd::Function per differentiable op,
 // registered for the Autograd key, as torchvision does for roi_align. The backwards are the
 // kernels' handwritten ones; they treat the saved workspace as constants, so a second backward

@@ -1,7 +1,7 @@
-// The whole-LSTM op fused_lstm::lstm (schema: fused_lstm/_library.py), like aten::lstm: every layer
-// and direction through the kernel op layer_forward via the dispatcher, nn.LSTM's dropout between
-// layers, the regularisers' masks drawn here; and its autograd, whose backward runs layer_backward
-// per layer, last layer first.
+// The whole-LSTM op fused_lstm::lstm (schema: fused_lstm/op_schemas.inc), like aten::lstm: every
+// layer and direction through the kernel op layer_forward via the dispatcher, nn.LSTM's dropout
+// between layers, the regularisers' masks drawn here; and its autograd, whose backward runs
+// layer_backward per layer, last layer first.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>

@@ -12,9 +12,9 @@ namespace fused_lstm {
 // file's internal linkage, so that the compiler sees the loops whole and inlines across headers.
 namespace {
 
-// A layer's regularisers and resets (meanings: fused_lstm/_library.py) as the step loops read them:
-// raw pointers taken once per call, null where not given. The zoneout weights of row r (a row of
-// the whole sequence) and unit j are at [r * ld + j]: a mask's element, or with ld = 0 a rate
+// A layer's regularisers and resets (meanings: fused_lstm/op_schemas.inc) as the step loops read
+// them: raw pointers taken once per call, null where not given. The zoneout weights of row r (a row
+// of the whole sequence) and unit j are at [r * ld + j]: a mask's element, or with ld = 0 a rate
 // spread over one row, so that the loops read a rate and a mask alike. Without zoneout_cell, zc is
 // a row of zeros (a rate of 0) for the backward, which always mixes when any is given.
 // The mask and the resets are read where LayerParams holds them, contiguous; the zoneout weights

@@ -68,7 +68,7 @@ struct ZoneoutWeight {
   }
 };
 
-// The regularisers and resets of one layer call (fused_lstm/_library.py) as the step kernels
+// The regularisers and resets of one layer call (fused_lstm/op_schemas.inc) as the step kernels
 // read them; any of them may be absent (nullptr). Only the kernels' kRegs instantiations read
 // them, so that a call without any runs kernels with none of their loads or branches.
 template <typename T>

@@ -14,7 +14,7 @@ namespace cuda_steps {
 // The dtypes the step loops are compiled for: the one list that the declarations below and the
 // emulated build's definitions are written from. Each needs instances/forward_NAME.cu and
 // instances/backward_NAME.cu in the nvcc build; a missing one is an undefined symbol when
-// fused_lstm._C loads.
+// fused_lstm loads the native library.
 #define FL_CUDA_DTYPES(X) X(double) X(float) X(c10::Half) X(c10::BFloat16)
 
 // The largest batch tiles (batch rows per block): the forward's 16 rows read W_hh once per step

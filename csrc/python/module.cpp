@@ -1,25 +1,23 @@
-// The extension's Python module. The op schemas are declared once, in fused_lstm/_library.py,
-// which runs before this module loads, so that an install without the extension has the same
-// ops. Each device registers its implementation of the four kernel ops with TORCH_LIBRARY_IMPL
-// through layer_ops.h's register_layer_ops (cpu/lstm_cpu.cpp, cuda/lstm_cuda.cu); the dispatcher
-// picks by device. Their autograd: autograd/kernel_ops.cpp; the whole-LSTM op lstm over them:
-// autograd/lstm_op.cpp. Shapes and layouts: see layer_ops.h and fused_lstm/reference.py, which
-// implements the same signatures in PyTorch ops.
+// fused_lstm._C: what Python asks of the native library (libfused_lstm.so, the kernels, their
+// autograd and the op schemas, csrc/schemas.cpp) and cannot ask through the ops: the CPU
+// kernels' tuning constants and ISA. It is linked against the library, so importing it loads the
+// library; the library itself has no Python in it, so a C++ program can link it too
+// (docs/deploying.md).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <mutex>
 #include <set>
 
-#include "cpu/isa.h"
-#include "tuning.h"
+#include "../cpu/isa.h"
+#include "../tuning.h"
 
 namespace fused_lstm {
 extern const char kDoubleBackwardError[];  // autograd/kernel_ops.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fused_lstm native kernels; importing this module registers torch.ops.fused_lstm";
+  m.doc() = "fused_lstm's native library, as Python asks of it (the ops are torch.ops.fused_lstm)";
   // The error a second backward through the handwritten backwards raises, for the tests to match.
   m.attr("DOUBLE_BACKWARD_ERROR") = pybind11::str(fused_lstm::kDoubleBackwardError);
   // The CPU kernels' thresholds (tuning.h), for the tests that cross them.
