@@ -3,14 +3,14 @@ item 1): per step kernel of the sm_90 SASS, the dependent global-memory round tr
 the global loads by width, the SHFL and tensor-core (*MMA) instruction counts, registers, spills
 and shared memory, and the blocks per SM and waves they give at H768 for B16 and B64 on 132 SMs.
 
-    python benchmarks/cuda_resources.py [--library PATH | --files GLOB] [--arch sm_90]
-                                        [--filter step_kernel] [--sass DIR] [--check] [--record]
+    python benchmarks/cuda_resources.py [--library [PATH] | --files GLOB] [--arch sm_90]
+        [--H 768] [--batches 16 64] [--filter step_kernel] [--sass DIR] [--check] [--record]
 
-Where the SASS comes from: --library PATH reads the cubins of a build (fused_lstm/_C*.so built
-with 9.0 in TORCH_CUDA_ARCH_LIST; cuobjdump, seconds, and what CI and gpu_check.sh use); without
-it, every .cu file under csrc/cuda/ (--files) is compiled to a cubin with the flags setup.py gives
-nvcc (CUDA_HOME, default /usr/local/cuda), which adds ptxas -v's spill bytes. --sass DIR writes
-the SASS there.
+Where the SASS comes from: --library PATH reads the cubins of a build (without PATH, the library
+in fused_lstm/ that has them; built with 9.0 in TORCH_CUDA_ARCH_LIST): cuobjdump, seconds, what
+CI and gpu_check.sh run. Without it, every .cu file under csrc/cuda/ (--files) is compiled to a
+cubin with the flags setup.py gives nvcc (CUDA_HOME, default /usr/local/cuda), in parallel, which
+adds ptxas -v's spill bytes. --sass DIR writes the SASS there.
 
 The trip model (`trips`), an in-order reading of one thread's SASS:
   - a global load is an LDG or LD (generic) instruction; it writes its destination registers
@@ -408,27 +408,39 @@ def read_library(library: Path, arch: str) -> tuple[str, dict[str, dict[str, int
     return dump("-sass"), rows
 
 
+def find_library(arch: str) -> Path | None:
+    """The library of this checkout's build (fused_lstm/*.so) that holds arch's cubins."""
+    for lib in sorted((ROOT / "fused_lstm").glob("*.so")):
+        listing = subprocess.run(
+            [str(CUOBJDUMP), "--list-elf", str(lib)], capture_output=True, text=True, check=False
+        ).stdout
+        if f".{arch}.cubin" in listing and "_emulated" not in lib.name:
+            return lib
+    return None
+
+
+def compile_sass(src: Path, arch: str) -> tuple[str, str]:
+    """ptxas -v's log and the SASS of one .cu file, compiled as setup.py compiles csrc/cuda."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / (src.stem + ".cubin")
+        run = subprocess.run(
+            nvcc_command(src, cubin, arch), capture_output=True, text=True, check=False
+        )
+        if run.returncode != 0:
+            sys.exit(f"nvcc failed on {src.name}:\n{run.stderr[-4000:]}")
+        sass = subprocess.run(
+            [str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+    return run.stderr, sass
+
+
 def compile_sources(files: str, arch: str) -> tuple[str, dict[str, dict[str, int]]]:
     """The SASS and ptxas -v's figures of csrc/cuda's .cu files, compiled in parallel."""
     import concurrent.futures
 
     srcs = sorted((ROOT / "csrc" / "cuda").glob(files))
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def one(src: Path) -> tuple[str, str]:
-            cubin = Path(tmp) / (src.stem + ".cubin")
-            run = subprocess.run(
-                nvcc_command(src, cubin, arch), capture_output=True, text=True, check=False
-            )
-            if run.returncode != 0:
-                sys.exit(f"nvcc failed on {src.name}:\n{run.stderr[-4000:]}")
-            sass = subprocess.run(
-                [str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True, check=True
-            ).stdout
-            return run.stderr, sass
-
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-            done = list(pool.map(one, srcs))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        done = list(pool.map(lambda src: compile_sass(src, arch), srcs))
     rows = {}
     for log, _ in done:
         rows.update(ptxas_rows(log))
@@ -525,7 +537,13 @@ def table(rows: list[KernelRow], limits: dict, arch: str, H: int, batches: list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--library", type=Path, help="read this build's cubins, not compile")
+    parser.add_argument(
+        "--library",
+        type=Path,
+        nargs="?",
+        const="auto",
+        help="read this build's cubins instead of compiling (no PATH: the one in fused_lstm/)",
+    )
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--filter", default="step_kernel")
     parser.add_argument("--sass", type=Path, help="also write the SASS into this folder")
@@ -536,7 +554,10 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="write today's figures as ceilings")
     args = parser.parse_args()
     if args.library:
-        sass, res = read_library(args.library, args.arch)
+        library = find_library(args.arch) if str(args.library) == "auto" else args.library
+        if library is None:
+            sys.exit(f"no library with {args.arch} cubins in {ROOT / 'fused_lstm'}")
+        sass, res = read_library(library, args.arch)
     else:
         sass, res = compile_sources(args.files, args.arch)
     if args.sass:
