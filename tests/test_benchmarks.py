@@ -1,6 +1,5 @@
 """The main job runs end to end and writes what the README promises (no timing is asserted)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,19 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    """benchmarks/<name>.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # a dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
