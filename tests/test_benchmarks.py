@@ -142,9 +142,17 @@ def test_gpu_check_without_python_records_each_step_and_fails(tmp_path):
     )
     assert result.returncode == 1
     lines = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["env", "build", "test_cuda", "bench", "total"]
+    assert [line.split()[0] for line in lines] == [
+        "env",
+        "build",
+        "sass_check",
+        "test_cuda",
+        "bench",
+        "total",
+    ]
     assert lines[1].startswith("build rc=1 seconds=")
-    assert lines[2:4] == [
+    assert lines[2:5] == [
+        "sass_check skipped: no build with the CUDA kernels",
         "test_cuda skipped: no build with the CUDA kernels",
         "bench skipped: no build with the CUDA kernels",
     ]
