@@ -46,6 +46,7 @@ import collections
 import dataclasses
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -414,8 +415,14 @@ def read_library(library: Path, arch: str) -> tuple[str, dict[str, dict[str, int
 
 
 def find_library(arch: str) -> Path | None:
-    """The library of this checkout's build (fused_lstm/*.so) that holds arch's cubins."""
-    for lib in sorted((ROOT / "fused_lstm").glob("*.so")):
+    """The library of the build (fused_lstm/*.so: this checkout's, else the installed package's)
+    that holds arch's cubins."""
+    spec = importlib.util.find_spec("fused_lstm")  # finds the package without importing it
+    dirs = [
+        ROOT / "fused_lstm",
+        *[Path(d) for d in (spec and spec.submodule_search_locations) or []],
+    ]
+    for lib in sorted(lib for d in dirs for lib in d.glob("*.so")):
         listing = subprocess.run(
             [str(CUOBJDUMP), "--list-elf", str(lib)], capture_output=True, text=True, check=False
         ).stdout
@@ -594,6 +601,14 @@ def main() -> None:
         f"{len(missing)} of {sum(1 for r in rows if r.kernel)} step kernels miss them"
     )
     print("\n".join(missing))
+    lower = [
+        r.name
+        for r in rows
+        if r.name in limits["ceilings"]
+        and any(v < limits["ceilings"][r.name][k] for k, v in r.figures().items())
+    ]
+    if lower:
+        print(f"\nbelow their ceilings (lower them with --record): {', '.join(lower)}")
     if args.check:
         failed = problems(rows, limits)
         print(
