@@ -5,10 +5,12 @@
 #
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default $OUT)
 # Writes into OUT_DIR: env.txt, build.log, resource_usage.txt (registers, spills and shared memory
-# per kernel, where cuobjdump is installed), test_cuda.log, bench.log with the benchmark's
-# results.md, results.json and results.png, and summary.txt: one line per step with its exit
-# status (124: timed out) and seconds. A failing step does not stop the next ones, but nothing
-# runs on a failed build: the tests and the benchmark would time the pure-PyTorch reference.
+# per kernel, where cuobjdump is installed), sass_check.txt (benchmarks/cuda_resources.py --check:
+# each step kernel's trips to memory, loads, SHFL, occupancy and waves), test_cuda.log, bench.log
+# with the benchmark's results.md, results.json and results.png, and summary.txt: one line per
+# step with its exit status (124: timed out) and seconds. A failing step does not stop the next
+# ones, but nothing runs on a failed build: the tests and the benchmark would time the
+# pure-PyTorch reference.
 # Exits 1 if any step failed. PYTHON (default python) picks the interpreter.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-}}
@@ -40,7 +42,7 @@ skip() {
   echo "$1 skipped: $2" | tee -a "$SUMMARY"
 }
 
-# Within 8 minutes: the budgets add up to 7 min 35 s. env has 25 s because a fresh machine's
+# Within 8 minutes: the budgets add up to 7 min 55 s. env has 25 s because a fresh machine's
 # first import of torch reads it all from disk.
 step env 25 "$OUT_DIR/env.txt" bash -c "
   nvidia-smi; rc=\$?
@@ -75,6 +77,10 @@ assert 'cuda' in fused_lstm.native_backends(), fused_lstm.native_backends()"; th
   else
     skip resource_usage "no cuobjdump"
   fi
+  # The SASS check CI runs (tests/test_cuda_kernels.py), on this machine's build: its table is
+  # what RESULTS.md quotes.
+  step sass_check 20 "$OUT_DIR/sass_check.txt" "$PYTHON" benchmarks/cuda_resources.py --library \
+    --check
   # The CUDA backend's tests in every file (CI runs the emulated ones), the CUDA kernels' own file
   # first in case time runs out; FUSED_LSTM_EXPECT_CUDA=1 makes a build without the CUDA kernels
   # a failure, not a skip. A file whose imports are missing here costs its tests, not the run.
@@ -83,6 +89,7 @@ assert 'cuda' in fused_lstm.native_backends(), fused_lstm.native_backends()"; th
     tests/test_cuda_kernels.py tests/test_parity.py tests -k "cuda and not emulated"
   step bench 110 "$OUT_DIR/bench.log" "$PYTHON" benchmarks/run.py --quick --out "$OUT_DIR"
 else
+  skip sass_check "no build with the CUDA kernels"
   skip test_cuda "no build with the CUDA kernels"
   skip bench "no build with the CUDA kernels"
 fi

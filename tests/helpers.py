@@ -1,5 +1,9 @@
 """Shared by the tests: run nn.LSTM and FusedLSTM on the same input, compare everything."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -236,3 +240,14 @@ def grad_names(module, with_hx):
 def compare(got, want, names, atol, rtol):
     for a, b, name in zip(got, want, names, strict=True):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def load_script(name):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module

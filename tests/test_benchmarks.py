@@ -1,6 +1,5 @@
 """The main job runs end to end and writes what the README promises (no timing is asserted)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,19 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    """benchmarks/<name>.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # a dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +142,17 @@ def test_gpu_check_without_python_records_each_step_and_fails(tmp_path):
     )
     assert result.returncode == 1
     lines = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["env", "build", "test_cuda", "bench", "total"]
+    assert [line.split()[0] for line in lines] == [
+        "env",
+        "build",
+        "sass_check",
+        "test_cuda",
+        "bench",
+        "total",
+    ]
     assert lines[1].startswith("build rc=1 seconds=")
-    assert lines[2:4] == [
+    assert lines[2:5] == [
+        "sass_check skipped: no build with the CUDA kernels",
         "test_cuda skipped: no build with the CUDA kernels",
         "bench skipped: no build with the CUDA kernels",
     ]

@@ -10,10 +10,12 @@ without a GPU, never removed.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from fused_lstm.testing import emulated_cuda
 from helpers import (
     compare,
     grad_names,
+    load_script,
     make_inputs,
     make_lstm,
     needs_cuda,
@@ -85,6 +88,92 @@ def test_cuda_build_embeds_ptx_of_its_newest_architecture():
     cubins, ptx = archs("--list-elf"), archs("--list-ptx")
     assert cubins, "the native library holds no CUDA kernels"
     assert max(cubins) in ptx, f"cubins for sm_{sorted(cubins)}, PTX for {sorted(ptx)}"
+
+
+# ---- the SASS check (benchmarks/cuda_resources.py, issue 33 item 1) --------------------------
+
+
+@pytest.fixture(scope="module")
+def sass_tool():
+    tool = load_script("cuda_resources")
+    if not tool.CUOBJDUMP.exists():
+        pytest.skip("no cuobjdump (triton's)")
+    return tool
+
+
+@pytest.mark.skipif(
+    os.environ.get("FUSED_LSTM_EXPECT_CUDA") != "1",
+    reason="set FUSED_LSTM_EXPECT_CUDA=1 where the build must include CUDA kernels",
+)
+def test_sass_check_passes_on_the_built_step_kernels(sass_tool):
+    """CI's SASS check: the build's sm_90 step kernels spill nowhere and stay within
+    sass_limits.json's ceilings, which name exactly the kernels built. The model finds the tens
+    of dependent trips per step of today's bfloat16 forward (the targets are later work)."""
+    pytest.importorskip("fused_lstm._emulated_cuda")  # the tile widths
+    library = sass_tool.find_library("sm_90")
+    assert library is not None, "no sm_90 cubins in the build (TORCH_CUDA_ARCH_LIST)"
+    limits = json.loads(sass_tool.LIMITS.read_text())
+    rows = sass_tool.measure(*sass_tool.read_library(library, "sm_90"), "step_kernel", 768, [16])
+    assert sass_tool.problems(rows, limits) == []
+    assert {r.name for r in rows} == set(limits["ceilings"])
+    bf16 = next(r for r in rows if r.name == "forward_step_kernel<bf16, float, 16, false>")
+    assert 10 <= bf16.trips.per_step(bf16.tiles) < 100
+    assert sass_tool.over_targets(bf16.trips, bf16.tiles, limits["targets"])
+    assert bf16.waves[16] is not None  # the kernel the forward picks at B16
+
+
+def _sass(*lines):
+    """A kernel k in cuobjdump -sass's layout, one instruction per line at 0x10 strides."""
+    body = "".join(f"        /*{16 * n:04x}*/    {line} ;\n" for n, line in enumerate(lines))
+    return f"\t\tFunction : k\n{body}"
+
+
+def test_sass_check_trip_model_and_failures(sass_tool):
+    """The trip model's rules (cuda_resources.py's docstring) on hand-written SASS, and what
+    fails the check: a spill (LDL/STL) and a step kernel over its ceiling."""
+    kernel = sass_tool.parse_sass(
+        _sass(
+            "LDG.E.128 R4, desc[UR4][R2.64]",  # before the wait: R4..R7 pending
+            "ACQBULK",
+            "LDG.E R8, desc[UR4][R2.64+0x10]",
+            "FADD R0, R7, R7",  # reads the last register of the 128-bit load: trip 1, both retire
+            "LDG.E.64 R10, desc[UR4][R2.64+0x20]",  # loop: issued ahead for the next tile
+            "FADD R0, R11, R0",  # trip per tile (the pair's upper half)
+            "LDG.E.64 R10, desc[UR4][R2.64+0x30]",
+            "BRA 0x50",  # the loop: 0x50 to here
+            "STL [R1], R0",
+            "EXIT",
+        )
+    )["k"]
+    trips = sass_tool.trips(kernel)
+    assert trips == sass_tool.Trips(0, 1, 1, 1, 1)
+    assert trips.after_wait(3) == 1 + 1 + 2
+    assert sass_tool.local_memory_count(kernel) == 1
+    name = "forward_step_kernel<bf16, float, 16, false>"
+    row = sass_tool.KernelRow(name, {}, kernel, sass_tool.StepKernel.parse(name), tiles=3)
+    limits = {"ceilings": {name: {"per_tile": 1, "per_step_after_wait": 2}}}
+    assert sass_tool.problems([row], limits) == [
+        f"{name}: spills (1 local-memory instructions or bytes)",
+        f"{name}: per_step_after_wait 4 > ceiling 2",
+    ]
+
+
+@pytest.mark.skipif(
+    not os.access(
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/nvcc"), os.X_OK
+    ),
+    reason="no nvcc in CUDA_HOME",
+)
+@pytest.mark.parametrize("kernel,per_tile", [("consumed_at_once", 4), ("hoisted", 1)])
+def test_sass_check_flags_a_load_consumed_at_once_in_a_loop(sass_tool, kernel, per_tile):
+    """tests/data/planted_trips.cu, compiled for sm_90: four loads per tile, each consumed at once
+    (a trip each, over the targets) or issued together first (one trip per tile, within them)."""
+    _, sass = sass_tool.compile_sass(Path(__file__).parent / "data/planted_trips.cu", "sm_90")
+    trips = sass_tool.trips(sass_tool.parse_sass(sass)[kernel])
+    assert (trips.loops, trips.per_tile, trips.before_wait) == (1, per_tile, 0)
+    targets = json.loads(sass_tool.LIMITS.read_text())["targets"]
+    missed = sass_tool.over_targets(trips, 3, targets)
+    assert bool(missed) == (per_tile > targets["per_tile"]), missed
 
 
 # ---- the ops against the reference ----------------------------------------------------------
