@@ -6,6 +6,7 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -21,22 +22,26 @@ using namespace tuning;
 using pack_cache::Kind;
 
 // The bound on the packs' bytes: FUSED_LSTM_PACK_CACHE_BYTES where set (0 turns the cache off),
-// else tuning::kPackCacheBytes. Read once, at the first call that asks.
-int64_t capacity() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("FUSED_LSTM_PACK_CACHE_BYTES");
-    if (env == nullptr || *env == '\0') return kPackCacheBytes;
-    char* end = nullptr;
-    errno = 0;
-    const long long v = std::strtoll(env, &end, 10);
-    TORCH_CHECK(errno == 0 && *end == '\0' && v >= 0,
-                "fused_lstm: FUSED_LSTM_PACK_CACHE_BYTES must be a number of bytes >= 0 (0 turns "
-                "the cache of packed weights off), got '",
-                env, "'");
-    return static_cast<int64_t>(v);
-  }();
+// else tuning::kPackCacheBytes, until pack_cache_set_capacity sets it.
+int64_t capacity_from_env() {
+  const char* env = std::getenv("FUSED_LSTM_PACK_CACHE_BYTES");
+  if (env == nullptr || *env == '\0') return kPackCacheBytes;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(errno == 0 && *end == '\0' && v >= 0,
+              "fused_lstm: FUSED_LSTM_PACK_CACHE_BYTES must be a number of bytes >= 0 (0 turns "
+              "the cache of packed weights off), got '",
+              env, "'");
+  return static_cast<int64_t>(v);
+}
+
+std::atomic<int64_t>& capacity_slot() {
+  static std::atomic<int64_t> bytes{capacity_from_env()};
   return bytes;
 }
+
+int64_t capacity() { return capacity_slot().load(std::memory_order_relaxed); }
 
 // Elements of a source compared, on each hit, with their values when its pack was built: a
 // write that bypassed the version counter (through `.data`, as a Polyak update of a target
@@ -185,6 +190,20 @@ void pack_cache_clear() {
   dropped.swap(c.entries);
   c.bytes = 0;
   c.counts = {};
+}
+
+void pack_cache_set_capacity(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "fused_lstm: the pack cache's capacity must be >= 0 bytes, got ", bytes);
+  Cache& c = cache();
+  std::vector<Entry> dropped;
+  const std::lock_guard<std::mutex> lock(c.mutex);
+  capacity_slot().store(bytes, std::memory_order_relaxed);
+  if (bytes == 0) {
+    dropped.swap(c.entries);
+    c.bytes = 0;
+  } else {
+    c.evict(nullptr);
+  }
 }
 
 namespace pack_cache {

@@ -27,6 +27,11 @@ PackCacheStats pack_cache_stats();
 // ends (the call holds its own reference).
 void pack_cache_clear();
 
+// Sets the bound on the packs' bytes (0 turns the cache off and empties it), evicting what no
+// longer fits. A one-step call's path depends on it (pack_cache::eligible): set it before the
+// calls whose results are compared.
+void pack_cache_set_capacity(int64_t bytes);
+
 namespace pack_cache {
 
 // What a pack of a weight is: the caller's layout code and its parameters, and the pack's dtype.
