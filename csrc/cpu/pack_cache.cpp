@@ -49,11 +49,12 @@ int64_t capacity() { return capacity_slot().load(std::memory_order_relaxed); }
 // elements through `.data` can still go unseen (docs/cpu.md).
 constexpr int64_t kSampleElements = 32;
 
-// The bytes of the sampled elements of t, evenly spread over its elements in logical order.
-std::vector<uint8_t> sample_of(const at::Tensor& t) {
+// Calls f(i, address) for each sampled element of t, evenly spread over its elements in
+// logical order, until f returns false; returns whether none did.
+template <typename F>
+bool each_sampled(const at::Tensor& t, const F& f) {
   const int64_t n = t.numel(), item = static_cast<int64_t>(t.element_size());
   const int64_t count = std::min(n, kSampleElements);
-  std::vector<uint8_t> out(static_cast<size_t>(count * item));
   const auto* base = static_cast<const uint8_t*>(t.const_data_ptr());
   const auto sizes = t.sizes(), strides = t.strides();
   for (int64_t i = 0; i < count; ++i) {
@@ -62,8 +63,19 @@ std::vector<uint8_t> sample_of(const at::Tensor& t) {
       off += idx % sizes[d] * strides[d];
       idx /= sizes[d];
     }
-    std::memcpy(out.data() + i * item, base + off * item, static_cast<size_t>(item));
+    if (!f(i * item, base + off * item)) return false;
   }
+  return true;
+}
+
+// The bytes of t's sampled elements.
+std::vector<uint8_t> sample_of(const at::Tensor& t) {
+  const size_t item = t.element_size();
+  std::vector<uint8_t> out(static_cast<size_t>(std::min(t.numel(), kSampleElements)) * item);
+  each_sampled(t, [&](int64_t at, const uint8_t* p) {
+    std::memcpy(out.data() + at, p, item);
+    return true;
+  });
   return out;
 }
 
@@ -102,7 +114,9 @@ struct Entry {
            t.storage_offset() == offset && t.sizes() == at::IntArrayRef(sizes) &&
            t.strides() == at::IntArrayRef(strides) && t.scalar_type() == dtype &&
            t.unsafeGetTensorImpl()->version_counter().current_version() == version &&
-           sample_of(t) == sample;
+           each_sampled(t, [&, item = t.element_size()](int64_t at, const uint8_t* p) {
+             return std::memcmp(sample.data() + at, p, item) == 0;
+           });
   }
 };
 
