@@ -94,7 +94,7 @@ constexpr int64_t kNarrowColumns = 32;
 // that a pack costs about one step. FUSED_LSTM_PACK_CACHE_BYTES overrides it (0: off).
 constexpr int64_t kPackCacheBytes = int64_t{64} << 20;
 // Packs smaller than this are built at every call rather than looked up (a lock, a scan of the
-// entries, 32 sampled elements compared). Not set by a sweep: the seeds' H = 4 packs (256 bytes)
+// entries, a checksum of the weight). Not set by a sweep: the seeds' H = 4 packs (256 bytes)
 // stay below it; at H = 20 (6.4 KiB packs, cached) run.py's cell-B1, a FusedLSTMCell step per
 // call at B = 1, ran the same with the cache on and off within the noise (Intel Xeon, 1 thread,
 // on / off 0.96 inference, 1.03 training), cell-B8 faster with it (0.86, 0.92).

@@ -6,6 +6,7 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -43,39 +44,43 @@ std::atomic<int64_t>& capacity_slot() {
 
 int64_t capacity() { return capacity_slot().load(std::memory_order_relaxed); }
 
-// Elements of a source compared, on each hit, with their values when its pack was built: a
-// write that bypassed the version counter (through `.data`, as a Polyak update of a target
-// network does) changes nearly every element, and one of these then tells. A write to a few
-// elements through `.data` can still go unseen (docs/cpu.md).
-constexpr int64_t kSampleElements = 32;
+// A checksum of a contiguous tensor's bytes, compared on each hit: writes that bypass the version
+// counter (through `.data`: a Polyak update of a target network, gradcheck's perturbation of
+// one element at a time) change it. Fletcher's two running sums over 64-bit words, in kLanes
+// interleaved lanes (each lane's pair kept, not folded into one number): a change confined to
+// one word always changes its lane's first sum; changes to several words escape only where
+// they cancel in both sums of every lane (as integers mod 2^64). One read of the weight: a
+// small part of building the pack, which also writes it in another order.
+constexpr int kLanes = 8;
+using Checksum = std::array<uint64_t, 2 * kLanes>;
 
-// Calls f(i, address) for each sampled element of t, evenly spread over its elements in
-// logical order, until f returns false; returns whether none did.
-template <typename F>
-bool each_sampled(const at::Tensor& t, const F& f) {
-  const int64_t n = t.numel(), item = static_cast<int64_t>(t.element_size());
-  const int64_t count = std::min(n, kSampleElements);
-  const auto* base = static_cast<const uint8_t*>(t.const_data_ptr());
-  const auto sizes = t.sizes(), strides = t.strides();
-  for (int64_t i = 0; i < count; ++i) {
-    int64_t idx = count > 1 ? i * (n - 1) / (count - 1) : 0, off = 0;
-    for (int64_t d = t.dim() - 1; d >= 0; --d) {
-      off += idx % sizes[d] * strides[d];
-      idx /= sizes[d];
+Checksum checksum(const at::Tensor& t) {
+  const auto* p = static_cast<const uint8_t*>(t.const_data_ptr());
+  const size_t n = t.nbytes(), words = n / 8;
+  uint64_t a[kLanes] = {}, b[kLanes] = {};
+  size_t i = 0;
+  for (; i + kLanes <= words; i += kLanes) {
+    uint64_t w[kLanes];
+    std::memcpy(w, p + i * 8, sizeof w);
+    for (int l = 0; l < kLanes; ++l) {
+      a[l] += w[l];
+      b[l] += a[l];
     }
-    if (!f(i * item, base + off * item)) return false;
   }
-  return true;
-}
-
-// The bytes of t's sampled elements.
-std::vector<uint8_t> sample_of(const at::Tensor& t) {
-  const size_t item = t.element_size();
-  std::vector<uint8_t> out(static_cast<size_t>(std::min(t.numel(), kSampleElements)) * item);
-  each_sampled(t, [&](int64_t at, const uint8_t* p) {
-    std::memcpy(out.data() + at, p, item);
-    return true;
-  });
+  for (int l = 0; i < words; ++i, ++l) {
+    uint64_t w;
+    std::memcpy(&w, p + i * 8, 8);
+    a[l] += w;
+    b[l] += a[l];
+  }
+  if (n % 8 != 0) {  // the last bytes, zero-padded to a word
+    uint64_t w = 0;
+    std::memcpy(&w, p + words * 8, n % 8);
+    a[0] += w;
+    b[0] += a[0];
+  }
+  Checksum out;
+  for (int l = 0; l < kLanes; ++l) out[l] = a[l], out[kLanes + l] = b[l];
   return out;
 }
 
@@ -89,12 +94,12 @@ struct Entry {
   at::ScalarType dtype;
   uint32_t version;
   Kind kind;
-  std::vector<uint8_t> sample;
+  Checksum sum;
   at::Tensor pack;  // undefined while the source has been seen once at this version
   int64_t bytes = 0;
   uint64_t last_use = 0;
 
-  Entry(const at::Tensor& t, const Kind& k)
+  Entry(const at::Tensor& t, const Kind& k, const Checksum& s)
       : key(t.unsafeGetTensorImpl()),
         impl(t.getIntrusivePtr()),
         storage(t.storage().getWeakStorageImpl()),
@@ -105,18 +110,15 @@ struct Entry {
         dtype(t.scalar_type()),
         version(t.unsafeGetTensorImpl()->version_counter().current_version()),
         kind(k),
-        sample(sample_of(t)) {}
+        sum(s) {}
 
-  // Whether t is still the tensor this entry was made from, unchanged since.
-  bool describes(const at::Tensor& t) const {
+  // Whether t, whose checksum is t_sum, is still the tensor this entry was made from, unchanged.
+  bool describes(const at::Tensor& t, const Checksum& t_sum) const {
     const c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
     return storage._unsafe_get_target() == s && !storage.expired() && t.storage().data() == data &&
            t.storage_offset() == offset && t.sizes() == at::IntArrayRef(sizes) &&
            t.strides() == at::IntArrayRef(strides) && t.scalar_type() == dtype &&
-           t.unsafeGetTensorImpl()->version_counter().current_version() == version &&
-           each_sampled(t, [&, item = t.element_size()](int64_t at, const uint8_t* p) {
-             return std::memcmp(sample.data() + at, p, item) == 0;
-           });
+           t.unsafeGetTensorImpl()->version_counter().current_version() == version && sum == t_sum;
   }
 };
 
@@ -226,18 +228,20 @@ bool eligible(const at::Tensor& source, int64_t bytes) {
   const int64_t cap = capacity();
   return cap > 0 && bytes >= kPackCacheMinBytes && bytes <= cap && source.defined() &&
          source.layout() == at::kStrided && source.device().is_cpu() && source.has_storage() &&
+         source.is_contiguous() &&
          !source.is_inference() && source.unsafeGetTensorImpl()->version_counter().enabled();
 }
 
 at::Tensor get(const at::Tensor& source, const Kind& kind, int64_t bytes,
                const std::function<at::Tensor()>& build) {
   if (!eligible(source, bytes)) return build();
+  const Checksum sum = checksum(source);  // outside the lock: one read of the weight
   Cache& c = cache();
   std::vector<Entry> dropped;  // packs released outside the lock
   {
     const std::lock_guard<std::mutex> lock(c.mutex);
     c.sweep();
-    if (Entry* e = c.find(source, kind); e != nullptr && e->pack.defined() && e->describes(source)) {
+    if (Entry* e = c.find(source, kind); e != nullptr && e->pack.defined() && e->describes(source, sum)) {
       ++c.counts.hits;
       e->last_use = ++c.tick;
       return e->pack;
@@ -248,7 +252,7 @@ at::Tensor get(const at::Tensor& source, const Kind& kind, int64_t bytes,
   at::Tensor pack = build();
   const std::lock_guard<std::mutex> lock(c.mutex);
   Entry* e = c.find(source, kind);
-  if (e != nullptr && e->describes(source)) {
+  if (e != nullptr && e->describes(source, sum)) {
     if (!e->pack.defined()) {  // the second sighting: keep the pack
       e->pack = pack;
       e->bytes = static_cast<int64_t>(pack.storage().nbytes());
@@ -257,11 +261,11 @@ at::Tensor get(const at::Tensor& source, const Kind& kind, int64_t bytes,
     }
   } else if (e != nullptr) {  // stale: the source changed since; a sighting of what it is now
     c.bytes -= e->bytes;
-    Entry fresh(source, kind);
+    Entry fresh(source, kind, sum);
     std::swap(*e, fresh);
     dropped.push_back(std::move(fresh));
   } else {
-    c.entries.emplace_back(source, kind);
+    c.entries.emplace_back(source, kind, sum);
     e = &c.entries.back();
   }
   e->last_use = ++c.tick;

@@ -42,18 +42,19 @@ struct Kind {
   bool operator==(const Kind&) const = default;
 };
 
-// Whether packs of `source` `bytes` large go through the cache: the cache on, source a dense
-// CPU tensor with storage and a version counter (not an inference tensor), and bytes within
+// Whether packs of `source` `bytes` large go through the cache: the cache on, source a
+// contiguous CPU tensor with storage and a version counter (not an inference tensor), and bytes within
 // [tuning::kPackCacheMinBytes, capacity]. A function of the call alone, never of the cache's
 // history, so that a kernel may choose its path by it and two identical calls stay bitwise equal.
 bool eligible(const at::Tensor& source, int64_t bytes);
 
 // The pack of `source` for `kind`: the cached one where source is the tensor it was built from,
-// with the same storage, data pointer, geometry and version, and a sample of its elements
-// unchanged; else build()'s result. A pack is stored the second time the same source, version
-// and kind is asked for (the first time only the sighting is kept), so that a tensor used once
-// (a weight_drop product, an autocast copy, a weight an optimizer steps between calls) never
-// holds a pack beyond its call. The returned tensor must never be written.
+// with the same storage, data pointer, geometry and version, and the same checksum of its bytes
+// (which writes through `.data` change: they bump no version counter the weight shares); else
+// build()'s result. A pack is stored the second time the same source, version and kind is
+// asked for (the first time only the sighting is kept), so that a tensor used once (a
+// weight_drop product, an autocast copy, a weight an optimizer steps between calls) never holds
+// a pack beyond its call. The returned tensor must never be written.
 at::Tensor get(const at::Tensor& source, const Kind& kind, int64_t bytes,
                const std::function<at::Tensor()>& build);
 

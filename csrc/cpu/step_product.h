@@ -97,8 +97,9 @@ struct StepProduct {
   T* pout;
 
   // With a source whose pack the cache may hold (pack_cache::eligible, a function of the call
-  // alone), a call of one step reads the pack too rather than W in place: cached, it costs
-  // nothing, and the choice does not depend on whether it is.
+  // alone), a call of one step of 2 to kGemmRows - 1 rows reads the pack too rather than W in
+  // place: cached, it costs a read of W for the checksum, and the choice does not depend on
+  // whether it is cached.
   StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf,
               int64_t max_rows, int64_t steps, bool gate_blocks = false,
               const PackSource& source = {})
@@ -113,7 +114,12 @@ struct StepProduct {
         pout(out_buf.data_ptr<T>()) {
     layout(max_rows > 1, gate_blocks, max_rows);
     const int64_t bytes = K * ldt * static_cast<int64_t>(sizeof(T));
-    const bool cached = source.tensor && pack_cache::eligible(*source.tensor, bytes);
+    // A one-step call reads the cached pack only for 2 to kGemmRows - 1 rows: from kGemmRows
+    // its step is ATen's GEMM, which would not read it; a single row reads W in place as fast
+    // as the pack (VecMatRows), and a hit first reads W once for its checksum.
+    const bool one_step_reads_pack = max_rows > 1 && max_rows < kGemmRows;
+    const bool cached = source.tensor && (steps > 1 || one_step_reads_pack) &&
+                        pack_cache::eligible(*source.tensor, bytes);
     panels = max_rows > 1 && (steps > 1 || cached);
     direct = steps == 1 && !cached;
     if (panels != (max_rows > 1)) layout(panels, gate_blocks, max_rows);
