@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../tuning.h"
+#include "isa.h"
 
 namespace fused_lstm {
 namespace {
@@ -54,19 +55,33 @@ int64_t capacity() { return capacity_slot().load(std::memory_order_relaxed); }
 constexpr int kLanes = 8;
 using Checksum = std::array<uint64_t, 2 * kLanes>;
 
+// The two sums of every lane over `blocks` blocks of kLanes words, in the process's ISA
+// (isa.h): one AVX-512 register per sum, where the baseline build ran at a third of the speed.
+struct ChecksumBlocks {
+  template <CpuIsa>
+  static FL_ISA_BODY void run(const uint8_t* p, size_t blocks, uint64_t* a_out, uint64_t* b_out) {
+    uint64_t a[kLanes], b[kLanes];
+    std::memcpy(a, a_out, sizeof a);
+    std::memcpy(b, b_out, sizeof b);
+    for (size_t i = 0; i < blocks; ++i) {
+      uint64_t w[kLanes];
+      std::memcpy(w, p + i * sizeof w, sizeof w);
+      for (int l = 0; l < kLanes; ++l) {
+        a[l] += w[l];
+        b[l] += a[l];
+      }
+    }
+    std::memcpy(a_out, a, sizeof a);
+    std::memcpy(b_out, b, sizeof b);
+  }
+};
+
 Checksum checksum(const at::Tensor& t) {
   const auto* p = static_cast<const uint8_t*>(t.const_data_ptr());
-  const size_t n = t.nbytes(), words = n / 8;
+  const size_t n = t.nbytes(), words = n / 8, blocks = words / kLanes;
   uint64_t a[kLanes] = {}, b[kLanes] = {};
-  size_t i = 0;
-  for (; i + kLanes <= words; i += kLanes) {
-    uint64_t w[kLanes];
-    std::memcpy(w, p + i * 8, sizeof w);
-    for (int l = 0; l < kLanes; ++l) {
-      a[l] += w[l];
-      b[l] += a[l];
-    }
-  }
+  run_on_cpu_isa<ChecksumBlocks>(p, blocks, &a[0], &b[0]);
+  size_t i = blocks * kLanes;
   for (int l = 0; i < words; ++i, ++l) {
     uint64_t w;
     std::memcpy(&w, p + i * 8, 8);
