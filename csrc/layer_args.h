@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -239,12 +240,20 @@ struct LayerParams : LayerArgs {
     steps = make_steps(input, batch_sizes, d.B, reverse);
   }
 
+  // How the weights reach another dtype: Tensor::to where none is given; the CPU kernels pass
+  // their cache of float copies (cpu/pack_cache.h).
+  using WeightTo = std::function<at::Tensor(const at::Tensor&, at::ScalarType)>;
+
   // The same call with its floating-point tensors in dtype (reset and batch_sizes stay).
-  LayerParams to(at::ScalarType dtype) const {
+  LayerParams to(at::ScalarType dtype, const WeightTo& weight_to = {}) const {
     LayerParams p = *this;
-    for (at::Tensor* t : {&p.input, &p.h0, &p.c0, &p.w_ih, &p.w_hh}) *t = t->to(dtype);
+    const auto weight = [&](const at::Tensor& t) {
+      return weight_to ? weight_to(t, dtype) : t.to(dtype);
+    };
+    for (at::Tensor* t : {&p.input, &p.h0, &p.c0}) *t = t->to(dtype);
+    for (at::Tensor* t : {&p.w_ih, &p.w_hh}) *t = weight(*t);
     for (auto* t : {&p.b_ih, &p.b_hh, &p.w_hr}) {
-      if (*t) *t = (*t)->to(dtype);
+      if (*t) *t = weight(**t);
     }
     Regularisers::each(p.regs, [&](const char*, std::optional<at::Tensor>& t) {
       if (t && t->is_floating_point()) t = t->to(dtype);
@@ -272,9 +281,9 @@ struct LayerBackwardParams : LayerParams {
     check_grad(grad_c_n, grad_c_name, c0, output);
   }
 
-  LayerBackwardParams to(at::ScalarType dtype) const {
+  LayerBackwardParams to(at::ScalarType dtype, const WeightTo& weight_to = {}) const {
     LayerBackwardParams p = *this;
-    static_cast<LayerParams&>(p) = LayerParams::to(dtype);
+    static_cast<LayerParams&>(p) = LayerParams::to(dtype, weight_to);
     for (auto* t : {&p.grad_output, &p.grad_h_n, &p.grad_c_n}) {
       if (*t) *t = (*t)->to(dtype);
     }

@@ -85,4 +85,22 @@ constexpr int64_t kOneDnnWork = int64_t{1} << 20;
 // columns on the two are equal.
 constexpr int64_t kNarrowColumns = 32;
 
+// The cache of packed weights (cpu/pack_cache.h; docs/cpu.md, "Packed weights kept across calls").
+// kPackCacheBytes bounds the bytes of the packs it holds, least recently used evicted first: the
+// recurrent weights of four layer-directions of H = 1024 in float32 (a W_hh^T pack is 16 MiB
+// each), or both the forward's and the backward's packs of two. The bound is memory held beyond
+// the weights themselves, so it is kept to a small multiple of a large model's W_hh; a model
+// whose packs do not fit repacks as it did before the cache, and its steps are large enough
+// that a pack costs about one step. FUSED_LSTM_PACK_CACHE_BYTES overrides it (0: off).
+constexpr int64_t kPackCacheBytes = int64_t{64} << 20;
+// Packs smaller than this are built at every call rather than looked up (a lock, a scan of the
+// entries, a checksum of the weight). Not set by a sweep: the seeds' H = 4 packs (256 bytes)
+// stay below it; at H = 20 (6.4 KiB packs, cached) run.py's cell-B1, a FusedLSTMCell step per
+// call at B = 1, ran the same with the cache on and off within the noise (Intel Xeon, 1 thread,
+// on / off 0.96 inference, 1.03 training), cell-B8 faster with it (0.86, 0.92).
+constexpr int64_t kPackCacheMinBytes = int64_t{1} << 12;
+// Entries (packs, and weights seen once) held at most: bounds the scan of a lookup, and what
+// weights seen once and freed since (swept at every lookup) can pin.
+constexpr int64_t kPackCacheEntries = 256;
+
 }  // namespace fused_lstm::tuning

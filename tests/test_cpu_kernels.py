@@ -45,14 +45,30 @@ def num_threads(n):
         torch.set_num_threads(saved)
 
 
-def check_parity(B, H, proj=0, I=5, T=3, threads=1, bidirectional=False):
+@contextlib.contextmanager
+def pack_cache(on):
+    """The cache of packed weights (csrc/cpu/pack_cache.h) on at its capacity, or off: a one-step
+    call reads W in place where it is off (or the weight too small for it), a pack where it is
+    on."""
+    saved = fused_lstm._C.pack_cache_stats()["capacity"]
+    fused_lstm._C.pack_cache_set_capacity(saved if on else 0)
+    try:
+        yield
+    finally:
+        fused_lstm._C.pack_cache_set_capacity(saved)
+
+
+def check_parity(B, H, proj=0, I=5, T=3, threads=1, bidirectional=False, calls=1):
+    """calls > 2 also runs from packs kept by the cache (stored at the second call)."""
     ref = nn.LSTM(I, H, proj_size=proj, bidirectional=bidirectional, dtype=torch.float64)
     fused = FusedLSTM.from_lstm(ref)
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2 if bidirectional else 1, B, proj or H, dtype=torch.float64)
+    c0 = torch.randn(2 if bidirectional else 1, B, H, dtype=torch.float64)
     with num_threads(threads):
-        assert_same(
-            outputs_and_grads(ref, x, None, [x]), outputs_and_grads(fused, x, None, [x]), atol=ATOL
-        )
+        want = outputs_and_grads(ref, x, (h0, c0), [x])
+        for _ in range(calls):
+            assert_same(want, outputs_and_grads(fused, x, (h0, c0), [x]), atol=ATOL)
 
 
 # Every remainder of the row tiles (8, 6, 4, 2, 1) and 4H below, at and across one and two
@@ -197,28 +213,34 @@ def test_blas_rows_threshold(threads, extra_rows):
     check_parity(B, 24, I=3, T=2, threads=threads)
 
 
-# A one-step call reads W_hh (and W_hr) in place: dot products eight outputs at a time in the
-# forward (4H = 12, 20, 36: a remainder of 4 or none), axpys over W_hh's rows in the backward;
-# from 2**19 multiply-adds split across threads (B = 1, H = 400), from 2**20 a thread's share
-# goes to BLAS (B = 40, H = 200).
+# A one-step call reads W_hh (and W_hr) in place where the pack cache does not take the weight:
+# dot products eight outputs at a time in the forward (4H = 12, 20, 36: a remainder of 4 or
+# none), axpys over W_hh's rows in the backward; from 2**19 multiply-adds split across threads
+# (B = 1, H = 400), from 2**20 a thread's share goes to BLAS (B = 40, H = 200). Where the cache
+# takes it (on, and the pack at least pack_cache_min_bytes), the call reads the pack instead,
+# the first calls building it and the third reading the stored one.
+@pytest.mark.parametrize("cache", [False, True], ids=["in-place", "cached"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
     "B, H, proj",
     [(1, 3, 0), (1, 5, 2), (3, 9, 0), (7, 20, 4), (1, 400, 0), (40, 200, 0), (300, 24, 0)],
 )
-def test_one_step_reads_the_weights_in_place(threads, B, H, proj):
-    check_parity(B, H, proj, T=1, threads=threads, bidirectional=True)
+def test_one_step_reads_the_weights_in_place(cache, threads, B, H, proj):
+    with pack_cache(cache):
+        check_parity(B, H, proj, T=1, threads=threads, bidirectional=True, calls=3 if cache else 1)
 
 
 # A one-step call's product (a FusedLSTMCell step) of direct_gemm_work multiply-adds or more
 # goes to ATen's GEMM, one row fewer stays on DirectRows: both against nn.LSTM, forward (W_hh
-# read in place) and backward (W_hh^T), on one and two threads.
+# read in place) and backward (W_hh^T), on one and two threads; and from the cached pack.
+@pytest.mark.parametrize("cache", [False, True], ids=["in-place", "cached"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("extra_rows", [-1, 0, 3])
-def test_one_step_gemm_threshold(threads, extra_rows):
+def test_one_step_gemm_threshold(cache, threads, extra_rows):
     H = 16
     B = rows_to_reach(TUNING["direct_gemm_work"], H * 4 * H) + extra_rows
-    check_parity(B, H, T=1, threads=threads, bidirectional=True)
+    with pack_cache(cache):
+        check_parity(B, H, T=1, threads=threads, bidirectional=True, calls=3 if cache else 1)
 
 
 # A float32 product over the sequence of onednn_work multiply-adds or more goes to oneDNN's matmul
@@ -270,7 +292,9 @@ def test_bitwise_reproducible(threads, B, H, dtype):
     with num_threads(threads):
         first = outputs_and_grads(fused, x, None, [x])
         second = outputs_and_grads(fused, x, None, [x])
+        third = outputs_and_grads(fused, x, None, [x])  # from the packs the second call stored
     assert_same(first, second, atol=0)
+    assert_same(first, third, atol=0)
 
 
 # A call's products over the whole sequence run as loops below small_projection (the input

@@ -28,6 +28,7 @@
 #include "../layer_buffers.h"
 #include "../layer_ops.h"
 #include "gemm_routing.h"
+#include "pack_cache.h"
 #include "recurrence.h"
 #include "small_products.h"
 #include "step_regs.h"
@@ -36,6 +37,9 @@ namespace fused_lstm {
 namespace {
 
 using namespace tuning;
+
+// pack_cache::Kind's layout of a float copy (StepProduct's packs are 1 and 2).
+constexpr int64_t kFloatCopyLayout = 3;
 
 // The loops run in float or double; half and bfloat16 storage computes in float.
 bool is_reduced(const at::Tensor& t) {
@@ -49,10 +53,28 @@ std::tuple<Ts...> results_to(std::tuple<Ts...> r, at::ScalarType dtype) {
   return r;
 }
 
+// A half or bfloat16 weight in float, through the cache of packs: kept across calls while the
+// weight is unchanged (pack_cache.h), rather than converted at every call.
+at::Tensor cached_float(const at::Tensor& w, at::ScalarType dtype) {
+  const pack_cache::Kind kind{.layout = kFloatCopyLayout, .dtype = dtype};
+  const int64_t bytes = w.numel() * static_cast<int64_t>(c10::elementSize(dtype));
+  return pack_cache::get(w, kind, bytes, [&] { return w.to(dtype); });
+}
+
+// The weights the packs are keyed on: the call's own (s, before any conversion to float).
+PackSources sources_of(const LayerParams& s) { return {&s.w_hh, s.w_hr ? &*s.w_hr : nullptr}; }
+
+LayerForwardResult layer_forward(const LayerParams& p, const PackSources& sources);
+
 LayerForwardResult layer_forward(const LayerParams& p) {
   if (is_reduced(p.input)) {
-    return results_to(layer_forward(p.to(at::kFloat)), p.input.scalar_type());
+    return results_to(layer_forward(p.to(at::kFloat, cached_float), sources_of(p)),
+                      p.input.scalar_type());
   }
+  return layer_forward(p, sources_of(p));
+}
+
+LayerForwardResult layer_forward(const LayerParams& p, const PackSources& sources) {
   const at::Tensor &input = p.input, &w_ih = p.w_ih;
   const std::optional<at::Tensor>&b_ih = p.b_ih, &b_hh = p.b_hh;
   const LayerDims& d = p.d;
@@ -80,19 +102,26 @@ LayerForwardResult layer_forward(const LayerParams& p) {
     }
     if (regs.any()) {
       const StepRegs<scalar_t> step_regs(regs, d, x.options());
-      forward_loop<scalar_t, true>(L, d, gates, cells, output, h, c, whh, whr, &step_regs);
+      forward_loop<scalar_t, true>(L, d, gates, cells, output, h, c, whh, whr, &step_regs, sources);
     } else {
-      forward_loop<scalar_t, false>(L, d, gates, cells, output, h, c, whh, whr, nullptr);
+      forward_loop<scalar_t, false>(L, d, gates, cells, output, h, c, whh, whr, nullptr, sources);
     }
   });
   return {shaped_like_input(input, output), h, c, shaped_like_input(input, gates),
           shaped_like_input(input, cells)};
 }
 
+LayerBackwardResult layer_backward(const LayerBackwardParams& p, const PackSources& sources);
+
 LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   if (is_reduced(p.input)) {
-    return results_to(layer_backward(p.to(at::kFloat)), p.input.scalar_type());
+    return results_to(layer_backward(p.to(at::kFloat, cached_float), sources_of(p)),
+                      p.input.scalar_type());
   }
+  return layer_backward(p, sources_of(p));
+}
+
+LayerBackwardResult layer_backward(const LayerBackwardParams& p, const PackSources& sources) {
   const at::Tensor &input = p.input, &w_ih = p.w_ih, &w_hh = p.w_hh;
   const std::optional<at::Tensor>& w_hr = p.w_hr;
   const std::optional<at::Tensor>&grad_h_n = p.grad_h_n, &grad_c_n = p.grad_c_n;
@@ -126,11 +155,11 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
     if (regs.any()) {
       const StepRegs<scalar_t> step_regs(regs, d, opts);
       backward_loop<scalar_t, true>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all, m_all,
-                                    &step_regs);
+                                    &step_regs, sources);
       regularise_h_prev<scalar_t>(L, d.Hr, step_regs, h_prev.data_ptr<scalar_t>());
     } else {
       backward_loop<scalar_t, false>(L, d, pdy, acts, cs, c0c, whh, w_hr, dz, dh, dc, dh_all, m_all,
-                                     nullptr);
+                                     nullptr, sources);
     }
     if (!small) return;
     const at::Tensor x = seq.x.contiguous(), wih = w_ih.contiguous();

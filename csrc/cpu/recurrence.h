@@ -25,18 +25,28 @@ using namespace tuning;
 // its reset rows and reads h_{t-1} * recurrent_mask from h_in in the product; the pointwise pass
 // mixes c_t; h_t mixes the finished output row (after the projection) with h_{t-1} as it
 // entered, which h still holds until the step's end.
+// The weights the packs derive from, for the cache (PackSource): the call's own w_hh and w_hr
+// (null where absent, or where the cache must not see them).
+struct PackSources {
+  const at::Tensor* w_hh = nullptr;
+  const at::Tensor* w_hr = nullptr;
+};
+
 template <typename T, bool Regs>
 void forward_loop(const StepLayout& L, const LayerDims& d, at::Tensor& gates, at::Tensor& cells,
                   at::Tensor& output, at::Tensor& h, at::Tensor& c, const at::Tensor& w_hh,
-                  const std::optional<at::Tensor>& w_hr, const StepRegs<T>* regs) {
+                  const std::optional<at::Tensor>& w_hr, const StepRegs<T>* regs,
+                  const PackSources& sources) {
   const int64_t H = d.H, Hr = d.Hr;
   at::Tensor m = d.proj ? at::empty({d.B, H}, h.options()) : at::Tensor();
   const at::Tensor h_in = Regs && regs->mask ? at::empty({d.B, Hr}, h.options()) : h;
   // gates already holds x W_ih^T + b; this adds h_{t-1} W_hh^T.
   const int64_t steps = static_cast<int64_t>(L.start.size());
-  const StepProduct<T> recurrent(w_hh, h_in, gates, d.B, steps, /*gate_blocks=*/true);
+  const StepProduct<T> recurrent(w_hh, h_in, gates, d.B, steps, /*gate_blocks=*/true,
+                                 {sources.w_hh});
   const std::optional<StepProduct<T>> projection =
-      d.proj ? std::optional<StepProduct<T>>(std::in_place, *w_hr, m, output, d.B, steps)
+      d.proj ? std::optional<StepProduct<T>>(std::in_place, *w_hr, m, output, d.B, steps,
+                                             /*gate_blocks=*/false, PackSource{sources.w_hr})
              : std::nullopt;
   T* pz = gates.data_ptr<T>();
   T* pcell = cells.data_ptr<T>();
@@ -110,16 +120,20 @@ template <typename T, bool Regs>
 void backward_loop(const StepLayout& L, const LayerDims& d, const T* dy, const at::Tensor& gates,
                    const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& w_hh,
                    const std::optional<at::Tensor>& w_hr, at::Tensor& dz_all, at::Tensor& dh,
-                   at::Tensor& dc, at::Tensor& dh_all, at::Tensor& m_all, const StepRegs<T>* regs) {
+                   at::Tensor& dc, at::Tensor& dh_all, at::Tensor& m_all, const StepRegs<T>* regs,
+                   const PackSources& sources) {
   const int64_t H = d.H, Hr = d.Hr;
   at::Tensor dm = d.proj ? at::empty({d.B, H}, dh.options()) : dh;
   at::Tensor dh_kept = Regs && regs->zh ? at::empty({d.B, Hr}, dh.options()) : at::Tensor();
   T* pkept = dh_kept.defined() ? dh_kept.data_ptr<T>() : nullptr;
   // dh_{t-1} = dz W_hh and dm = dh W_hr: products with the transposed weights.
   const int64_t steps = static_cast<int64_t>(L.start.size());
-  const StepProduct<T> recurrent(w_hh.t(), dz_all, dh, d.B, steps);
+  const StepProduct<T> recurrent(w_hh.t(), dz_all, dh, d.B, steps, /*gate_blocks=*/false,
+                                 {sources.w_hh, /*transposed=*/true});
   const std::optional<StepProduct<T>> projection =
-      d.proj ? std::optional<StepProduct<T>>(std::in_place, w_hr->t(), dh, dm, d.B, steps)
+      d.proj ? std::optional<StepProduct<T>>(std::in_place, w_hr->t(), dh, dm, d.B, steps,
+                                             /*gate_blocks=*/false,
+                                             PackSource{sources.w_hr, /*transposed=*/true})
              : std::nullopt;
   const T* pact = gates.const_data_ptr<T>();
   const T* pcell = cells.const_data_ptr<T>();

@@ -16,6 +16,7 @@
 #include "../layer_ops.h"
 #include "../tuning.h"
 #include "microkernels.h"
+#include "pack_cache.h"
 
 namespace fused_lstm {
 // Internal to lstm_cpu.cpp, the one file that includes this header: its definitions keep that
@@ -49,6 +50,13 @@ inline int64_t l2_bytes() {
   return bytes;
 }
 
+// The weight a StepProduct's W derives from, for the cache of packs (pack_cache.h): the call's
+// own w_hh or w_hr (before a conversion to float), and whether W is it transposed.
+struct PackSource {
+  const at::Tensor* tensor = nullptr;
+  bool transposed = false;
+};
+
 // A per-step product out[r0 : r0+bs] (+)= a[a0 : a0+bs] @ W^T with W (N, K), on whole
 // contiguous (rows, K) / (rows, N) buffers. Small steps loop over raw pointers taken once per
 // sequence (a tensor view or data_ptr() per step would cost more than the arithmetic); large
@@ -59,8 +67,10 @@ inline int64_t l2_bytes() {
 // W is copied once per call into the layout its loops read: batches of more than one row
 // (max_rows > 1) get W^T in panels of kPanelBytes columns (PackedRows), a batch of one row gets
 // W^T whole, zero-padded to whole registers (VecMatRows: its sweep reads W^T's rows in order).
-// BLAS re-packs W at every call, which at a step's sizes costs as much as the product. A call
-// of one step (steps = 1) reads W in place instead (DirectRows).
+// BLAS re-packs W at every call, which at a step's sizes costs as much as the product. Where
+// the cache of packs takes the weight (pack_cache.h), the copy is kept across calls and made
+// again only when the weight changed. A call of one step (steps = 1) reads W in place instead
+// (DirectRows), unless the cache takes the weight.
 //
 // Where the packed W fits twice in a core's L2 and the batch gives each thread a few rows,
 // threads split the rows instead (splits_rows): each reads all of W from its own L2, and writes
@@ -86,36 +96,67 @@ struct StepProduct {
   const T* pa;
   T* pout;
 
+  // With a source whose pack the cache may hold (pack_cache::eligible, a function of the call
+  // alone), a call of one step of 2 to kGemmRows - 1 rows reads the pack too rather than W in
+  // place: cached, it costs a read of W for the checksum, and the choice does not depend on
+  // whether it is cached.
   StepProduct(const at::Tensor& w, const at::Tensor& a_buf, const at::Tensor& out_buf,
-              int64_t max_rows, int64_t steps, bool gate_blocks = false)
+              int64_t max_rows, int64_t steps, bool gate_blocks = false,
+              const PackSource& source = {})
       : W(w),
         K(w.size(1)),
         N(w.size(0)),
         threads(at::in_parallel_region() ? 1 : at::get_num_threads()),
-        panels(max_rows > 1 && steps > 1),
-        direct(steps == 1),
         pw(w.const_data_ptr<T>()),
         a(&a_buf),
         out(&out_buf),
         pa(a_buf.const_data_ptr<T>()),
         pout(out_buf.data_ptr<T>()) {
-    split = panels ? kPanel : kPad;
-    const auto whole = [](int64_t n, int64_t m) { return (n + m - 1) / m; };
-    if (gate_blocks && panels && max_rows < kGemmRows &&
-        4 * whole(N / 4, kPanel) * 8 <= whole(N, kPanel) * 9) {
-      blocks = 4;
+    layout(max_rows > 1, gate_blocks, max_rows);
+    const int64_t bytes = K * ldt * static_cast<int64_t>(sizeof(T));
+    // A one-step call reads the cached pack only for 2 to kGemmRows - 1 rows: from kGemmRows
+    // its step is ATen's GEMM, which would not read it; a single row reads W in place as fast
+    // as the pack (VecMatRows), and a hit first reads W once for its checksum.
+    const bool one_step_reads_pack = max_rows > 1 && max_rows < kGemmRows;
+    const bool cached = source.tensor && (steps > 1 || one_step_reads_pack) &&
+                        pack_cache::eligible(*source.tensor, bytes);
+    panels = max_rows > 1 && (steps > 1 || cached);
+    direct = steps == 1 && !cached;
+    if (panels != (max_rows > 1)) layout(panels, gate_blocks, max_rows);
+    if (direct) return;
+    if (cached) {
+      const pack_cache::Kind kind{.layout = panels ? 1 : 2,
+                                  .a = blocks,
+                                  .b = source.transposed,
+                                  .dtype = c10::CppTypeToScalarType<T>::value};
+      Wt = pack_cache::get(*source.tensor, kind, bytes, [&] { return pack(w); });
+    } else {
+      Wt = pack(w);
     }
+    pwt = Wt.const_data_ptr<T>();
+  }
+
+  // split, blocks, Nb, ppb and ldt for panels (or not).
+  void layout(bool with_panels, bool gate_blocks, int64_t max_rows) {
+    split = with_panels ? kPanel : kPad;
+    const auto whole = [](int64_t n, int64_t m) { return (n + m - 1) / m; };
+    blocks = gate_blocks && with_panels && max_rows < kGemmRows &&
+                     4 * whole(N / 4, kPanel) * 8 <= whole(N, kPanel) * 9
+                 ? 4
+                 : 1;
     Nb = N / blocks;
     ppb = whole(Nb, split);
     ldt = blocks * ppb * split;
-    if (direct) return;
-    Wt = at::empty({K, ldt}, w.options());
-    T* pt = Wt.data_ptr<T>();
-    pwt = pt;
+  }
+
+  // W^T in the layout the loops read (a new tensor: a cached one is never written again).
+  at::Tensor pack(const at::Tensor& w) const {
+    at::Tensor packed = at::empty({K, ldt}, w.options());
+    T* pt = packed.data_ptr<T>();
     if (!panels && K * ldt > kPackCopyElements) {  // ATen's blocked transposing copy
-      Wt.narrow(1, N, ldt - N).zero_();
-      Wt.narrow(1, 0, N).copy_(w.t());
-      return;
+      packed.narrow(1, N, ldt - N).zero_();
+      packed.narrow(1, 0, N).copy_(w.t());
+      return packed;
     }
     // A raw loop: at small sizes two ATen calls cost more than a small layer's whole step.
     // Packed column c, row k of W^T lives at [c / width][k][c % width] of panels width wide;
@@ -130,6 +171,7 @@ struct StepProduct {
         }
       }
     }
+    return packed;
   }
 
   // Columns [c0, c1) (c1 <= ldt, both multiples of split) of the product, on the calling thread.

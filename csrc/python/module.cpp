@@ -10,6 +10,7 @@
 #include <set>
 
 #include "../cpu/isa.h"
+#include "../cpu/pack_cache.h"
 #include "../tuning.h"
 
 namespace fused_lstm {
@@ -38,7 +39,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                       {"small_projection", kSmallProjection},
                                       {"small_grads", kSmallGrads},
                                       {"onednn_work", kOneDnnWork},
-                                      {"narrow_columns", kNarrowColumns}}) {
+                                      {"narrow_columns", kNarrowColumns},
+                                      {"pack_cache_bytes", kPackCacheBytes},
+                                      {"pack_cache_min_bytes", kPackCacheMinBytes},
+                                      {"pack_cache_entries", kPackCacheEntries}}) {
       tuning[name] = value;
     }
     m.attr("TUNING") = tuning;
@@ -58,6 +62,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return names;
       },
       "the ISAs this build's CPU kernels can run in on this CPU, widest first");
+  // The CPU kernels' cache of packed weights (cpu/pack_cache.h), for the tests and for users who
+  // bound it or turn it off at run time.
+  m.def(
+      "pack_cache_stats",
+      [] {
+        const fused_lstm::PackCacheStats s = fused_lstm::pack_cache_stats();
+        pybind11::dict d;
+        d["entries"] = s.entries;
+        d["packs"] = s.packs;
+        d["bytes"] = s.bytes;
+        d["capacity"] = s.capacity;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        d["stores"] = s.stores;
+        d["evictions"] = s.evictions;
+        return d;
+      },
+      "the CPU pack cache: entries, packs, bytes, capacity; hits, misses, stores, evictions since "
+      "load or the last clear");
+  m.def("pack_cache_clear", &fused_lstm::pack_cache_clear, "drops every cached pack");
+  m.def("pack_cache_set_capacity", &fused_lstm::pack_cache_set_capacity, pybind11::arg("bytes"),
+        "the bound on the packs' bytes; 0 turns the cache off");
   // at::parallel_for is inline: it runs on one thread in a file compiled without OpenMP, which is
   // how the kernels' threaded steps once ran. This file is compiled with the kernels' flags.
   m.def(
