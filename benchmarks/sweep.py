@@ -5,8 +5,8 @@
 On the CPU, FusedLSTM against nn.LSTM from the same weights at every T in (1, 35, 100),
 B in (1, 4, 16, 64), H in (32, 128, 256, 512, 1024) with I = H, 1 and 2 layers; and
 FusedLSTMCell against nn.LSTMCell, one step per call, stepped over 20 steps in a Python loop
-(run.CellLoop), at B in (1, 8, 64, 256), H in (20, 64, 256, 512) with I = H. Each in float32
-and float64, training (forward + backward) and inference (no_grad). The figure is run.py's:
+(run.CellLoop), at B in (1, 8, 64, 256), H in (20, 64, 256, 512) with I = H. Each in float32,
+float64 and bfloat16, training (forward + backward) and inference (no_grad). The figure is run.py's:
 the median over interleaved repetitions of nn time / fused time (above 1: FusedLSTM faster).
 Repetitions shrink with the work of a case (at most --reps, at least 1, and no warm-up for calls
 of a second or so), so that the big cases do not take the whole run. Parity with nn.LSTM is
@@ -60,7 +60,7 @@ FULL = Grid(
     cell_H=(20, 64, 256, 512),
 )
 QUICK = Grid(T=(35,), B=(1, 16), H=(32, 256, 1024), layers=(1,), cell_B=(1, 64), cell_H=(20, 256))
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16")
 MODES = {"train": run.train_step, "infer": run.infer_step}
 
 # Multiply-adds (float32 equivalents) that a case's timed calls should add up to, per mode and
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None, grid: Grid | None = None) -> int:
         help="a reduced grid and 3 repetitions (under 3 minutes on 2 cores)",
     )
     parser.add_argument("--only-cells", action="store_true", help="the FusedLSTMCell cases only")
-    parser.add_argument("--dtype", choices=DTYPES, help="one dtype only (default both)")
+    parser.add_argument("--dtype", choices=DTYPES, help="one dtype only (default all)")
     parser.add_argument(
         "--reps",
         type=int,

@@ -36,9 +36,15 @@ def test_run_checks_parity_and_writes_table_json_and_plot(run_module, tmp_path, 
     )
     assert status == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert [r["config"] for r in report["rows"]] == ["seed-chars", "small-batch", "cell-B8"]
+    assert [(r["config"], r["dtype"]) for r in report["rows"]] == [
+        ("seed-chars", "float32"),
+        ("small-batch", "float32"),
+        ("small-batch", "bfloat16"),
+        ("cell-B8", "float32"),
+    ]
     for row in report["rows"]:
-        assert row["parity"]["ok"] and row["parity"]["out"] < 1e-5
+        assert row["parity"]["ok"]
+        assert row["parity"]["out"] < 1e-5 or row["dtype"] == "bfloat16"
         assert set(row["train"]) == set(row["infer"]) == {"nn.LSTM", "FusedLSTM", "reference"}
     table = (tmp_path / "results.md").read_text()
     # The CPU's table keeps its columns whatever the GPU's gained.
@@ -216,7 +222,8 @@ def test_sweep_writes_table_json_and_heatmap(tmp_path, capsys):
     assert module.main(["--reps", "1", "--out", str(tmp_path)], grid=tiny) == 0
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert {"machine", "torch", "threads", "date", "command"} <= set(report)
-    assert len(report["rows"]) == 2 * (2 * 2 * 2 * 2 + 2)  # both dtypes, 16 LSTM + 2 cell cases
+    dtypes = len(module.DTYPES)
+    assert len(report["rows"]) == dtypes * (2 * 2 * 2 * 2 + 2)  # 16 LSTM + 2 cell cases a dtype
     for row in report["rows"]:
         assert row["parity"]["ok"]
         assert row["train"]["ratio"] > 0 and row["infer"]["ratio"] > 0
