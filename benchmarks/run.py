@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import platform
@@ -108,28 +109,42 @@ def make_case(cfg: configs.Config, device: torch.device, dtype: torch.dtype):
 
 
 def parity(ref, fused, x) -> dict[str, float | bool]:
-    """Max abs differences of (output, h_n, c_n) and of (grad input, grad every parameter)."""
+    """Max abs differences of (output, h_n, c_n) and of (grad input, grad every parameter) from
+    nn.LSTM's. In float16 and bfloat16, where nn.LSTM's own error can be far above any fixed
+    tolerance (oneDNN's bfloat16 backward at H = 1024: weight gradients off by half their scale),
+    FusedLSTM passes within twice nn.LSTM's error, both measured against float64 from the same
+    rounded weights and input: the tests' rule for low precision."""
     # A loss that weights every output differently, so that swapped rows or units would show.
     torch.manual_seed(1)
     weight = None
 
-    def run(module):
+    def run(module, x):
         nonlocal weight
         xi = x.detach().requires_grad_()
         out, (h, c) = module(xi)
         if weight is None:
             weight = torch.randn_like(out)
-        loss = (out * weight).sum() + h.sum() + c.sum()
+        loss = (out * weight.to(out.dtype)).sum() + h.sum() + c.sum()
         grads = torch.autograd.grad(loss, [xi, *module.parameters()])
         return [out, h, c], list(grads)
 
-    (vals_ref, grads_ref), (vals, grads) = run(ref), run(fused)
+    def max_diff(want, got):
+        return max((a.double() - b.double()).abs().max().item() for a, b in zip(want, got))
+
+    (vals_ref, grads_ref), (vals, grads) = run(ref, x), run(fused, x)
+    exact = None
+    if x.dtype in (torch.float16, torch.bfloat16):
+        exact = dict(zip(("out", "grad"), run(copy.deepcopy(ref).double(), x.double())))
     result = {}
     for kind, want, got in (("out", vals_ref, vals), ("grad", grads_ref, grads)):
-        diff = max((a.double() - b.double()).abs().max().item() for a, b in zip(want, got))
         scale = max(1.0, max(a.double().abs().max().item() for a in want))
-        result[kind] = diff
-        result[f"{kind}_ok"] = diff <= PARITY_TOL[x.dtype] * scale
+        result[kind] = max_diff(want, got)
+        allowed = PARITY_TOL[x.dtype] * scale
+        if exact is None:
+            result[f"{kind}_ok"] = result[kind] <= allowed
+        else:
+            own = max_diff(exact[kind], want)
+            result[f"{kind}_ok"] = max_diff(exact[kind], got) <= max(2 * own, allowed)
     result["ok"] = result["out_ok"] and result["grad_ok"]
     return result
 
