@@ -84,6 +84,8 @@ def nvcc_command(src: Path, out: Path, arch: str) -> list[str]:
         f"{cuda_home}/bin/nvcc",
         "-std=c++20",
         "-O3",
+        # setup.py's too: it changes ptxas's register allocation, so without it the figures differ
+        "-lineinfo",
         "-cubin",
         f"-arch={arch}",
         "-Xptxas",
