@@ -58,20 +58,24 @@ LayerForwardResult layer_forward(const LayerParams& p) {
   c_run.copy_(p.c0);
   const cuda_steps::ForwardBuffers bufs{
       .p = p,
-      .w_hh = p.w_hh.contiguous(),
-      .h0 = h0,
+      .w_hh = cuda_steps::vector_rows(p.w_hh),
+      .h0 = cuda_steps::vector_rows(h0),
       .gates = gates.contiguous(),
       .cells = at::empty({p.steps.rows, d.H}, opts),
-      .output = at::empty({p.steps.rows, d.Hr}, opts),
+      .output = cuda_steps::vector_buffer(p.steps.rows, d.Hr, opts),
       // Rows never visited keep h0 (only possible with no steps at all).
       .h_n = h0.clone(),
       .c_run = c_run,
       .m = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor(),
-      .whr_t = d.proj ? p.w_hr->t() : at::Tensor()};
+      .whr_t = d.proj ? p.w_hr->t() : at::Tensor(),
+      .recurrent_mask =
+          p.regs.recurrent_mask ? cuda_steps::vector_rows(*p.regs.recurrent_mask) : at::Tensor()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(),
                                   "fused_lstm_layer_forward_cuda",
                                   [&] { cuda_steps::forward_steps<scalar_t>(bufs); });
-  return {shaped_like_input(p.input, bufs.output), bufs.h_n, c_run.to(p.input.scalar_type()),
+  // Without its rows' padding (a copy only where Hr is not a whole number of vectors).
+  const at::Tensor output = bufs.output.narrow(1, 0, d.Hr).contiguous();
+  return {shaped_like_input(p.input, output), bufs.h_n, c_run.to(p.input.scalar_type()),
           shaped_like_input(p.input, bufs.gates), shaped_like_input(p.input, bufs.cells)};
 }
 
@@ -90,7 +94,7 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   if (p.grad_c_n) dc_run.copy_(*p.grad_c_n);
   const cuda_steps::BackwardBuffers bufs{
       .p = p,
-      .w_hh_t = p.w_hh.t().contiguous(),
+      .w_hh_t = cuda_steps::vector_rows(p.w_hh.t()),
       .dy = seq.dy,
       .ghn = ghn,
       .acts = seq.acts,
@@ -98,7 +102,7 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
       .c0 = p.c0.contiguous(),
       .y = seq.y,
       .h0 = p.h0.contiguous(),
-      .dz = at::empty({L.rows, 4 * d.H}, opts),
+      .dz = cuda_steps::vector_buffer(L.rows, 4 * d.H, opts),
       .dh_all = d.proj ? at::empty({L.rows, d.Hr}, opts) : at::Tensor(),
       .m_all = d.proj ? at::empty({L.rows, d.H}, opts) : at::Tensor(),
       .dm = d.proj ? at::empty({d.B, d.H}, opts) : at::Tensor(),
@@ -115,8 +119,8 @@ LayerBackwardResult layer_backward(const LayerBackwardParams& p) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(),
                                   "fused_lstm_layer_backward_cuda",
                                   [&] { cuda_steps::backward_steps<scalar_t>(bufs); });
-  auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-      sequence_grads<CublasProducts>(p, seq, bufs.dz, bufs.h_prev, bufs.dh_all, bufs.m_all);
+  auto [grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = sequence_grads<CublasProducts>(
+      p, seq, bufs.dz.narrow(1, 0, 4 * d.H), bufs.h_prev, bufs.dh_all, bufs.m_all);
   return {grad_input, bufs.grad_h0, dc_run.to(p.input.scalar_type()), grad_w_ih, grad_w_hh,
           grad_bias,  grad_w_hr};
 }

@@ -65,13 +65,6 @@ void with_tile_and_regs(int64_t B, bool any, const F& f) {
   }
 }
 
-// Whether every row of a (rows, n) buffer of T starts 16 bytes aligned (WeightTile's `vec`).
-template <typename T>
-bool rows_vectorisable(const at::Tensor& t, int64_t n) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 &&
-         n % (16 / static_cast<int64_t>(sizeof(T))) == 0;
-}
-
 template <typename T>
 void forward_loop(const ForwardBuffers& bufs) {
   using acc_t = at::opmath_type<T>;
@@ -90,7 +83,9 @@ void forward_loop(const ForwardBuffers& bufs) {
                           .regs = step_regs<T>(bufs.p.regs),
                           .H = d.H,
                           .Hr = d.Hr,
-                          .w_vec = rows_vectorisable<T>(bufs.w_hh, d.Hr)};
+                          .ld = bufs.output.stride(0)};
+  p.regs.recurrent_mask =
+      bufs.recurrent_mask.defined() ? bufs.recurrent_mask.const_data_ptr<T>() : nullptr;
   // With a projection, batch row b's h_n is its y at its last visited step: rows
   // [later[s], size[s]) end at step s, where later[s] is the largest batch of the steps after s.
   std::vector<int64_t> later(d.proj ? static_cast<size_t>(S) : 0, 0);
@@ -114,7 +109,7 @@ void forward_loop(const ForwardBuffers& bufs) {
                         0, stream, p);
       if (d.proj) {
         // Extra launches per step: y = m W_hr^T needs all of m (docs/cuda.md#projection).
-        at::Tensor y = bufs.output.narrow(0, p.start, p.bs);
+        at::Tensor y = bufs.output.narrow(0, p.start, p.bs).narrow(1, 0, d.Hr);
         at::mm_out(y, bufs.m.narrow(0, 0, p.bs), bufs.whr_t);
         // And zoneout_hidden's mix needs all of y.
         if (p.regs.zh.on()) {
@@ -160,7 +155,7 @@ void backward_loop(const BackwardBuffers& bufs) {
                            .regs = step_regs<T>(bufs.p.regs),
                            .H = d.H,
                            .Hr = d.Hr,
-                           .w_vec = rows_vectorisable<T>(bufs.w_hh_t, 4 * d.H)};
+                           .ldg = bufs.dz.stride(0)};
   const bool chain = !d.proj && gpu::can_chain_launches();
   const gpu::Stream stream = gpu::current_stream();
   constexpr int kMaxBT = kMaxBatchTile;

@@ -57,7 +57,7 @@ __global__ void shuffles_kernel(float* out) {
   o[5 * kN + t] = __shfl_down_sync(0xffffffffu, v, 3, 8);
   o[6 * kN + t] = __shfl_xor_sync(0xffffffffu, v, 1);
   o[7 * kN + t] = __shfl_xor_sync(0xffffffffu, v, 12, 8);
-  float sum = v;  // the butterfly reduction the LSTM kernels use
+  float sum = v;  // a butterfly reduction, the rounds the LSTM kernels' reduce-scatter makes
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   o[8 * kN + t] = sum;
   // Half warps with their own masks; doubles go through the same path.
