@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_lstm import FusedLSTM, FusedLSTMCell, reference
 from fused_lstm.testing import emulated_cuda
@@ -31,6 +33,7 @@ from helpers import (
     make_lstm,
     needs_cuda,
     needs_emulator,
+    needs_extension,
     run_lstm,
 )
 
@@ -401,21 +404,97 @@ def test_non_default_stream_matches_default():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+class HostTraffic(TorchDispatchMode):
+    """Records the ATen calls that copy host memory into a CUDA tensor or wait for the device,
+    what a call captured in a CUDA graph must not make."""
+
+    SYNCS = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.nonzero.default,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SYNCS:
+            self.seen.append(str(func))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src, dst = (
+                (args[1], args[0].device)
+                if func is torch.ops.aten.copy_.default
+                else (
+                    args[0],
+                    kwargs.get("device") or args[0].device,
+                )
+            )
+            if src.device.type == "cpu" and torch.device(dst).type == "cuda" and src.dim() > 0:
+                self.seen.append(f"{func} of {tuple(src.shape)} from the host")
+        return func(*args, **kwargs)
+
+
+@needs_extension
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cuda_forward_copies_nothing_from_the_host(packed):
+    """Capturable without a GPU (issue 33, item 4): fused_lstm::lstm in training with every
+    option (packed, bidirectional, projection, reset, every dropout, zoneout) on fake CUDA
+    tensors, which need no GPU, runs the op's C++ (its autograd's forward, up to the layer ops'
+    fake kernels) and makes no copy from the host into a CUDA tensor and no wait for the device.
+    Below it, the kernels' launch path takes every parameter by value (step_loops.cuh); the
+    backward needs a GPU's autograd engine, and the GPU's own check is the graph capture test
+    below. The module itself reads batch_sizes on the host first, as nn.LSTM does (a CPU
+    tensor), which fake tensors cannot, so the test calls the op."""
+    lengths = [T, T - 1, 2]
+    batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        m = FusedLSTM(I, H, 2, bidirectional=True, proj_size=P, device="cuda")
+        shape = (sum(lengths),) if packed else (T, B)
+        x = torch.randn(*shape, I, device="cuda")
+        h0, c0 = torch.zeros(4, B, P, device="cuda"), torch.zeros(4, B, H, device="cuda")
+        reset = torch.zeros(shape, dtype=torch.bool, device="cuda")
+        with HostTraffic() as traffic:
+            torch.ops.fused_lstm.lstm.default(
+                x,
+                batch_sizes if packed else None,
+                h0,
+                c0,
+                m._weights(),
+                True,
+                True,
+                2,
+                0.2,
+                True,
+                True,
+                reset=reset,
+                recurrent_dropout=0.2,
+                zoneout_cell=0.1,
+                zoneout_hidden=0.3,
+                weight_drop=0.3,
+            )
+    assert traffic.seen == []
+
+
 @needs_cuda
+@pytest.mark.parametrize("reset", [False, True], ids=["", "reset"])
 @pytest.mark.parametrize("proj", [0, P], ids=["plain", "proj"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_training_step_captured_in_a_cuda_graph_matches_eager(proj, packed):
-    """A whole training step (forward, backward, SGD update) captured in a CUDA graph and
-    replayed gives bitwise what eager gives: the kernels read nothing from the host per call
-    and make no host synchronisation (docs/cuda.md#cuda-graphs)."""
+def test_training_step_captured_in_a_cuda_graph_matches_eager(proj, packed, reset):
+    """A whole training step (forward, backward, SGD update) of a bidirectional LSTM captured in
+    a CUDA graph and replayed gives bitwise what eager gives: the kernels read nothing from the
+    host per call and make no host synchronisation (docs/cuda.md#cuda-graphs), resets included."""
     lstm = make_lstm("cuda", 2, True, False, True, proj)
     x, hx = make_inputs(lstm, torch.float32)
     x, hx = x.detach(), tuple(h.detach() for h in hx)
     lengths = torch.tensor([5, 4, 2])
     inp = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=True) if packed else x
+    flags = torch.zeros(x.shape[:2], dtype=torch.bool, device="cuda")
+    flags[2, 0] = flags[3, 1] = True
 
     def step(model, opt):
-        out, (h_n, c_n) = model(inp, hx)
+        out, (h_n, c_n) = model(inp, hx, reset=flags if reset else None)
         data = out.data if packed else out
         loss = data.square().sum() + h_n.sum() + c_n.sum()
         loss.backward()

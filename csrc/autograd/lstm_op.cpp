@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <numeric>
 #include <vector>
 
 #include "op_handles.h"
@@ -146,7 +147,9 @@ optional<Tensor> zoneout_weights(const LstmConfig& cfg, double rate, const Tenso
 
 // reset as the reverse direction visits the rows: a row's flag is that of the same batch row
 // at the next step (where it is active there), since the sequence starting there takes no
-// state from this one.
+// state from this one. Packed, step t's flags are the first batch_sizes[t + 1] flags of step
+// t + 1, then false. Made of views and one cat: nothing is copied from the host and nothing
+// waits for the device, so a call with reset stays capturable in a CUDA graph.
 Tensor reset_for_reverse(const Tensor& reset, const optional<Tensor>& batch_sizes) {
   if (!batch_sizes) {
     return at::cat({reset.slice(0, 1), at::zeros_like(reset.slice(0, 0, 1))}, 0);
@@ -154,17 +157,17 @@ Tensor reset_for_reverse(const Tensor& reset, const optional<Tensor>& batch_size
   const auto bs = batch_sizes->contiguous();
   const int64_t* p = bs.const_data_ptr<int64_t>();
   const int64_t T = bs.numel(), N = reset.size(0);
-  std::vector<int64_t> src;
-  src.reserve(N);
+  const int64_t rows = std::accumulate(p, p + T, int64_t{0});
+  TORCH_CHECK(rows == N, "fused_lstm: input has ", N, " rows but batch_sizes sum to ", rows);
+  const Tensor none = at::zeros({T > 0 ? p[0] : 0}, reset.options());
+  std::vector<Tensor> parts;
+  parts.reserve(2 * T);
   for (int64_t t = 0, start = 0; t < T; start += p[t], ++t) {
-    for (int64_t b = 0; b < p[t]; ++b) {
-      src.push_back(t + 1 < T && b < p[t + 1] ? start + p[t] + b : N);  // N: a false
-    }
+    const int64_t next = t + 1 < T ? p[t + 1] : 0;
+    parts.push_back(reset.narrow(0, start + p[t], next));
+    parts.push_back(none.narrow(0, 0, p[t] - next));
   }
-  TORCH_CHECK(static_cast<int64_t>(src.size()) == N, "fused_lstm: input has ", N,
-              " rows but batch_sizes sum to ", src.size());
-  const Tensor index = at::tensor(src, at::kLong).to(reset.device());
-  return at::cat({reset, at::zeros({1}, reset.options())}).index_select(0, index);
+  return at::cat(parts);
 }
 
 // The regularisers of one layer and direction: what layer_forward takes (with the resets as
