@@ -33,12 +33,10 @@ namespace {
 using namespace cuda_work;
 using gpu::Vec;
 
-// A tile's budget, set so that no kernel spills (benchmarks/cuda_resources.py --check): the
-// staged rows take at most kStageBytes of shared memory (48 KiB, the most a block may declare
-// statically, spills the bfloat16 backward under its 128 registers); a lane's raw weights take
-// at most kWeightRegs registers; a thread holds at most Tile::kStageRegs registers of staged
-// values raw between its loads and its stores.
-constexpr int kStageBytes = 32 * 1024;
+// A tile's budget, set so that no kernel spills (benchmarks/cuda_resources.py --check): a lane's
+// raw weights take at most kWeightRegs registers; the staged rows take at most Tile::kStageBytes
+// of shared memory and a thread holds at most Tile::kStageRegs registers of them raw between its
+// loads and its stores.
 constexpr int kWeightRegs = 48;
 
 constexpr int min_int(int a, int b) { return a < b ? a : b; }
@@ -61,9 +59,13 @@ struct Tile {
   using Staged = std::conditional_t<NG == 1, T, acc_t>;
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   static constexpr int kLaneSpan = kWarpSize * kVec;
-  // 16 in the forward, whose accumulators take four times the registers; 24 in a backward held
-  // to 128 registers, 32 in the others.
-  static constexpr int kStageRegs = NG == 4 ? 16 : kBackwardBlocksPerSM<acc_t, BT> > 1 ? 24 : 32;
+  // The forward: 16 registers (its accumulators take four times the backward's) and 32 KiB. A
+  // backward held to 128 registers (kBackwardBlocksPerSM): 24 and 32 KiB, since 48 KiB spills its
+  // bfloat16 kernel. The other backward kernels: 48 and 48 KiB, the most a block may declare
+  // statically, which takes float64's B16 H768 step from 6 tiles to 4.
+  static constexpr bool kOneBlock = NG == 1 && kBackwardBlocksPerSM<acc_t, BT> == 1;
+  static constexpr int kStageRegs = NG == 4 ? 16 : kOneBlock ? 48 : 24;
+  static constexpr int kStageBytes = kOneBlock ? 48 * 1024 : 32 * 1024;
   static constexpr int kUnroll =
       min_int(min_int(kWeightRegs / (NG * 4), kStageRegs* kThreads / (BT * kWarpSize * 4)),
               kStageBytes / (BT * static_cast<int>(sizeof(Staged))) / kLaneSpan);
