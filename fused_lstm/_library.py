@@ -141,9 +141,10 @@ def register(native: bool) -> None:
             a.input.new_empty(*lead, H),
         )
 
-    @_fake("layer_backward")
-    def _(a):
-        grad_w_hr = a.w_hr.new_empty(a.w_hr.shape) if a.w_hr is not None else a.input.new_empty(0)
+    # The gradients of input, h0, c0, w_ih, w_hh and the bias: a cell's, and a layer's before
+    # the projection's.
+    @_fake("cell_backward")
+    def cell_grads(a):
         return (
             a.input.new_empty(a.input.shape),
             a.h0.new_empty(a.h0.shape),
@@ -151,8 +152,12 @@ def register(native: bool) -> None:
             a.w_ih.new_empty(a.w_ih.shape),
             a.w_hh.new_empty(a.w_hh.shape),
             a.w_hh.new_empty(a.w_hh.shape[0]),
-            grad_w_hr,
         )
+
+    @_fake("layer_backward")
+    def _(a):
+        grad_w_hr = a.w_hr.new_empty(a.w_hr.shape) if a.w_hr is not None else a.input.new_empty(0)
+        return (*cell_grads(a), grad_w_hr)
 
     @_fake("cell_forward")
     def _(a):
@@ -161,17 +166,6 @@ def register(native: bool) -> None:
             a.c0.new_empty(a.c0.shape),
             a.input.new_empty(a.input.shape[0], a.w_hh.shape[0]),
             a.c0.new_empty(a.c0.shape),
-        )
-
-    @_fake("cell_backward")
-    def _(a):
-        return (
-            a.input.new_empty(a.input.shape),
-            a.h0.new_empty(a.h0.shape),
-            a.c0.new_empty(a.c0.shape),
-            a.w_ih.new_empty(a.w_ih.shape),
-            a.w_hh.new_empty(a.w_hh.shape),
-            a.w_hh.new_empty(a.w_hh.shape[0]),
         )
 
     if not native:
