@@ -16,8 +16,8 @@
 // and the epilogue's inputs are loaded before the first tile, so they wait with it. Every row
 // the kernels read in vectors is 16-byte aligned with a stride that is a whole number of
 // vectors and zeros past its end: the host pads what is not (step_loops.cuh's vector_rows). A
-// warp's sums are reduced with a reduce-scatter (warp_reduce_scatter), N + log2 shuffles for N
-// sums rather than 5 N.
+// warp's sums are reduced with a reduce-scatter (warp_reduce_scatter), fewer than N + 5
+// shuffles for N sums rather than 5 N.
 #pragma once
 
 #include <cstdint>
@@ -141,7 +141,7 @@ __device__ __forceinline__ void stage_tile(typename Sh::Staged* sx, int64_t b0, 
     const int64_t bb = ok[i] ? b0 + r : b0, kk = ok[i] ? k : 0;
     v[i] = FL_LOAD_VEC(reinterpret_cast<const V*>(src.row(bb) + kk));
     if constexpr (kRegs) {
-      // Without a mask or resets, the loads read h0 and stand for 1 and false.
+      // Without a mask the load reads h0 and stands for 1; without resets none is read.
       const T* m = src.mask != nullptr ? src.mask + bb * src.ld + kk : src.h0;
       mask[i] = FL_LOAD_VEC(reinterpret_cast<const V*>(m));
       fresh[i] = src.reset != nullptr && src.reset[src.start + bb];
@@ -214,7 +214,7 @@ __device__ __forceinline__ void dot_tile(const WeightTile<T, NG, Sh::kUnroll>& w
 // Sums each of a lane's N values over the warp by a reduce-scatter: at the round of offset kOff
 // a lane keeps half of its kN values (the upper half where its lane bit kOff is set), adds its
 // partner's copy of that half and sends the other; once one value is left the rounds add it
-// whole. N - 1 + log2 shuffles in all. Afterwards lane L holds the sums of the kSlots values
+// whole. Fewer than N + 5 shuffles in all. Afterwards lane L holds the sums of the kSlots values
 // ScatteredSums names.
 template <int kOff, int kN, int N, typename acc_t>
 __device__ __forceinline__ void reduce_rounds(acc_t (&a)[N], int lane) {
